@@ -1,0 +1,377 @@
+"""Pure, unbatched recurrent cells: Elman, LSTM and GRU.
+
+The cell contract
+-----------------
+A cell is a frozen (hashable) dataclass of hyper-parameters. Arrays live in a
+separate ``params`` pytree of plain dicts with readable names, so a cell can be a
+static argument of ``jax.jit`` and params can be exchanged with PyTorch and Flax.
+
+Every cell offers, for ONE example (batch with ``jax.vmap``):
+
+* ``init(key, input_size) -> params``
+* ``initial_carry(params) -> carry``          zeros, in the params' dtype
+* ``step(params, carry, x_t) -> (carry, y_t)``  exactly ``lax.scan``'s body signature
+
+and the three pieces ``step`` is made of, which the sequence layer uses so that
+the input-to-hidden product for all time steps is ONE matmul before the scan:
+
+* ``input_projection(params, xs) -> a``       a = W_xh x + b, for xs: [..., F] -> [..., G*H]
+* ``recurrence(params, carry, a_t) -> (carry, h_t)``  only W_hh h_{t-1} and the gate arithmetic
+* ``output(params, hs) -> ys``                 the optional read-out y_t = W_hy h_t + b_y
+
+Weights use the math layout ``[out, in]`` (W_xh: [G*H, F], W_hh: [G*H, H]),
+the same as PyTorch's ``weight_ih_l0``/``weight_hh_l0``; gate blocks are stacked
+in PyTorch's order. See BUILD.md for the full name mapping to torch and flax.linen.
+
+Precision: ``dtype=None`` computes in the params' dtype. ``dtype="bfloat16"``
+casts the matmul operands to bfloat16 and accumulates in float32; gate
+arithmetic and the carry stay in the params' dtype (float32 params).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rnn_jax import initializers
+
+Params = dict
+ACTIVATIONS = {
+    "tanh": jnp.tanh,
+    "relu": jax.nn.relu,
+    "sigmoid": jax.nn.sigmoid,
+    "identity": lambda v: v,
+}
+INPUT_INITS = ("torch", "glorot")
+
+
+class LSTMState(NamedTuple):
+  """LSTM carry: hidden state h: [P] (P = proj_size or H) and cell state c: [H]."""
+  h: jax.Array
+  c: jax.Array
+
+
+def linear(v: jax.Array, w: jax.Array, compute_dtype: Optional[str] = None) -> jax.Array:
+  """W v for a weight in math layout: v: [..., in], w: [out, in] -> [..., out].
+
+  No transpose is materialised: the contraction is on w's second axis. With a
+  ``compute_dtype`` the operands are cast to it and the product accumulates in w's dtype.
+  """
+  accumulate = None
+  if compute_dtype is not None:
+    accumulate = w.dtype
+    v, w = v.astype(compute_dtype), w.astype(compute_dtype)
+  return jax.lax.dot_general(
+      v, w, (((v.ndim - 1,), (1,)), ((), ())), preferred_element_type=accumulate)
+
+
+def _check_features(cell_name: str, what: str, x: jax.Array, expected: int) -> None:
+  if x.ndim == 0 or x.shape[-1] != expected:
+    got = "a scalar" if x.ndim == 0 else f"{x.shape[-1]} features (shape {tuple(x.shape)})"
+    raise ValueError(f"{cell_name}: {what} has {got}, params expect {expected}")
+
+
+def _layer_norm(v: jax.Array, gain: jax.Array, eps: float = 1e-5) -> jax.Array:
+  """LN(v) = gain * (v - mean(v)) / sqrt(var(v) + eps) over the last axis (Ba et al. 2016)."""
+  mean = jnp.mean(v, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(v - mean), axis=-1, keepdims=True)
+  return gain * (v - mean) * jax.lax.rsqrt(var + eps)
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+  """Shared hyper-parameters and the ``step`` every cell derives from its three pieces.
+
+  Concrete cells (Elman, LSTM, GRU) add ``init`` and ``recurrence``.
+
+  Attributes:
+    hidden_size: H, the size of h_t.
+    recurrent_init: W_hh initialiser: "torch" (U(+-1/sqrt(H))), "glorot", "orthogonal" or "identity".
+    recurrent_gain: gain for "orthogonal"/"identity" initialisation.
+    spectral_radius: if set, each [H, H] block of W_hh is rescaled to this spectral radius at init.
+    input_init: W_xh initialiser: "torch" or "glorot".
+    dtype: compute dtype of the matmuls (None: the params' dtype; "bfloat16": mixed precision).
+    param_dtype: dtype of the params created by ``init``.
+  """
+  hidden_size: int
+  recurrent_init: str = "torch"
+  recurrent_gain: float = 1.0
+  spectral_radius: Optional[float] = None
+  input_init: str = "torch"
+  dtype: Optional[str] = None
+  param_dtype: str = "float32"
+
+  name = "cell"
+  num_gates = 1
+
+  def __post_init__(self):
+    if not isinstance(self.hidden_size, (int, np.integer)) or self.hidden_size <= 0:
+      raise ValueError(f"{self.name}: hidden_size must be a positive integer, got {self.hidden_size!r}")
+    if self.recurrent_init not in initializers.RECURRENT_INITS:
+      raise ValueError(f"{self.name}: unknown recurrent_init {self.recurrent_init!r}; "
+                       f"expected one of {initializers.RECURRENT_INITS}")
+    if self.input_init not in INPUT_INITS:
+      raise ValueError(f"{self.name}: unknown input_init {self.input_init!r}; expected one of {INPUT_INITS}")
+    for field in ("dtype", "param_dtype"):
+      value = getattr(self, field)
+      if value is not None and value not in ("float32", "bfloat16", "float64", "float16"):
+        raise ValueError(f"{self.name}: unknown {field} {value!r}; expected float32, bfloat16, float16 or float64")
+
+  # ---- sizes -------------------------------------------------------------
+  @property
+  def state_size(self) -> int:
+    """Size of the h_t fed back through W_hh."""
+    return self.hidden_size
+
+  @property
+  def output_size(self) -> int:
+    """Size of y_t returned by ``step`` and by the sequence layer."""
+    return self.state_size
+
+  # ---- shared init helpers ----------------------------------------------
+  def _init_weights(self, key, input_size: int) -> Params:
+    if not isinstance(input_size, (int, np.integer)) or input_size <= 0:
+      raise ValueError(f"{self.name}: input_size must be a positive integer, got {input_size!r}")
+    H, G = self.hidden_size, self.num_gates
+    dtype = jnp.dtype(self.param_dtype)
+    key_x, key_h, key_b = jax.random.split(key, 3)
+    torch_init = initializers.torch_default(H)
+    input_init = torch_init if self.input_init == "torch" else initializers.glorot_uniform
+    recurrent_init = initializers.recurrent_initializer(self.recurrent_init, H, self.recurrent_gain)
+    if self.spectral_radius is not None:
+      recurrent_init = initializers.with_spectral_radius(recurrent_init, self.spectral_radius)
+    return {
+        "w_xh": input_init(key_x, (G * H, input_size), dtype),
+        "w_hh": recurrent_init(key_h, (G * H, self.state_size), dtype),
+        "b": torch_init(key_b, (G * H,), dtype),
+    }
+
+  def initial_carry(self, params: Params) -> Any:
+    """h_0 = 0: [H] in the params' dtype."""
+    return jnp.zeros((self.state_size,), params["w_hh"].dtype)
+
+  def hidden(self, carry) -> jax.Array:
+    """The hidden state h_t held in a carry."""
+    return carry
+
+  # ---- the three pieces ---------------------------------------------------
+  def input_projection(self, params: Params, xs: jax.Array) -> jax.Array:
+    """a_t = W_xh x_t + b for every leading index: xs [..., F] -> [..., G*H]."""
+    _check_features(self.name, "x", xs, params["w_xh"].shape[1])
+    return linear(xs, params["w_xh"], self.dtype) + params["b"]
+
+  def output(self, params: Params, hs: jax.Array) -> jax.Array:
+    """y_t = h_t unless the cell has a read-out."""
+    del params
+    return hs
+
+  def step(self, params: Params, carry, x_t: jax.Array):
+    """One time step, scan's body signature: (carry_{t-1}, x_t: [F]) -> (carry_t, y_t)."""
+    carry, h_t = self.recurrence(params, carry, self.input_projection(params, x_t))
+    return carry, self.output(params, h_t)
+
+
+@dataclasses.dataclass(frozen=True)
+class Elman(Cell):
+  """Elman RNN (the seeds' vanilla RNN).
+
+    h_t = f(W_xh x_t + W_hh h_{t-1} + b)        x_t: [F], h_t: [H], W_xh: [H, F], W_hh: [H, H]
+    y_t = W_hy h_t + b_y   (only if output_size is set; W_hy: [O, H])
+
+  Attributes:
+    activation: f, one of "tanh", "relu", "sigmoid", "identity".
+    readout_size: O; None returns y_t = h_t.
+  """
+  activation: str = "tanh"
+  readout_size: Optional[int] = None
+
+  name = "elman"
+  num_gates = 1
+
+  def __post_init__(self):
+    super().__post_init__()
+    if self.activation not in ACTIVATIONS:
+      raise ValueError(f"elman: unknown activation {self.activation!r}; expected one of {tuple(ACTIVATIONS)}")
+    if self.readout_size is not None and self.readout_size <= 0:
+      raise ValueError(f"elman: readout_size must be positive, got {self.readout_size}")
+
+  @property
+  def output_size(self) -> int:
+    return self.readout_size or self.hidden_size
+
+  def init(self, key, input_size: int) -> Params:
+    """Params {w_xh: [H, F], w_hh: [H, H], b: [H]} (+ {w_hy: [O, H], b_y: [O]})."""
+    key, key_out = jax.random.split(key)
+    params = self._init_weights(key, input_size)
+    if self.readout_size is not None:
+      dtype = jnp.dtype(self.param_dtype)
+      init = initializers.torch_default(self.hidden_size)
+      key_w, key_b = jax.random.split(key_out)
+      params["w_hy"] = init(key_w, (self.readout_size, self.hidden_size), dtype)
+      params["b_y"] = init(key_b, (self.readout_size,), dtype)
+    return params
+
+  def recurrence(self, params: Params, h_prev: jax.Array, a_t: jax.Array):
+    """h_t = f(a_t + W_hh h_{t-1}), a_t = W_xh x_t + b precomputed: returns (h_t, h_t)."""
+    h_t = ACTIVATIONS[self.activation](a_t + linear(h_prev, params["w_hh"], self.dtype))
+    return h_t, h_t
+
+  def output(self, params: Params, hs: jax.Array) -> jax.Array:
+    """y_t = W_hy h_t + b_y for hs: [..., H] -> [..., O]; identity without a read-out."""
+    if self.readout_size is None:
+      return hs
+    return linear(hs, params["w_hy"], self.dtype) + params["b_y"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LSTM(Cell):
+  """Long short-term memory (Hochreiter & Schmidhuber 1997; forget gate, Gers et al. 2000).
+
+  Gate order in W_xh, W_hh and b is PyTorch's: i, f, g, o (blocks of H rows).
+
+    (i, f, g, o) = W_xh x_t + W_hh h_{t-1} + b                     each [H]
+    i = sigma(i + p_i * c_{t-1});  f = sigma(f + p_f * c_{t-1});  g = tanh(g)
+    c_t = f * c_{t-1} + i * g
+    o = sigma(o + p_o * c_t)
+    h_t = o * tanh(c_t)                 (h_t = W_hr (o * tanh(c_t)) with a projection)
+
+  Options:
+    forget_bias: added to the f block of b at init (1.0: Jozefowicz et al. 2015).
+    peephole: the p_i, p_f, p_o terms (Gers & Schmidhuber 2000); params p_i, p_f, p_o: [H].
+    layer_norm: (i,f,g,o) = LN(W_xh x_t) + LN(W_hh h_{t-1}) + b and h_t = o * tanh(LN(c_t))
+      (Ba et al. 2016); gains ln_x, ln_h: [4H], ln_c: [H], and ln_c_bias: [H].
+    proj_size: P, the LSTMP projection W_hr: [P, H] (Sak et al. 2014; torch ``proj_size``);
+      then h_t: [P] and W_hh: [4H, P].
+  """
+  forget_bias: float = 0.0
+  peephole: bool = False
+  layer_norm: bool = False
+  proj_size: Optional[int] = None
+
+  name = "lstm"
+  num_gates = 4
+
+  def __post_init__(self):
+    super().__post_init__()
+    if self.proj_size is not None and not 0 < self.proj_size < self.hidden_size:
+      raise ValueError(f"lstm: proj_size must be in (0, hidden_size={self.hidden_size}), got {self.proj_size}")
+
+  @property
+  def state_size(self) -> int:
+    return self.proj_size or self.hidden_size
+
+  def init(self, key, input_size: int) -> Params:
+    """Params {w_xh: [4H, F], w_hh: [4H, P], b: [4H]} plus the options' params."""
+    key, key_extra = jax.random.split(key)
+    params = self._init_weights(key, input_size)
+    H, dtype = self.hidden_size, jnp.dtype(self.param_dtype)
+    if self.forget_bias:
+      params["b"] = params["b"].at[H:2 * H].add(self.forget_bias)
+    keys = jax.random.split(key_extra, 4)
+    init = initializers.torch_default(H)
+    if self.peephole:
+      for k, name in zip(keys[:3], ("p_i", "p_f", "p_o")):
+        params[name] = init(k, (H,), dtype)
+    if self.layer_norm:
+      params["ln_x"] = jnp.ones((4 * H,), dtype)
+      params["ln_h"] = jnp.ones((4 * H,), dtype)
+      params["ln_c"] = jnp.ones((H,), dtype)
+      params["ln_c_bias"] = jnp.zeros((H,), dtype)
+    if self.proj_size is not None:
+      params["w_hr"] = init(keys[3], (self.proj_size, H), dtype)
+    return params
+
+  def initial_carry(self, params: Params) -> LSTMState:
+    """(h_0, c_0) = (0, 0): h [P], c [H]."""
+    dtype = params["w_hh"].dtype
+    return LSTMState(h=jnp.zeros((self.state_size,), dtype), c=jnp.zeros((self.hidden_size,), dtype))
+
+  def hidden(self, carry: LSTMState) -> jax.Array:
+    return carry.h
+
+  def input_projection(self, params: Params, xs: jax.Array) -> jax.Array:
+    """a_t = W_xh x_t + b (with layer_norm: LN(W_xh x_t) + b): xs [..., F] -> [..., 4H]."""
+    _check_features(self.name, "x", xs, params["w_xh"].shape[1])
+    a = linear(xs, params["w_xh"], self.dtype)
+    if self.layer_norm:
+      a = _layer_norm(a, params["ln_x"])
+    return a + params["b"]
+
+  def recurrence(self, params: Params, carry: LSTMState, a_t: jax.Array):
+    """One LSTM update from the precomputed a_t: [4H]; returns (LSTMState(h_t, c_t), h_t)."""
+    h_prev, c_prev = carry
+    recurrent = linear(h_prev, params["w_hh"], self.dtype)
+    if self.layer_norm:
+      recurrent = _layer_norm(recurrent, params["ln_h"])
+    i, f, g, o = jnp.split(a_t + recurrent, 4, axis=-1)
+    if self.peephole:
+      i = i + params["p_i"] * c_prev
+      f = f + params["p_f"] * c_prev
+    c_t = jax.nn.sigmoid(f) * c_prev + jax.nn.sigmoid(i) * jnp.tanh(g)
+    if self.peephole:
+      o = o + params["p_o"] * c_t
+    c_out = _layer_norm(c_t, params["ln_c"]) + params["ln_c_bias"] if self.layer_norm else c_t
+    h_t = jax.nn.sigmoid(o) * jnp.tanh(c_out)
+    if self.proj_size is not None:
+      h_t = linear(h_t, params["w_hr"], self.dtype)
+    return LSTMState(h=h_t, c=c_t), h_t
+
+
+@dataclasses.dataclass(frozen=True)
+class GRU(Cell):
+  """Gated recurrent unit (Cho et al. 2014). Gate order r, z, n (PyTorch's).
+
+  reset_after=True (default; cuDNN, PyTorch, Keras v3, flax.linen.GRUCell):
+    r = sigma(W_xr x_t + W_hr h_{t-1} + b_r)
+    z = sigma(W_xz x_t + W_hz h_{t-1} + b_z)
+    n = tanh(W_xn x_t + b_n + r * (W_hn h_{t-1} + b_hn))
+    h_t = (1 - z) * n + z * h_{t-1}
+
+  reset_after=False (Cho et al. 2014, eq. 5-8: the reset is applied before the matmul):
+    n = tanh(W_xn x_t + b_n + W_hn (r * h_{t-1}) + b_hn)
+
+  Params {w_xh: [3H, F], w_hh: [3H, H], b: [3H], b_hn: [H]}; b holds b_r, b_z, b_n.
+  """
+  reset_after: bool = True
+
+  name = "gru"
+  num_gates = 3
+
+  def init(self, key, input_size: int) -> Params:
+    key, key_bias = jax.random.split(key)
+    params = self._init_weights(key, input_size)
+    params["b_hn"] = initializers.torch_default(self.hidden_size)(
+        key_bias, (self.hidden_size,), jnp.dtype(self.param_dtype))
+    return params
+
+  def recurrence(self, params: Params, h_prev: jax.Array, a_t: jax.Array):
+    """One GRU update from the precomputed a_t = W_xh x_t + b: [3H]; returns (h_t, h_t)."""
+    H = self.hidden_size
+    a_r, a_z, a_n = jnp.split(a_t, 3, axis=-1)
+    w_hh = params["w_hh"]
+    if self.reset_after:
+      u_r, u_z, u_n = jnp.split(linear(h_prev, w_hh, self.dtype), 3, axis=-1)
+      r = jax.nn.sigmoid(a_r + u_r)
+      z = jax.nn.sigmoid(a_z + u_z)
+      n = jnp.tanh(a_n + r * (u_n + params["b_hn"]))
+    else:
+      u_r, u_z = jnp.split(linear(h_prev, w_hh[:2 * H], self.dtype), 2, axis=-1)
+      r = jax.nn.sigmoid(a_r + u_r)
+      z = jax.nn.sigmoid(a_z + u_z)
+      n = jnp.tanh(a_n + linear(r * h_prev, w_hh[2 * H:], self.dtype) + params["b_hn"])
+    h_t = (1.0 - z) * n + z * h_prev
+    return h_t, h_t
+
+
+CELLS = {"elman": Elman, "rnn": Elman, "lstm": LSTM, "gru": GRU}
+
+
+def make_cell(name: str, hidden_size: int, **options) -> Cell:
+  """Build a cell by name ("elman"/"rnn", "lstm", "gru") with its hyper-parameters."""
+  if name not in CELLS:
+    raise ValueError(f"unknown cell {name!r}; expected one of {tuple(CELLS)}")
+  return CELLS[name](hidden_size=hidden_size, **options)

@@ -1,0 +1,294 @@
+"""Run a cell over time with ``jax.lax.scan``: lengths, reversal, bidirectional and stacked layers.
+
+Layers of this module
+---------------------
+``run_cell``       one example, xs: [T, F] -> (carry_T, ys: [T, O])
+``rnn``            a batch, xs: [B, T, F] (or time-major [T, B, F]), vmapping ``run_cell``
+``bidirectional``  a forward and a padding-aware backward ``rnn``, merged per step
+``StackedRNN``     layers of (bi)directional ``rnn`` with dropout and residual connections
+
+Variable lengths. With ``length = L``, steps t >= L leave the carry untouched
+and produce y_t = 0, so the final carry is the state at the true end of the
+sequence. ``reverse=True`` scans t = T-1, ..., 0 with the same rule, so the carry
+stays at its initial value through the padding and the backward pass starts at
+the sequence's last real token x_{L-1}. No gather or flip is needed.
+
+Lengths are checked to lie in [0, T] whenever they are concrete values; inside
+``jit`` (traced lengths) out-of-range values cannot raise, and then L > T acts as
+L = T and L < 0 as L = 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rnn_jax.cells import Cell, Params
+
+
+def _mask_tree(valid, new, old):
+  """where(valid, new, old) leaf by leaf: keep the old carry on padded steps."""
+  return jax.tree_util.tree_map(lambda n, o: jnp.where(valid, n, o), new, old)
+
+
+def scan_recurrence(cell: Cell, params: Params, a: jax.Array, carry, mask=None, *,
+                    reverse: bool = False, unroll: int = 1):
+  """The scanned recurrence over precomputed input projections, one example.
+
+    for t in (0..T-1, or T-1..0 if reverse):
+      carry_t, h_t = cell.recurrence(params, carry_{t-1}, a_t)   where mask_t
+      carry_t = carry_{t-1}                                      where not mask_t
+
+  Args:
+    a: [T, G*H], the input projections a_t = W_xh x_t + b.
+    carry: the initial carry.
+    mask: optional [T] bool, True on real steps.
+  Returns:
+    (final carry, hs: [T, state_size]); hs on masked steps are unspecified.
+  """
+  if mask is None:
+    def body(carry, a_t):
+      return cell.recurrence(params, carry, a_t)
+    return jax.lax.scan(body, carry, a, reverse=reverse, unroll=unroll)
+
+  def masked_body(carry, inputs):
+    a_t, valid_t = inputs
+    new_carry, h_t = cell.recurrence(params, carry, a_t)
+    return _mask_tree(valid_t, new_carry, carry), h_t
+
+  return jax.lax.scan(masked_body, carry, (a, mask), reverse=reverse, unroll=unroll)
+
+
+def run_cell(cell: Cell, params: Params, xs: jax.Array, length=None, *, initial_carry=None,
+             reverse: bool = False, unroll: int = 1):
+  """Run ``cell`` over one sequence: xs: [T, F] -> (carry at the true end, ys: [T, O]).
+
+    a = W_xh xs + b                 one matmul for all T steps, before the scan
+    carry_t, h_t = recurrence(carry_{t-1}, a_t)   inside lax.scan
+    y_t = output(h_t), and y_t = 0 for t >= length
+
+  Args:
+    xs: [T, F] inputs of one example.
+    length: optional scalar int, the number of real steps L (0 <= L <= T).
+    initial_carry: optional carry; zeros if None.
+    reverse: scan from the last real step back to t = 0.
+    unroll: steps per scan iteration (``lax.scan``'s unroll).
+  """
+  if xs.ndim != 2:
+    raise ValueError(f"{cell.name}: run_cell expects xs of shape [T, F], got {tuple(xs.shape)}")
+  carry = cell.initial_carry(params) if initial_carry is None else initial_carry
+  a = cell.input_projection(params, xs)
+  mask = None if length is None else jnp.arange(xs.shape[0]) < length
+  carry, hs = scan_recurrence(cell, params, a, carry, mask, reverse=reverse, unroll=unroll)
+  ys = cell.output(params, hs)
+  if mask is not None:
+    ys = jnp.where(mask[:, None], ys, jnp.zeros((), ys.dtype))
+  return carry, ys
+
+
+def _is_concrete(value) -> bool:
+  return not isinstance(value, jax.core.Tracer)
+
+
+def check_batch(name: str, xs, lengths, *, time_major: bool = False) -> tuple[int, int]:
+  """Validate a batch at the public boundary; returns (B, T).
+
+  Raises ValueError naming the wrong value and the expected one: xs must be rank 3;
+  lengths must be an integer vector of size B with 0 <= lengths <= T.
+  """
+  if getattr(xs, "ndim", None) != 3:
+    layout = "[T, B, F]" if time_major else "[B, T, F]"
+    raise ValueError(f"{name}: xs must have shape {layout}, got shape {tuple(np.shape(xs))}")
+  T, B = (xs.shape[0], xs.shape[1]) if time_major else (xs.shape[1], xs.shape[0])
+  if lengths is not None:
+    lengths_shape = tuple(np.shape(lengths))
+    if lengths_shape != (B,):
+      raise ValueError(f"{name}: lengths must have shape ({B},) to match the batch size, got {lengths_shape}")
+    if not jnp.issubdtype(jnp.asarray(lengths).dtype, jnp.integer):
+      raise ValueError(f"{name}: lengths must be integers, got dtype {jnp.asarray(lengths).dtype}")
+    if _is_concrete(lengths):
+      values = np.asarray(lengths)
+      if values.size and (values.min() < 0 or values.max() > T):
+        raise ValueError(f"{name}: lengths must lie in [0, T={T}], got min {values.min()} and max {values.max()}")
+  return B, T
+
+
+def _carry_in_axes(cell: Cell, params: Params, initial_carry) -> Any:
+  """0 if initial_carry has a leading batch axis beyond the cell's carry, else None (broadcast)."""
+  reference = jax.eval_shape(cell.initial_carry, params)
+  ref_leaf = jax.tree_util.tree_leaves(reference)[0]
+  leaf = jax.tree_util.tree_leaves(initial_carry)[0]
+  if leaf.ndim == ref_leaf.ndim:
+    return None
+  if leaf.ndim == ref_leaf.ndim + 1:
+    return 0
+  raise ValueError(f"{cell.name}: initial_carry leaves must have shape {ref_leaf.shape} or "
+                   f"[B, *{ref_leaf.shape}], got {leaf.shape}")
+
+
+def rnn(cell: Cell, params: Params, xs: jax.Array, lengths=None, *, initial_carry=None,
+        reverse: bool = False, unroll: int = 1, time_major: bool = False):
+  """Run ``cell`` over a batch of sequences.
+
+    ys[b], carry[b] = run_cell(cell, params, xs[b], lengths[b])   vmapped over b
+
+  Args:
+    xs: [B, T, F] (time_major=False) or [T, B, F] (time_major=True).
+    lengths: optional [B] ints in [0, T]; see the module docstring for the padding rule.
+    initial_carry: optional carry, unbatched (shared by all examples) or with a
+      leading B axis; pass a params leaf to learn it.
+    reverse: padding-aware reversal: example b is read from x_{L_b - 1} back to x_0.
+    unroll: ``lax.scan`` unroll.
+  Returns:
+    (final carry with leading B axis, ys: [B, T, O] or [T, B, O]).
+  """
+  check_batch(cell.name, xs, lengths, time_major=time_major)
+  axis = 1 if time_major else 0
+  carry_axis = None if initial_carry is None else _carry_in_axes(cell, params, initial_carry)
+
+  def one(x, length, carry):
+    return run_cell(cell, params, x, length, initial_carry=carry, reverse=reverse, unroll=unroll)
+
+  length_axis = None if lengths is None else 0
+  return jax.vmap(one, in_axes=(axis, length_axis, carry_axis), out_axes=(0, axis))(
+      xs, lengths, initial_carry)
+
+
+MERGES = ("concat", "sum")
+
+
+def merge_directions(forward: jax.Array, backward: jax.Array, merge: str) -> jax.Array:
+  """Per-step merge: concat -> [..., 2*O], sum -> [..., O]."""
+  if merge == "concat":
+    return jnp.concatenate([forward, backward], axis=-1)
+  if merge == "sum":
+    return forward + backward
+  raise ValueError(f"unknown merge {merge!r}; expected one of {MERGES}")
+
+
+def bidirectional(cell: Cell, params_forward: Params, params_backward: Params, xs: jax.Array,
+                  lengths=None, *, merge: str = "concat", initial_carry=(None, None),
+                  unroll: int = 1, time_major: bool = False, backward_cell: Optional[Cell] = None):
+  """Bidirectional RNN (Schuster & Paliwal 1997).
+
+    ->h_t = forward RNN over x_0 .. x_{L-1};   <-h_t = backward RNN over x_{L-1} .. x_0
+    y_t = [->h_t ; <-h_t] (concat) or ->h_t + <-h_t (sum); y_t = 0 for t >= L
+
+  Returns ((forward final carry, backward final carry), ys). The backward final
+  carry is its state after reading x_0.
+  """
+  if merge not in MERGES:
+    raise ValueError(f"unknown merge {merge!r}; expected one of {MERGES}")
+  carry_f, ys_f = rnn(cell, params_forward, xs, lengths, initial_carry=initial_carry[0],
+                      unroll=unroll, time_major=time_major)
+  carry_b, ys_b = rnn(backward_cell or cell, params_backward, xs, lengths,
+                      initial_carry=initial_carry[1], reverse=True, unroll=unroll, time_major=time_major)
+  return (carry_f, carry_b), merge_directions(ys_f, ys_b, merge)
+
+
+def dropout(key, rate: float, x: jax.Array) -> jax.Array:
+  """Inverted dropout: x * m / (1 - rate), m ~ Bernoulli(1 - rate)."""
+  if rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), jnp.zeros((), x.dtype))
+
+
+@dataclasses.dataclass(frozen=True)
+class StackedRNN:
+  """A deep (stacked) RNN: layer l reads the outputs of layer l-1.
+
+    x^(0) = xs;   x^(l+1) = RNN_l(dropout(x^(l)))  (+ x^(l) if residual and l >= 1)
+
+  Attributes:
+    cell: the cell hyper-parameters, shared by every layer (sizes per layer follow).
+    num_layers: number of stacked layers.
+    bidirectional: each layer is a forward and a padding-aware backward RNN.
+    merge: "concat" or "sum" for the two directions.
+    dropout: rate applied to the inputs of layers 1..L-1 (between layers), only with train=True.
+    residual: add each layer's input to its output for layers l >= 1 (Wu et al. 2016).
+    learn_initial_state: keep h_0 (and c_0) per layer and direction as trainable params.
+
+  Params layout: {"layer_0": {"forward": cell params, "backward": ..., "initial_forward": carry}, ...}.
+  """
+  cell: Cell
+  num_layers: int = 1
+  bidirectional: bool = False
+  merge: str = "concat"
+  dropout: float = 0.0
+  residual: bool = False
+  learn_initial_state: bool = False
+
+  def __post_init__(self):
+    if self.num_layers < 1:
+      raise ValueError(f"StackedRNN: num_layers must be >= 1, got {self.num_layers}")
+    if not 0.0 <= self.dropout < 1.0:
+      raise ValueError(f"StackedRNN: dropout must be in [0, 1), got {self.dropout}")
+    if self.merge not in MERGES:
+      raise ValueError(f"StackedRNN: unknown merge {self.merge!r}; expected one of {MERGES}")
+
+  @property
+  def directions(self) -> tuple[str, ...]:
+    return ("forward", "backward") if self.bidirectional else ("forward",)
+
+  @property
+  def output_size(self) -> int:
+    """Size of the last layer's y_t: O, or 2*O for a concatenated bidirectional layer."""
+    width = self.cell.output_size
+    return 2 * width if (self.bidirectional and self.merge == "concat") else width
+
+  def init(self, key, input_size: int) -> Params:
+    """Params for every layer and direction; layer l > 0 has input size ``output_size``."""
+    params = {}
+    for layer in range(self.num_layers):
+      layer_input = input_size if layer == 0 else self.output_size
+      layer_params = {}
+      for direction in self.directions:
+        key, sub = jax.random.split(key)
+        layer_params[direction] = self.cell.init(sub, layer_input)
+        if self.learn_initial_state:
+          layer_params[f"initial_{direction}"] = self.cell.initial_carry(layer_params[direction])
+      params[f"layer_{layer}"] = layer_params
+    return params
+
+  def __call__(self, params: Params, xs: jax.Array, lengths=None, *, train: bool = False,
+               dropout_key=None, initial_carries: Optional[Sequence] = None, unroll: int = 1,
+               time_major: bool = False):
+    """Run the stack: xs [B, T, F] -> (per-layer final carries, ys [B, T, output_size]).
+
+    initial_carries: optional per-layer sequence of carries ((forward, backward)
+    pairs when bidirectional); learned initial states are used when present.
+    Each final carry is a carry (or a (forward, backward) pair) with a leading B axis.
+    """
+    if train and self.dropout > 0.0 and dropout_key is None:
+      raise ValueError("StackedRNN: train=True with dropout > 0 needs a dropout_key")
+    if initial_carries is not None and len(initial_carries) != self.num_layers:
+      raise ValueError(f"StackedRNN: initial_carries has {len(initial_carries)} entries, "
+                       f"expected one per layer ({self.num_layers})")
+    final_carries = []
+    inputs = xs
+    for layer in range(self.num_layers):
+      layer_params = params[f"layer_{layer}"]
+      if layer > 0 and train and self.dropout > 0.0:
+        dropout_key, sub = jax.random.split(dropout_key)
+        inputs = dropout(sub, self.dropout, inputs)
+      starts = [layer_params.get(f"initial_{d}") for d in self.directions]
+      if initial_carries is not None and initial_carries[layer] is not None:
+        given = initial_carries[layer]
+        starts = list(given) if self.bidirectional else [given]
+      if self.bidirectional:
+        carry, outputs = bidirectional(
+            self.cell, layer_params["forward"], layer_params["backward"], inputs, lengths,
+            merge=self.merge, initial_carry=tuple(starts), unroll=unroll, time_major=time_major)
+      else:
+        carry, outputs = rnn(self.cell, layer_params["forward"], inputs, lengths,
+                             initial_carry=starts[0], unroll=unroll, time_major=time_major)
+      if self.residual and layer > 0:
+        outputs = outputs + inputs
+      final_carries.append(carry)
+      inputs = outputs
+    return tuple(final_carries), inputs
