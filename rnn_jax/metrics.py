@@ -1,0 +1,131 @@
+"""Evaluation metrics computed on the host (NumPy / plain Python) from predictions.
+
+* classification: ``accuracy``, ``confusion_matrix``, ``macro_f1``;
+* sequence labelling: ``entity_spans`` and ``entity_scores``, entity-level
+  precision / recall / F1 with the definition of the CoNLL ``conlleval`` script.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+
+# ---- classification ----------------------------------------------------------
+def accuracy(labels, predictions) -> float:
+  """Fraction of examples with predictions == labels; labels, predictions: [N] ints."""
+  labels, predictions = np.asarray(labels), np.asarray(predictions)
+  if labels.shape != predictions.shape or labels.size == 0:
+    raise ValueError(f"accuracy: labels {labels.shape} and predictions {predictions.shape} "
+                     "must have the same non-empty shape")
+  return float(np.mean(labels == predictions))
+
+
+def confusion_matrix(labels, predictions, num_classes: int) -> np.ndarray:
+  """C[i, j] = number of examples of true class i predicted as class j: [K, K] ints."""
+  labels, predictions = np.asarray(labels), np.asarray(predictions)
+  if labels.shape != predictions.shape:
+    raise ValueError(f"confusion_matrix: labels {labels.shape} and predictions {predictions.shape} differ")
+  for name, values in (("labels", labels), ("predictions", predictions)):
+    if values.size and (values.min() < 0 or values.max() >= num_classes):
+      raise ValueError(f"confusion_matrix: {name} must lie in [0, {num_classes}), "
+                       f"got min {values.min()} and max {values.max()}")
+  matrix = np.zeros((num_classes, num_classes), np.int64)
+  np.add.at(matrix, (labels, predictions), 1)
+  return matrix
+
+
+def per_class_f1(labels, predictions, num_classes: int) -> np.ndarray:
+  """F1_k = 2 TP_k / (2 TP_k + FP_k + FN_k) for each class k: [K]; 0 where the class is never seen."""
+  matrix = confusion_matrix(labels, predictions, num_classes)
+  true_positive = np.diag(matrix).astype(np.float64)
+  denominator = matrix.sum(axis=0) + matrix.sum(axis=1)  # (TP + FP) + (TP + FN)
+  return np.divide(2 * true_positive, denominator, out=np.zeros(num_classes), where=denominator > 0)
+
+
+def macro_f1(labels, predictions, num_classes: int) -> float:
+  """Unweighted mean of the per-class F1 over all K classes (scikit-learn's average="macro")."""
+  return float(np.mean(per_class_f1(labels, predictions, num_classes)))
+
+
+# ---- sequence labelling -------------------------------------------------------
+def _split_tag(tag: str) -> tuple[str, str]:
+  """"B-PER" -> ("B", "PER"); "O" -> ("O", ""). Only the IOB prefixes B and I are accepted."""
+  if tag == "O":
+    return "O", ""
+  prefix, _, entity_type = tag.partition("-")
+  if prefix not in ("B", "I") or not entity_type:
+    raise ValueError(f"entity tags must be 'O', 'B-TYPE' or 'I-TYPE' (IOB1 or IOB2), got {tag!r}")
+  return prefix, entity_type
+
+
+def entity_spans(tags: Sequence[str]) -> set[tuple[str, int, int]]:
+  """The entities of one tagged sentence as {(type, start, end)}, tokens start..end-1.
+
+  conlleval's chunk rules for IOB tags (so IOB1 and IOB2 both work):
+    an entity ends before token t if tag_{t-1} is B/I and (tag_t is B or O, or its type differs);
+    an entity starts at token t if tag_t is B, or tag_t is I and (tag_{t-1} is O or its type differs).
+  A stray I-X after O therefore opens a new X entity, as in conlleval.
+  """
+  spans = set()
+  previous_prefix, previous_type, start = "O", "", None
+  for position, tag in enumerate(list(tags) + ["O"]):
+    prefix, entity_type = _split_tag(tag)
+    ends = previous_prefix != "O" and (prefix in ("B", "O") or entity_type != previous_type)
+    starts = prefix == "B" or (prefix == "I" and (previous_prefix == "O" or entity_type != previous_type))
+    if ends and start is not None:
+      spans.add((previous_type, start, position))
+      start = None
+    if starts:
+      start = position
+    previous_prefix, previous_type = prefix, entity_type
+  return spans
+
+
+def _precision_recall_f1(correct: int, predicted: int, true: int) -> dict:
+  precision = correct / predicted if predicted else 0.0
+  recall = correct / true if true else 0.0
+  f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+  return {"precision": precision, "recall": recall, "f1": f1,
+          "correct": correct, "predicted": predicted, "true": true}
+
+
+def entity_scores(true_sequences, predicted_sequences) -> dict:
+  """Entity-level precision, recall and F1 over a corpus (conlleval's definition).
+
+    P = correct / predicted entities,  R = correct / true entities,  F1 = 2PR / (P + R)
+
+  An entity is correct when its type, first and last token all match. Counts are
+  summed over all sentences (micro average). Returns {"precision", "recall",
+  "f1", "correct", "predicted", "true", "per_type": {type: same keys}} as fractions.
+  """
+  if len(true_sequences) != len(predicted_sequences):
+    raise ValueError(f"entity_scores: {len(true_sequences)} true sentences but "
+                     f"{len(predicted_sequences)} predicted")
+  counts: dict[str, list[int]] = {}
+  for number, (true_tags, predicted_tags) in enumerate(zip(true_sequences, predicted_sequences)):
+    if len(true_tags) != len(predicted_tags):
+      raise ValueError(f"entity_scores: sentence {number} has {len(true_tags)} true tags but "
+                       f"{len(predicted_tags)} predicted")
+    true_spans, predicted_spans = entity_spans(true_tags), entity_spans(predicted_tags)
+    for spans, slot in ((true_spans & predicted_spans, 0), (predicted_spans, 1), (true_spans, 2)):
+      for entity_type, _, _ in spans:
+        counts.setdefault(entity_type, [0, 0, 0])[slot] += 1
+  totals = [sum(c[slot] for c in counts.values()) for slot in range(3)]
+  scores = _precision_recall_f1(*totals)
+  scores["per_type"] = {name: _precision_recall_f1(*c) for name, c in sorted(counts.items())}
+  return scores
+
+
+def token_accuracy(true_sequences, predicted_sequences) -> float:
+  """Fraction of tokens whose predicted tag equals the true tag (the POS-tagging metric)."""
+  correct = total = 0
+  for true_tags, predicted_tags in zip(true_sequences, predicted_sequences, strict=True):
+    if len(true_tags) != len(predicted_tags):
+      raise ValueError(f"token_accuracy: {len(true_tags)} true tags but {len(predicted_tags)} predicted")
+    correct += sum(t == p for t, p in zip(true_tags, predicted_tags))
+    total += len(true_tags)
+  if total == 0:
+    raise ValueError("token_accuracy: no tokens")
+  return correct / total
