@@ -71,8 +71,8 @@ def linear(v: jax.Array, w: jax.Array, compute_dtype: Optional[str] = None) -> j
 
 def _check_features(cell_name: str, what: str, x: jax.Array, expected: int) -> None:
   if x.ndim == 0 or x.shape[-1] != expected:
-    got = "a scalar" if x.ndim == 0 else f"{x.shape[-1]} features (shape {tuple(x.shape)})"
-    raise ValueError(f"{cell_name}: {what} has {got}, params expect {expected}")
+    got = "is a scalar" if x.ndim == 0 else f"has {x.shape[-1]} features"
+    raise ValueError(f"{cell_name}: {what} {got}, params expect {expected}")
 
 
 def _layer_norm(v: jax.Array, gain: jax.Array, eps: float = 1e-5) -> jax.Array:

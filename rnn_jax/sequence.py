@@ -117,17 +117,26 @@ def check_batch(name: str, xs, lengths, *, time_major: bool = False) -> tuple[in
   return B, T
 
 
-def _carry_in_axes(cell: Cell, params: Params, initial_carry) -> Any:
-  """0 if initial_carry has a leading batch axis beyond the cell's carry, else None (broadcast)."""
-  reference = jax.eval_shape(cell.initial_carry, params)
-  ref_leaf = jax.tree_util.tree_leaves(reference)[0]
-  leaf = jax.tree_util.tree_leaves(initial_carry)[0]
-  if leaf.ndim == ref_leaf.ndim:
-    return None
-  if leaf.ndim == ref_leaf.ndim + 1:
-    return 0
-  raise ValueError(f"{cell.name}: initial_carry leaves must have shape {ref_leaf.shape} or "
-                   f"[B, *{ref_leaf.shape}], got {leaf.shape}")
+def _carry_in_axes(cell: Cell, params: Params, initial_carry, batch_size: Optional[int] = None) -> Any:
+  """0 if initial_carry has a leading batch axis beyond the cell's carry, else None (broadcast).
+
+  Raises ValueError unless initial_carry has the structure of ``cell.initial_carry``
+  with every leaf of the cell's shape S (shared by all examples) or [B, *S].
+  """
+  reference_leaves, reference_def = jax.tree_util.tree_flatten(jax.eval_shape(cell.initial_carry, params))
+  leaves, tree_def = jax.tree_util.tree_flatten(initial_carry)
+  expected = [tuple(leaf.shape) for leaf in reference_leaves]
+  shapes = [tuple(np.shape(leaf)) for leaf in leaves]
+  if tree_def == reference_def:
+    if shapes == expected:
+      return None
+    batch = batch_size if batch_size is not None else (shapes[0][:1] or (None,))[0]
+    if shapes == [(batch,) + shape for shape in expected]:
+      return 0
+  batch_name = "B" if batch_size is None else f"B={batch_size}"
+  raise ValueError(
+      f"{cell.name}: initial_carry must have shapes {jax.tree_util.tree_unflatten(reference_def, expected)} "
+      f"(shared) or with a leading batch axis {batch_name}, got {jax.tree_util.tree_unflatten(tree_def, shapes)}")
 
 
 def rnn(cell: Cell, params: Params, xs: jax.Array, lengths=None, *, initial_carry=None,
