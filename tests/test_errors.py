@@ -1,0 +1,118 @@
+"""Every bad input raises a ValueError whose message names the wrong value and the expected one."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rnn_jax import GRU, LSTM, Elman, LSTMState, StackedRNN, bidirectional, make_cell, rnn
+
+B, T, F, H = 2, 5, 3, 4
+CELL = LSTM(H)
+PARAMS = CELL.init(jax.random.key(0), F)
+XS = jnp.ones((B, T, F))
+
+
+def test_wrong_feature_size_in_rnn_bidirectional_stack_and_step():
+  wrong = jnp.ones((B, T, F + 2))
+  message = "lstm: x has 5 features, params expect 3"
+  with pytest.raises(ValueError, match=message):
+    rnn(CELL, PARAMS, wrong)
+  with pytest.raises(ValueError, match=message):
+    bidirectional(CELL, PARAMS, PARAMS, wrong)
+  stack = StackedRNN(CELL, num_layers=2)
+  with pytest.raises(ValueError, match=message):
+    stack(stack.init(jax.random.key(1), F), wrong)
+  with pytest.raises(ValueError, match="lstm: x has 5 features, params expect 3"):
+    CELL.step(PARAMS, CELL.initial_carry(PARAMS), jnp.ones(F + 2))
+  gru = GRU(H)
+  with pytest.raises(ValueError, match="gru: x has 1 features, params expect 3"):
+    rnn(gru, gru.init(jax.random.key(2), F), jnp.ones((B, T, 1)))
+
+
+def test_xs_of_the_wrong_rank():
+  with pytest.raises(ValueError, match=r"lstm: xs must have shape \[B, T, F\], got shape \(5, 3\)"):
+    rnn(CELL, PARAMS, jnp.ones((T, F)))
+  with pytest.raises(ValueError, match=r"xs must have shape \[T, B, F\]"):
+    rnn(CELL, PARAMS, jnp.ones((T, F)), time_major=True)
+
+
+@pytest.mark.parametrize("lengths, low, high", [([-1, 2], -1, 2), ([6, 2], 2, 6), ([0, 9], 0, 9)])
+def test_lengths_out_of_range(lengths, low, high):
+  with pytest.raises(ValueError, match=rf"lstm: lengths must lie in \[0, T=5\], got min {low} and max {high}"):
+    rnn(CELL, PARAMS, XS, np.array(lengths))
+  with pytest.raises(ValueError, match=r"lengths must lie in \[0, T=5\]"):
+    bidirectional(CELL, PARAMS, PARAMS, XS, jnp.array(lengths))
+
+
+def test_lengths_with_a_mismatched_batch_size():
+  with pytest.raises(ValueError, match=r"lstm: lengths must have shape \(2,\) to match the batch size, got \(3,\)"):
+    rnn(CELL, PARAMS, XS, jnp.array([1, 2, 3]))
+  with pytest.raises(ValueError, match=r"lengths must have shape \(2,\) to match the batch size, got \(\)"):
+    rnn(CELL, PARAMS, XS, jnp.array(3))
+  with pytest.raises(ValueError, match=r"lengths must have shape \(2,\) to match the batch size, got \(2, 1\)"):
+    rnn(CELL, PARAMS, XS, jnp.array([[1], [2]]))
+  # Time-major: B is the second axis.
+  with pytest.raises(ValueError, match=r"lengths must have shape \(5,\) to match the batch size, got \(2,\)"):
+    rnn(CELL, PARAMS, XS, jnp.array([1, 2]), time_major=True)
+
+
+def test_non_integer_lengths():
+  with pytest.raises(ValueError, match="lstm: lengths must be integers, got dtype float32"):
+    rnn(CELL, PARAMS, XS, jnp.array([1.0, 2.0]))
+  with pytest.raises(ValueError, match="lengths must be integers, got dtype bool"):
+    rnn(CELL, PARAMS, XS, jnp.array([True, False]))
+
+
+def test_unknown_activation_and_cell_name():
+  with pytest.raises(ValueError, match=r"elman: unknown activation 'gelu'; expected one of \('tanh', 'relu'"):
+    Elman(H, activation="gelu")
+  with pytest.raises(ValueError, match=r"unknown cell 'transformer'; expected one of \('elman', 'rnn', 'lstm', 'gru'\)"):
+    make_cell("transformer", H)
+
+
+def test_bad_hyper_parameters():
+  with pytest.raises(ValueError, match="lstm: hidden_size must be a positive integer, got 0"):
+    LSTM(0)
+  with pytest.raises(ValueError, match=r"lstm: proj_size must be in \(0, hidden_size=4\), got 4"):
+    LSTM(4, proj_size=4)
+  with pytest.raises(ValueError, match="gru: unknown recurrent_init 'xavier'; expected one of"):
+    GRU(4, recurrent_init="xavier")
+  with pytest.raises(ValueError, match="elman: unknown dtype 'int8'"):
+    Elman(4, dtype="int8")
+  with pytest.raises(ValueError, match="lstm: input_size must be a positive integer, got 0"):
+    CELL.init(jax.random.key(0), 0)
+  with pytest.raises(ValueError, match=r"StackedRNN: dropout must be in \[0, 1\), got 1.0"):
+    StackedRNN(CELL, dropout=1.0)
+  with pytest.raises(ValueError, match="StackedRNN: unknown merge 'max'; expected one of"):
+    StackedRNN(CELL, bidirectional=True, merge="max")
+  with pytest.raises(ValueError, match="StackedRNN: num_layers must be >= 1, got 0"):
+    StackedRNN(CELL, num_layers=0)
+  with pytest.raises(ValueError, match="unknown merge 'mean'"):
+    bidirectional(CELL, PARAMS, PARAMS, XS, merge="mean")
+
+
+@pytest.mark.parametrize("carry, got", [
+    (LSTMState(h=jnp.zeros(H + 1), c=jnp.zeros(H)), r"LSTMState\(h=\(5,\), c=\(4,\)\)"),
+    (LSTMState(h=jnp.zeros((B + 1, H)), c=jnp.zeros((B + 1, H))), r"LSTMState\(h=\(3, 4\), c=\(3, 4\)\)"),
+    (jnp.zeros(H), r"got \(4,\)"),
+])
+def test_bad_initial_carry_shape(carry, got):
+  expected = r"lstm: initial_carry must have shapes LSTMState\(h=\(4,\), c=\(4,\)\) \(shared\) or with a leading batch axis B=2"
+  with pytest.raises(ValueError, match=expected + ".*" + got):
+    rnn(CELL, PARAMS, XS, initial_carry=carry)
+
+
+def test_bad_initial_carry_for_elman():
+  cell = Elman(H)
+  with pytest.raises(ValueError, match=r"elman: initial_carry must have shapes \(4,\) .* got \(2, 5\)"):
+    rnn(cell, cell.init(jax.random.key(0), F), XS, initial_carry=jnp.zeros((B, H + 1)))
+
+
+def test_stacked_rnn_call_errors():
+  stack = StackedRNN(CELL, num_layers=2, dropout=0.5)
+  params = stack.init(jax.random.key(0), F)
+  with pytest.raises(ValueError, match="StackedRNN: train=True with dropout > 0 needs a dropout_key"):
+    stack(params, XS, train=True)
+  with pytest.raises(ValueError, match=r"StackedRNN: initial_carries has 1 entries, expected one per layer \(2\)"):
+    stack(params, XS, initial_carries=[None])
