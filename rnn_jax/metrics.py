@@ -129,3 +129,37 @@ def token_accuracy(true_sequences, predicted_sequences) -> float:
   if total == 0:
     raise ValueError("token_accuracy: no tokens")
   return correct / total
+
+
+# ---- translation -------------------------------------------------------------
+SACREBLEU_INSTALL_COMMAND = "pip install sacrebleu"
+
+
+def corpus_bleu(hypotheses: Sequence[str], references: Sequence[str], tokenize: str = "13a",
+                lowercase: bool = False) -> dict:
+  """Corpus BLEU-4 (Papineni et al. 2002) with one reference per sentence, via sacrebleu.
+
+    BLEU = BP * exp(1/4 sum_{n=1..4} log p_n),   p_n = clipped n-gram matches / hypothesis n-grams
+    BP   = min(1, exp(1 - r / c)),               c, r = hypothesis and reference lengths (tokens)
+
+  Counts are summed over the corpus before the ratios (not an average of sentence BLEU).
+  ``tokenize`` is sacrebleu's: "13a" (its default, for detokenised text), "none" (split on
+  spaces: text already tokenised, e.g. "1 9 9 4 - 0 3 - 2 3" for character BLEU), "intl", "char".
+  Returns {"bleu": 0..100, "precisions": [p_1..p_4] in %, "brevity_penalty", "hypothesis_length",
+  "reference_length", "signature"}.
+  """
+  try:
+    import sacrebleu  # pylint: disable=import-outside-toplevel
+  except ImportError as error:
+    raise ImportError(f"corpus_bleu needs the sacrebleu package; install it with: "
+                      f"{SACREBLEU_INSTALL_COMMAND} (or pip install 'rnn_jax[translate]')") from error
+  hypotheses, references = list(hypotheses), list(references)
+  if len(hypotheses) != len(references):
+    raise ValueError(f"corpus_bleu: {len(hypotheses)} hypotheses but {len(references)} references")
+  if not hypotheses:
+    raise ValueError("corpus_bleu: no sentences to score")
+  metric = sacrebleu.metrics.BLEU(tokenize=tokenize, lowercase=lowercase)
+  score = metric.corpus_score(hypotheses, [references])
+  return {"bleu": float(score.score), "precisions": [float(p) for p in score.precisions],
+          "brevity_penalty": float(score.bp), "hypothesis_length": int(score.sys_len),
+          "reference_length": int(score.ref_len), "signature": str(metric.get_signature())}

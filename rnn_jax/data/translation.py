@@ -1,0 +1,281 @@
+"""Parallel corpora for encoder-decoder models: the Bible (English -> Spanish) and synthetic dates.
+
+Bible (``--dataset=bible``): the King James Version (``engKJV2006eb``) and the Reina-Valera
+1909 (``spaRV1909eb``) from Debian's SWORD modules, exported with the ``diatheke`` command
+line tool (install once with ``apt-get install -y diatheke sword-text-kjv sword-text-sparv``):
+
+    diatheke -b MODULE -f plain -k "Genesis 1:1-Revelation of John 22:21"
+
+prints one verse per line as ``Book C:V: text``; lines that do not start with a
+reference are Psalm titles (section headings, repeated by diatheke) and are dropped.
+Strong's numbers (``<H2416>``, ``<G3588>``) and the paragraph sign are stripped, the two
+modules are aligned by verse reference, and the pairs are cached as a TSV file
+(``cache_dir``, default ``~/.cache/rnn_jax``). That gives 31,102 aligned verse pairs.
+
+Split (deterministic): pair i (0-based, canonical verse order) is ``valid`` if
+i % 50 == 48, ``test`` if i % 50 == 49, else ``train`` (96 / 2 / 2 %, spread over
+every book).
+
+Dates (``--dataset=dates``): generated in code from a seed, dates between 1900-01-01 and
+2099-12-31 written out in English words in several styles, mapped to ISO 8601:
+
+    "the twenty - third of march , nineteen ninety - four"  ->  "1994-03-23"
+
+Sources are word tokens; targets are characters (digits and "-").
+
+Token ids: every vocabulary built here starts with <pad>=0, <bos>=1, <eos>=2, <unk>=3.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import shutil
+import subprocess
+from typing import NamedTuple, Optional, Sequence
+
+import numpy as np
+
+from rnn_jax.data.vocab import UNK, Vocabulary
+
+PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
+SPECIALS = (PAD, BOS, EOS, UNK)
+PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
+SPLITS = ("train", "valid", "test")
+
+BIBLE_MODULES = ("engKJV2006eb", "spaRV1909eb")
+BIBLE_INSTALL_COMMAND = "apt-get install -y diatheke sword-text-kjv sword-text-sparv"
+BIBLE_RANGE = "Genesis 1:1-Revelation of John 22:21"
+BIBLE_CACHE_VERSION = 1
+_VERSE_LINE = re.compile(r"^\s*((?:[1-3] |I{1,3} )?[A-Z][A-Za-z ]*?) (\d+):(\d+):(.*)$")
+_STRONGS = re.compile(r"<[GH]\d+[a-z]?>")
+_TOKEN = re.compile(r"\w+|[^\w\s]")
+
+
+class Pair(NamedTuple):
+  """A source and a target token sequence (and, for the Bible, the verse reference)."""
+  source: tuple
+  target: tuple
+  reference: str = ""
+
+
+def default_cache_dir() -> str:
+  """~/.cache/rnn_jax, or $RNN_JAX_CACHE when set."""
+  return os.environ.get("RNN_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "rnn_jax"))
+
+
+def tokenize(text: str) -> list[str]:
+  """Lower-cased word and punctuation tokens: "Y dijo Dios: Sea" -> [y, dijo, dios, :, sea]."""
+  return _TOKEN.findall(text.lower())
+
+
+def build_vocabulary(sequences: Sequence[Sequence[str]], max_size: Optional[int] = None) -> Vocabulary:
+  """<pad>, <bos>, <eos>, <unk> (ids 0..3), then tokens by decreasing frequency.
+
+  ``max_size`` bounds the total size including the four specials; rarer tokens map to <unk>.
+  """
+  if max_size is not None and max_size <= len(SPECIALS):
+    raise ValueError(f"build_vocabulary: max_size must exceed {len(SPECIALS)} (the specials), got {max_size}")
+  counted = Vocabulary.build((t for s in sequences for t in s if t not in SPECIALS),
+                             None if max_size is None else max_size - len(SPECIALS) + 1)
+  return Vocabulary(list(SPECIALS) + [t for t in counted.tokens if t != UNK])
+
+
+def encode_pairs(pairs: Sequence[Pair], source_vocab: Vocabulary, target_vocab: Vocabulary):
+  """Token pairs -> (source id arrays, target id arrays) as lists of int32 [L] arrays."""
+  sources = [source_vocab.encode(p.source) for p in pairs]
+  targets = [target_vocab.encode(p.target) for p in pairs]
+  return sources, targets
+
+
+# ---- dates -------------------------------------------------------------------
+_ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
+         "fifteen sixteen seventeen eighteen nineteen").split()
+_TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
+_ORDINAL_ONES = ("_ first second third fourth fifth sixth seventh eighth ninth tenth eleventh twelfth "
+                 "thirteenth fourteenth fifteenth sixteenth seventeenth eighteenth nineteenth").split()
+_ORDINAL_TENS = {20: "twentieth", 30: "thirtieth"}
+_MONTHS = ("january february march april may june july august september october november "
+           "december").split()
+_WEEKDAYS = "monday tuesday wednesday thursday friday saturday sunday".split()
+DATE_TEMPLATES = (
+    "{month} {day}, {year}",
+    "the {day} of {month} {year}",
+    "{day} {month} {year}",
+    "{weekday}, {month} {day}, {year}",
+    "{month} the {day}, {year}",
+)
+
+
+def number_words(n: int) -> str:
+  """0 <= n < 100 in words: 7 -> "seven", 94 -> "ninety-four"."""
+  if not 0 <= n < 100:
+    raise ValueError(f"number_words: n must be in [0, 100), got {n}")
+  if n < 20:
+    return _ONES[n]
+  tens, ones = divmod(n, 10)
+  return _TENS[tens] + ("" if ones == 0 else "-" + _ONES[ones])
+
+
+def ordinal_words(n: int) -> str:
+  """1 <= n <= 31 as an ordinal: 3 -> "third", 23 -> "twenty-third", 30 -> "thirtieth"."""
+  if not 1 <= n <= 31:
+    raise ValueError(f"ordinal_words: day must be in [1, 31], got {n}")
+  if n < 20:
+    return _ORDINAL_ONES[n]
+  tens, ones = divmod(n, 10)
+  return _ORDINAL_TENS[tens * 10] if ones == 0 else _TENS[tens] + "-" + _ORDINAL_ONES[ones]
+
+
+def year_words(year: int, style: int) -> str:
+  """1900 <= year <= 2099 in words; ``style`` (any int) picks among the usual readings.
+
+  1994 -> "nineteen ninety-four"; 1905 -> "nineteen oh five"; 1900 -> "nineteen hundred";
+  2005 -> "two thousand five" | "two thousand and five"; 2012 -> also "twenty twelve".
+  """
+  if not 1900 <= year <= 2099:
+    raise ValueError(f"year_words: year must be in [1900, 2099], got {year}")
+  century, rest = divmod(year, 100)
+  if century == 19:
+    if rest == 0:
+      return "nineteen hundred"
+    return "nineteen " + ("oh " + _ONES[rest] if rest < 10 else number_words(rest))
+  if rest == 0:
+    return "two thousand"
+  readings = ["two thousand " + number_words(rest), "two thousand and " + number_words(rest)]
+  if rest >= 10:
+    readings.append("twenty " + number_words(rest))
+  return readings[style % len(readings)]
+
+
+def date_pair(date: datetime.date, template: int, year_style: int) -> Pair:
+  """One date in words (template ``template`` of DATE_TEMPLATES) -> its ISO characters."""
+  text = DATE_TEMPLATES[template].format(
+      month=_MONTHS[date.month - 1], day=ordinal_words(date.day), year=year_words(date.year, year_style),
+      weekday=_WEEKDAYS[date.weekday()])
+  return Pair(tuple(tokenize(text)), tuple(date.isoformat()))
+
+
+def dates_dataset(num_train: int = 20000, num_valid: int = 1000, num_test: int = 1000,
+                  seed: int = 0) -> dict[str, list[Pair]]:
+  """Random dates (uniform over 1900-01-01 .. 2099-12-31), styles and year readings from ``seed``.
+
+  No source sentence appears in two splits (repeats are redrawn).
+  """
+  for name, count in (("num_train", num_train), ("num_valid", num_valid), ("num_test", num_test)):
+    if count < 1:
+      raise ValueError(f"dates_dataset: {name} must be >= 1, got {count}")
+  rng = np.random.default_rng(seed)
+  first, last = datetime.date(1900, 1, 1), datetime.date(2099, 12, 31)
+  span = (last - first).days + 1
+  seen, splits = set(), {}
+  for split, count in (("train", num_train), ("valid", num_valid), ("test", num_test)):
+    pairs = []
+    while len(pairs) < count:
+      date = first + datetime.timedelta(days=int(rng.integers(span)))
+      pair = date_pair(date, int(rng.integers(len(DATE_TEMPLATES))), int(rng.integers(3)))
+      if pair.source not in seen:
+        seen.add(pair.source)
+        pairs.append(pair)
+    splits[split] = pairs
+  return splits
+
+
+# ---- the Bible ------------------------------------------------------------------
+def parse_diatheke(text: str, module: str = "module") -> dict[str, str]:
+  """diatheke plain output -> {"Genesis 1:1": "In the beginning ...", ...} in canonical order.
+
+  Only lines that start with a verse reference are kept (headings and the trailing
+  "(MODULE)" line are dropped). Strong's tags and the pilcrow are removed and spaces
+  collapsed. Raises ValueError if no verse line is found.
+  """
+  verses = {}
+  for line in text.splitlines():
+    match = _VERSE_LINE.match(line)
+    if match is None:
+      continue
+    book, chapter, verse, body = match.groups()
+    body = " ".join(_STRONGS.sub(" ", body).replace("\u00b6", " ").split())
+    verses[f"{book} {chapter}:{verse}"] = body
+  if not verses:
+    raise ValueError(f"bible: the export of {module} holds no verse line ('Book C:V: text'); "
+                     f"is the module installed? ({BIBLE_INSTALL_COMMAND})")
+  return verses
+
+
+def export_module(module: str) -> dict[str, str]:
+  """Run diatheke over the whole Bible for ``module``; clear errors if the tool or module is missing."""
+  if shutil.which("diatheke") is None:
+    raise FileNotFoundError(f"the Bible corpus needs the diatheke tool and the SWORD modules "
+                            f"{' and '.join(BIBLE_MODULES)}; install them with: {BIBLE_INSTALL_COMMAND}")
+  result = subprocess.run(["diatheke", "-b", module, "-f", "plain", "-k", BIBLE_RANGE],
+                          capture_output=True, text=True, check=False)
+  if result.returncode != 0 or not result.stdout.strip():
+    raise FileNotFoundError(f"bible: diatheke printed nothing for module {module} (exit code "
+                            f"{result.returncode}); install the modules with: {BIBLE_INSTALL_COMMAND}")
+  return parse_diatheke(result.stdout, module)
+
+
+def align_verses(english: dict[str, str], spanish: dict[str, str]) -> list[tuple[str, str, str]]:
+  """(reference, english, spanish) for every reference present and non-empty in both, in English order."""
+  return [(ref, text, spanish[ref]) for ref, text in english.items() if text and spanish.get(ref)]
+
+
+def bible_cache_path(cache_dir: str) -> str:
+  return os.path.join(cache_dir, f"bible_{'_'.join(BIBLE_MODULES)}_v{BIBLE_CACHE_VERSION}.tsv")
+
+
+def write_bible_cache(path: str, verses: Sequence[tuple[str, str, str]]) -> None:
+  """One "reference<TAB>english<TAB>spanish" line per verse, written atomically."""
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  temporary = path + ".tmp"
+  with open(temporary, "w", encoding="utf-8") as f:
+    for fields in verses:
+      f.write("\t".join(fields) + "\n")
+  os.replace(temporary, path)
+
+
+def read_bible_cache(path: str) -> list[tuple[str, str, str]]:
+  """Read the TSV cache; ValueError naming the file and line if a line is not 3 non-empty fields."""
+  verses = []
+  with open(path, encoding="utf-8") as f:
+    for number, line in enumerate(f, 1):
+      fields = line.rstrip("\n").split("\t")
+      if len(fields) != 3 or not all(fields):
+        raise ValueError(f"bible: {path} line {number} is malformed: expected 'reference<TAB>english"
+                         f"<TAB>spanish', got {line[:80]!r}; delete the file to export the corpus again")
+      verses.append(tuple(fields))
+  if not verses:
+    raise ValueError(f"bible: {path} is empty; delete it to export the corpus again")
+  return verses
+
+
+def load_bible_verses(cache_dir: Optional[str] = None) -> list[tuple[str, str, str]]:
+  """Aligned (reference, english, spanish) verses: read from the cache, or exported once and cached."""
+  path = bible_cache_path(cache_dir or default_cache_dir())
+  if os.path.exists(path):
+    return read_bible_cache(path)
+  english, spanish = (export_module(m) for m in BIBLE_MODULES)
+  verses = align_verses(english, spanish)
+  write_bible_cache(path, verses)
+  return verses
+
+
+def bible_split_of(index: int) -> str:
+  """Split of the verse pair at canonical position ``index``: 48 -> valid, 49 -> test (mod 50)."""
+  return {48: "valid", 49: "test"}.get(index % 50, "train")
+
+
+def bible_dataset(cache_dir: Optional[str] = None, max_len: Optional[int] = None) -> dict[str, list[Pair]]:
+  """English -> Spanish verse pairs per split, tokenised; with ``max_len``, only pairs whose
+  sides both have at most ``max_len`` tokens (filtered after splitting, in every split)."""
+  splits = {name: [] for name in SPLITS}
+  for index, (reference, english, spanish) in enumerate(load_bible_verses(cache_dir)):
+    pair = Pair(tuple(tokenize(english)), tuple(tokenize(spanish)), reference)
+    if max_len is None or max(len(pair.source), len(pair.target)) <= max_len:
+      splits[bible_split_of(index)].append(pair)
+  empty = [name for name, pairs in splits.items() if not pairs]
+  if empty:
+    raise ValueError(f"bible: no verse pair left in split(s) {empty} with max_len={max_len}; raise max_len")
+  return splits

@@ -1,0 +1,345 @@
+"""Encoder-decoder RNNs (many-to-many with T_x != T_y): teacher forcing, greedy and beam decoding.
+
+Two models, one class (``Seq2Seq``), chosen by ``kind``:
+
+"cho" (Cho et al. 2014, "Learning phrase representations using RNN encoder-decoder"):
+    h_t   = RNN_enc(x_t, h_{t-1})                           encoder over x_1 .. x_S
+    c     = tanh(W_c h_S + b_c)                             the context vector, [C]
+    s_0   = tanh(W_s c + b_s)                               decoder initial state (per layer)
+    s_t   = RNN_dec([e(y_{t-1}); c], s_{t-1})               c conditions EVERY decoder step
+    o_t   = W_hy [s_t; e(y_{t-1}); c] + b_y                 ... and the output layer
+  (the paper's maxout read-out is replaced by this linear read-out of the same three inputs).
+
+"sutskever" (Sutskever et al. 2014, "Sequence to sequence learning with neural networks"):
+    h_t   = RNN_enc(x_t, h_{t-1})                           over the REVERSED source x_S .. x_1
+    c     = h_S (all layers' final carries, LSTM cell states included)
+    s_0   = c;   s_t = RNN_dec(e(y_{t-1}), s_{t-1});   o_t = W_hy s_t + b_y
+
+Both: p(y_t | y_<t, x) = softmax(o_t). Training is teacher forcing: the decoder reads
+the gold y_{t-1} (y_0 = <bos>) and predicts y_t, ending with <eos>; the loss is the
+masked cross-entropy over real target steps.
+
+Shapes: source ids [B, S], source lengths [B]; target inputs/outputs [B, T], target
+lengths [B]. Variable lengths go through ``rnn_jax.sequence`` (padded steps leave the
+state untouched, so h_S is the state at each source's true end). Token ids are
+validated before any gather when they are concrete (outside jit).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rnn_jax import layers, losses
+from rnn_jax.cells import Cell, LSTMState
+from rnn_jax.sequence import StackedRNN
+
+KINDS = ("cho", "sutskever")
+NEG_INF = -1e9
+
+
+class Encoded(NamedTuple):
+  """The encoder's summary of a batch: per-layer decoder initial carries [B, ...] and c [B, C] (Cho) or None."""
+  initial_carries: tuple
+  context: Optional[jax.Array]
+
+
+class Batch(NamedTuple):
+  """A teacher-forcing batch of int32 arrays.
+
+  source [B, S], source_lengths [B]; target_inputs [B, T] = (<bos>, y_1, .., y_{L-1}),
+  target_outputs [B, T] = (y_1, .., y_{L-1}, <eos>), target_lengths [B] = L (target tokens + 1).
+  """
+  source: np.ndarray
+  source_lengths: np.ndarray
+  target_inputs: np.ndarray
+  target_outputs: np.ndarray
+  target_lengths: np.ndarray
+
+
+def reverse_padded(ids: jax.Array, lengths: jax.Array, pad_id: int = 0) -> jax.Array:
+  """Reverse each row's first L tokens and keep the padding at the end.
+
+    out[b, t] = ids[b, L_b - 1 - t]  for t < L_b;   pad_id otherwise        ids: [B, S], lengths: [B]
+  """
+  positions = jnp.arange(ids.shape[1])[None, :]
+  source_positions = lengths[:, None] - 1 - positions
+  valid = positions < lengths[:, None]
+  gathered = jnp.take_along_axis(ids, jnp.clip(source_positions, 0, ids.shape[1] - 1), axis=1)
+  return jnp.where(valid, gathered, jnp.asarray(pad_id, ids.dtype))
+
+
+def make_batch(sources, targets, bos_id: int, eos_id: int, pad_id: int = 0) -> Batch:
+  """Pad lists of id sequences into a teacher-forcing ``Batch`` (see its docstring).
+
+  Raises ValueError on an empty batch, mismatched sizes or an empty source.
+  """
+  if len(sources) != len(targets):
+    raise ValueError(f"seq2seq: {len(sources)} sources but {len(targets)} targets")
+  if not sources:
+    raise ValueError("seq2seq: empty batch")
+  source_lengths = np.asarray([len(s) for s in sources], np.int32)
+  if source_lengths.min() == 0:
+    raise ValueError("seq2seq: a source sequence is empty; every source needs at least one token")
+  target_lengths = np.asarray([len(t) + 1 for t in targets], np.int32)
+  B = len(sources)
+  source = np.full((B, source_lengths.max()), pad_id, np.int32)
+  inputs = np.full((B, target_lengths.max()), pad_id, np.int32)
+  outputs = np.full((B, target_lengths.max()), pad_id, np.int32)
+  for b, (s, t) in enumerate(zip(sources, targets)):
+    source[b, :len(s)] = s
+    inputs[b, :len(t) + 1] = [bos_id, *t]
+    outputs[b, :len(t) + 1] = [*t, eos_id]
+  return Batch(source, source_lengths, inputs, outputs, target_lengths)
+
+
+def _carry_with_hidden(carry, h: jax.Array):
+  """A carry whose hidden state h_t is replaced by h (an LSTM keeps its cell state c_t)."""
+  if isinstance(carry, LSTMState):
+    return carry._replace(h=h)
+  return h
+
+
+@dataclasses.dataclass(frozen=True)
+class Seq2Seq:
+  """Encoder-decoder hyper-parameters (hashable: usable as a static jit argument).
+
+  Attributes:
+    kind: "cho" or "sutskever" (see the module docstring).
+    cell: the recurrent cell of encoder and decoder (e.g. GRU for Cho, LSTM for Sutskever).
+    source_vocab_size, target_vocab_size: V_x and V_y.
+    embed_size: E, the size of e(x_t) and e(y_t).
+    num_layers: stacked layers in encoder and decoder.
+    context_size: C, the size of Cho's c (default: the cell's state size).
+    dropout: between stacked layers, training only.
+    reverse_source: read the source backwards (default: True for "sutskever", False for "cho").
+    bos_id, eos_id, pad_id: special target ids (pad_id also pads sources).
+  """
+  kind: str
+  cell: Cell
+  source_vocab_size: int
+  target_vocab_size: int
+  embed_size: int = 64
+  num_layers: int = 1
+  context_size: Optional[int] = None
+  dropout: float = 0.0
+  reverse_source: Optional[bool] = None
+  bos_id: int = 1
+  eos_id: int = 2
+  pad_id: int = 0
+
+  def __post_init__(self):
+    if self.kind not in KINDS:
+      raise ValueError(f"seq2seq: unknown kind {self.kind!r}; expected one of {KINDS}")
+    for name in ("source_vocab_size", "target_vocab_size", "embed_size", "num_layers"):
+      if int(getattr(self, name)) <= 0:
+        raise ValueError(f"seq2seq: {name} must be positive, got {getattr(self, name)}")
+    for name in ("bos_id", "eos_id", "pad_id"):
+      if not 0 <= getattr(self, name) < self.target_vocab_size:
+        raise ValueError(f"seq2seq: {name}={getattr(self, name)} must lie in [0, {self.target_vocab_size})")
+
+  # ---- structure -----------------------------------------------------------
+  @property
+  def reversed_source(self) -> bool:
+    return self.kind == "sutskever" if self.reverse_source is None else self.reverse_source
+
+  @property
+  def state_size(self) -> int:
+    return self.cell.state_size
+
+  @property
+  def context_width(self) -> int:
+    return self.context_size or self.state_size
+
+  @property
+  def encoder(self) -> StackedRNN:
+    return StackedRNN(self.cell, num_layers=self.num_layers, dropout=self.dropout)
+
+  @property
+  def decoder(self) -> StackedRNN:
+    return StackedRNN(self.cell, num_layers=self.num_layers, dropout=self.dropout)
+
+  @property
+  def decoder_input_size(self) -> int:
+    return self.embed_size + (self.context_width if self.kind == "cho" else 0)
+
+  @property
+  def readout_input_size(self) -> int:
+    if self.kind == "cho":
+      return self.cell.output_size + self.embed_size + self.context_width
+    return self.cell.output_size
+
+  def init(self, key) -> dict:
+    """Params: embeddings, encoder/decoder StackedRNN params, read-out (+ Cho's W_c and W_s per layer)."""
+    keys = jax.random.split(key, 6)
+    params = {
+        "source_embedding": layers.embedding_init(keys[0], self.source_vocab_size, self.embed_size),
+        "target_embedding": layers.embedding_init(keys[1], self.target_vocab_size, self.embed_size),
+        "encoder": self.encoder.init(keys[2], self.embed_size),
+        "decoder": self.decoder.init(keys[3], self.decoder_input_size),
+        "readout": layers.dense_init(keys[4], self.readout_input_size, self.target_vocab_size),
+    }
+    if self.kind == "cho":
+      bridge_keys = jax.random.split(keys[5], self.num_layers + 1)
+      params["context"] = layers.dense_init(bridge_keys[0], self.state_size, self.context_width)
+      params["bridge"] = [layers.dense_init(k, self.context_width, self.state_size) for k in bridge_keys[1:]]
+    return params
+
+  # ---- encoder ---------------------------------------------------------------
+  def encode(self, params: dict, source: jax.Array, source_lengths: jax.Array, *, train: bool = False,
+             dropout_key=None) -> Encoded:
+    """Read the source and build the decoder's start: source [B, S], lengths [B] -> ``Encoded``."""
+    if source.ndim != 2:
+      raise ValueError(f"seq2seq: source must have shape [B, S], got {tuple(source.shape)}")
+    layers.check_token_ids(source, self.source_vocab_size, "seq2seq: source ids")
+    if self.reversed_source:
+      source = reverse_padded(source, source_lengths, self.pad_id)
+    xs = layers.embed(params["source_embedding"], source)
+    final_carries, _ = self.encoder(params["encoder"], xs, source_lengths, train=train, dropout_key=dropout_key)
+    if self.kind == "sutskever":
+      return Encoded(tuple(final_carries), None)
+    top_hidden = jax.vmap(self.cell.hidden)(final_carries[-1])
+    context = jnp.tanh(layers.dense(params["context"], top_hidden))
+    carries = []
+    for layer in range(self.num_layers):
+      start = jnp.tanh(layers.dense(params["bridge"][layer], context))
+      zeros = self.cell.initial_carry(params["decoder"][f"layer_{layer}"]["forward"])
+      batched = jax.tree_util.tree_map(lambda z: jnp.broadcast_to(z, start.shape[:1] + z.shape), zeros)
+      carries.append(_carry_with_hidden(batched, start))
+    return Encoded(tuple(carries), context)
+
+  # ---- decoder ---------------------------------------------------------------
+  def _decoder_inputs(self, embedded: jax.Array, context: Optional[jax.Array]) -> jax.Array:
+    """x_t = [e(y_{t-1}); c] for Cho, e(y_{t-1}) for Sutskever: embedded [B, (T,) E]."""
+    if self.kind != "cho":
+      return embedded
+    if embedded.ndim == 3:
+      context = jnp.broadcast_to(context[:, None, :], embedded.shape[:2] + context.shape[-1:])
+    return jnp.concatenate([embedded, context], axis=-1)
+
+  def _readout(self, params: dict, hidden: jax.Array, embedded: jax.Array, context) -> jax.Array:
+    """o_t = W_hy [s_t; e(y_{t-1}); c] + b_y (Cho) or W_hy s_t + b_y (Sutskever)."""
+    if self.kind == "cho":
+      hidden = self._decoder_inputs(jnp.concatenate([hidden, embedded], axis=-1), context)
+    return layers.dense(params["readout"], hidden)
+
+  def teacher_forcing_logits(self, params: dict, batch: Batch, *, train: bool = False,
+                             dropout_key=None) -> jax.Array:
+    """Logits o_t for every target step given the gold prefix: -> [B, T, V_y]."""
+    keys = (None, None) if dropout_key is None else tuple(jax.random.split(dropout_key))
+    encoded = self.encode(params, batch.source, batch.source_lengths, train=train, dropout_key=keys[0])
+    layers.check_token_ids(batch.target_inputs, self.target_vocab_size, "seq2seq: target ids")
+    embedded = layers.embed(params["target_embedding"], batch.target_inputs)
+    inputs = self._decoder_inputs(embedded, encoded.context)
+    _, hidden = self.decoder(params["decoder"], inputs, batch.target_lengths, train=train,
+                             dropout_key=keys[1], initial_carries=encoded.initial_carries)
+    return self._readout(params, hidden, embedded, encoded.context)
+
+  def loss(self, params: dict, batch: Batch, *, train: bool = False, dropout_key=None,
+           reduction: str = "mean") -> jax.Array:
+    """Teacher-forcing cross-entropy -sum_t log p(y_t | y_<t, x) over real target steps (nats)."""
+    logits = self.teacher_forcing_logits(params, batch, train=train, dropout_key=dropout_key)
+    mask = jnp.arange(logits.shape[1])[None, :] < batch.target_lengths[:, None]
+    return losses.cross_entropy(logits, batch.target_outputs, mask, reduction=reduction)
+
+  def decode_step(self, params: dict, carries: tuple, previous: jax.Array, context):
+    """One decoder step for a batch: previous ids [B] -> (carries, logits [B, V_y]).
+
+      s_t^(l) = cell.step(s_{t-1}^(l), x_t^(l)),  x_t^(0) = decoder input,  x_t^(l+1) = s_t^(l)
+    """
+    embedded = layers.embed(params["target_embedding"], previous)
+    x = self._decoder_inputs(embedded, context)
+    new_carries = []
+    for layer, carry in enumerate(carries):
+      layer_params = params["decoder"][f"layer_{layer}"]["forward"]
+      carry, x = jax.vmap(self.cell.step, in_axes=(None, 0, 0))(layer_params, carry, x)
+      new_carries.append(carry)
+    return tuple(new_carries), self._readout(params, x, embedded, context)
+
+  def _next_token_logits(self, logits: jax.Array) -> jax.Array:
+    """Decoding never emits <pad> or <bos>: their logits are set to -1e9 (in float32)."""
+    return logits.astype(jnp.float32).at[..., self.pad_id].set(NEG_INF).at[..., self.bos_id].set(NEG_INF)
+
+  def greedy_decode(self, params: dict, source: jax.Array, source_lengths: jax.Array, max_len: int):
+    """y_t = argmax_v p(v | y_<t, x), feeding y_t back, until <eos> or max_len steps.
+
+    <pad> and <bos> are never emitted (their logits are masked), here and in ``beam_search``.
+
+    Returns (tokens [B, max_len] with <eos> included and pad_id after it, lengths [B]
+    counting the tokens up to and including <eos>).
+    """
+    encoded = self.encode(params, source, source_lengths)
+    B = source.shape[0]
+
+    def body(state, _):
+      carries, previous, finished = state
+      carries, logits = self.decode_step(params, carries, previous, encoded.context)
+      best = jnp.argmax(self._next_token_logits(logits), axis=-1).astype(jnp.int32)
+      token = jnp.where(finished, self.pad_id, best)
+      finished = finished | (token == self.eos_id)
+      return (carries, token, finished), token
+
+    start = (encoded.initial_carries, jnp.full((B,), self.bos_id, jnp.int32), jnp.zeros((B,), bool))
+    (_, _, _), tokens = jax.lax.scan(body, start, None, length=max_len)
+    tokens = tokens.T
+    return tokens, self._lengths(tokens)
+
+  def _lengths(self, tokens: jax.Array) -> jax.Array:
+    """Tokens up to and including the first <eos> (max_len if none): [B, T] -> [B]."""
+    is_eos = tokens == self.eos_id
+    first = jnp.argmax(is_eos, axis=-1)
+    return jnp.where(jnp.any(is_eos, axis=-1), first + 1, tokens.shape[-1]).astype(jnp.int32)
+
+  def beam_search(self, params: dict, source: jax.Array, source_lengths: jax.Array, max_len: int,
+                  beam_width: int = 4, length_penalty: float = 0.0):
+    """Beam search: keep the K prefixes of highest log p(y_<=t | x) at every step.
+
+      score(y_<=t) = sum_i log p(y_i | y_<i, x);   finished beams (ending in <eos>) keep their score
+      final choice: argmax_k score_k / L_k ** length_penalty   (L_k: tokens including <eos>)
+
+    With beam_width=1 this is exactly ``greedy_decode``. Returns (tokens [B, max_len],
+    lengths [B], scores [B]) of the best hypothesis per example.
+    """
+    if beam_width < 1:
+      raise ValueError(f"seq2seq: beam_width must be >= 1, got {beam_width}")
+    K, V = beam_width, self.target_vocab_size
+    if K > V - 2:
+      raise ValueError(f"seq2seq: beam_width {K} exceeds the {V - 2} emittable target tokens "
+                       f"(vocabulary size {V} minus <pad> and <bos>)")
+    encoded = self.encode(params, source, source_lengths)
+    B = source.shape[0]
+    tile = lambda leaf: jnp.repeat(leaf, K, axis=0)   # [B, ...] -> [B*K, ...], beams of b adjacent
+    carries = jax.tree_util.tree_map(tile, encoded.initial_carries)
+    context = None if encoded.context is None else tile(encoded.context)
+    only_pad = jnp.full((V,), NEG_INF).at[self.pad_id].set(0.0)
+
+    def body(state, t):
+      carries, previous, finished, scores, tokens = state
+      carries, logits = self.decode_step(params, carries, previous.reshape(B * K), context)
+      log_probs = jax.nn.log_softmax(self._next_token_logits(logits), axis=-1).reshape(B, K, V)
+      log_probs = jnp.where(finished[..., None], only_pad, log_probs)
+      candidates = (scores[..., None] + log_probs).reshape(B, K * V)
+      scores, flat = jax.lax.top_k(candidates, K)
+      origin, token = flat // V, (flat % V).astype(jnp.int32)
+      pick = lambda leaf: jnp.take_along_axis(
+          leaf.reshape((B, K) + leaf.shape[1:]), origin.reshape((B, K) + (1,) * (leaf.ndim - 1)),
+          axis=1).reshape(leaf.shape)
+      carries = jax.tree_util.tree_map(pick, carries)
+      tokens = jnp.take_along_axis(tokens, origin[..., None], axis=1).at[:, :, t].set(token)
+      finished = jnp.take_along_axis(finished, origin, axis=1) | (token == self.eos_id)
+      return (carries, token, finished, scores, tokens), None
+
+    scores = jnp.full((B, K), NEG_INF).at[:, 0].set(0.0)   # one live beam at t = 0: no duplicates
+    start = (carries, jnp.full((B, K), self.bos_id, jnp.int32), jnp.zeros((B, K), bool), scores,
+             jnp.full((B, K, max_len), self.pad_id, jnp.int32))
+    (_, _, _, scores, tokens), _ = jax.lax.scan(body, start, jnp.arange(max_len))
+    lengths = self._lengths(tokens)
+    normalised = scores / lengths.astype(jnp.float32) ** length_penalty
+    best = jnp.argmax(normalised, axis=1)
+    pick_best = lambda leaf: jnp.take_along_axis(leaf, best.reshape((B, 1) + (1,) * (leaf.ndim - 2)),
+                                                 axis=1)[:, 0]
+    return pick_best(tokens), pick_best(lengths), pick_best(scores)
