@@ -122,8 +122,9 @@ def load_sentiment(dataset: str) -> SentimentData:
 def split_indices(num_examples: int, fractions=(0.8, 0.1, 0.1), seed: int = 0):
   """A deterministic shuffled train/valid/test split of range(num_examples).
 
-  Returns three sorted index arrays whose sizes follow ``fractions`` (the test
-  split takes the remainder). Raises ValueError if any split would be empty.
+  Returns three index arrays in shuffled order (so any prefix is a random subset),
+  sized by ``fractions`` (the test split takes the remainder). Raises ValueError if
+  any split would be empty.
   """
   if len(fractions) != 3 or min(fractions) <= 0 or abs(sum(fractions) - 1.0) > 1e-6:
     raise ValueError(f"split fractions must be three positive numbers summing to 1, got {fractions}")
@@ -133,4 +134,4 @@ def split_indices(num_examples: int, fractions=(0.8, 0.1, 0.1), seed: int = 0):
   parts = order[:num_train], order[num_train:num_train + num_valid], order[num_train + num_valid:]
   if min(len(part) for part in parts) == 0:
     raise ValueError(f"{num_examples} examples are too few for a train/valid/test split of {fractions}")
-  return tuple(np.sort(part) for part in parts)
+  return parts

@@ -1,0 +1,213 @@
+"""Checkpoints with orbax-checkpoint: keep the last N plus the best, resume exactly.
+
+A checkpoint at step s is the directory ``<dir>/<s>/`` with two items:
+
+* ``state``: any pytree of arrays (a TrainState, or {"train": TrainState, "carry": ...} for
+  truncated BPTT), saved with orbax's StandardSave;
+* ``extra``: a JSON dict (data position, epoch, step, config) for everything that is not an array.
+
+Atomicity: orbax writes into ``<s>.orbax-checkpoint-tmp-*`` and renames it to ``<s>`` only when
+every file is written, so a process killed while saving leaves a tmp directory that is never
+listed as a step; ``restore`` then picks the previous complete checkpoint. Nothing earlier is
+deleted before a new checkpoint is complete.
+
+Restoring into a target checks the saved tree against the target (same leaves, same shapes and
+dtypes) and raises ``CheckpointMismatchError`` naming every difference, so a checkpoint of
+another architecture cannot be loaded silently. A checkpoint that cannot be read raises
+``CorruptCheckpointError`` naming the step directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Optional
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint._src.checkpoint_managers import preservation_policy as preservation
+
+
+class CheckpointError(RuntimeError):
+  """Base class of checkpoint errors."""
+
+
+class CorruptCheckpointError(CheckpointError):
+  """A checkpoint directory exists but cannot be read."""
+
+
+class CheckpointMismatchError(CheckpointError):
+  """A checkpoint's tree (names, shapes, dtypes) differs from the target's."""
+
+
+def _path_name(path) -> str:
+  return "/".join(str(getattr(p, "key", getattr(p, "name", getattr(p, "idx", p)))) for p in path)
+
+
+def _leaf_signature(leaf) -> tuple:
+  shape = tuple(getattr(leaf, "shape", ()))
+  dtype = getattr(leaf, "dtype", None)
+  return shape, (str(np.dtype(dtype)) if dtype is not None else None)
+
+
+def describe_tree(tree) -> dict[str, tuple]:
+  """{"params/layer_0/forward/w_hh": (shape, dtype), ...} for every leaf of ``tree``."""
+  return {_path_name(path): _leaf_signature(leaf)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def tree_differences(saved: dict[str, tuple], target: dict[str, tuple], limit: int = 12) -> list[str]:
+  """Human-readable differences between two ``describe_tree`` results."""
+  lines = []
+  for name in sorted(set(saved) - set(target)):
+    lines.append(f"  only in the checkpoint: {name} {saved[name][0]}")
+  for name in sorted(set(target) - set(saved)):
+    lines.append(f"  only in the model:      {name} {target[name][0]}")
+  for name in sorted(set(saved) & set(target)):
+    (s_shape, s_dtype), (t_shape, t_dtype) = saved[name], target[name]
+    if s_shape != t_shape:
+      lines.append(f"  {name}: checkpoint shape {s_shape}, model shape {t_shape}")
+    elif s_dtype and t_dtype and s_dtype != t_dtype:
+      lines.append(f"  {name}: checkpoint dtype {s_dtype}, model dtype {t_dtype}")
+  if len(lines) > limit:
+    lines = lines[:limit] + [f"  ... and {len(lines) - limit} more"]
+  return lines
+
+
+def _metadata_signature(metadata_tree) -> dict[str, tuple]:
+  """describe_tree for orbax's saved metadata (ArrayMetadata leaves with shape/dtype)."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(metadata_tree)[0]:
+    out[_path_name(path)] = _leaf_signature(leaf)
+  return out
+
+
+class _DropOrbaxInfo:
+  """absl-handler filter: orbax logs every file operation at INFO; keep its warnings and errors."""
+
+  def filter(self, record) -> bool:
+    return record.levelno >= 30 or "orbax" not in record.pathname
+
+
+def quiet_orbax_logs() -> None:
+  """Hide orbax's INFO chatter from the absl log (idempotent)."""
+  from absl import logging as absl_logging
+  handler = absl_logging.get_absl_handler()
+  if not any(isinstance(f, _DropOrbaxInfo) for f in handler.filters):
+    handler.addFilter(_DropOrbaxInfo())
+
+
+class CheckpointManager:
+  """Save every so often, keep the last ``keep`` checkpoints plus the best on a validation metric.
+
+    manager = CheckpointManager(workdir + "/checkpoints", keep=2, best_metric="valid_loss")
+    manager.save(step, state, extra={"data": stream.position()}, metrics={"valid_loss": 1.3})
+    state, extra = manager.restore(target_state)          # latest complete checkpoint
+    state, extra = manager.restore(target_state, step=manager.best_step())
+
+  ``best_mode`` is "min" (loss, bpc, perplexity) or "max" (accuracy). Checkpoints saved
+  without metrics are kept only while they are among the last ``keep``.
+  """
+
+  def __init__(self, directory: str, keep: int = 2, best_metric: Optional[str] = None,
+               best_mode: str = "min"):
+    if keep < 1:
+      raise ValueError(f"CheckpointManager: keep must be >= 1, got {keep}")
+    if best_mode not in ("min", "max"):
+      raise ValueError(f"CheckpointManager: best_mode must be 'min' or 'max', got {best_mode!r}")
+    quiet_orbax_logs()
+    self.directory = os.path.abspath(directory)
+    self.best_metric = best_metric
+    policies = [preservation.LatestN(n=keep)]
+    best_fn = None
+    if best_metric:
+      best_fn = lambda metrics: metrics[best_metric]
+      policies.append(preservation.BestN(get_metric_fn=best_fn, reverse=(best_mode == "min"), n=1,
+                                         keep_checkpoints_without_metrics=False))
+    options = ocp.CheckpointManagerOptions(
+        best_fn=best_fn, best_mode=best_mode, enable_async_checkpointing=False,
+        preservation_policy=preservation.AnyPreservationPolicy(policies), create=True)
+    self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "extra"))
+
+  # ---- queries -------------------------------------------------------------
+  def all_steps(self) -> list[int]:
+    """Steps of complete checkpoints (tmp directories of interrupted saves are not listed)."""
+    self._manager.reload()
+    return sorted(self._manager.all_steps())
+
+  def latest_step(self) -> Optional[int]:
+    steps = self.all_steps()
+    return steps[-1] if steps else None
+
+  def best_step(self) -> Optional[int]:
+    """The kept step with the best ``best_metric`` (the latest step if no metric is tracked)."""
+    self._manager.reload()
+    return self._manager.best_step()
+
+  # ---- save / restore ------------------------------------------------------
+  def save(self, step: int, state, extra: Optional[dict] = None, metrics: Optional[dict] = None) -> None:
+    """Save ``state`` (pytree of arrays) and ``extra`` (JSON-able dict) as step ``step``.
+
+    ``metrics`` (e.g. {"valid_loss": 1.3}) rank the checkpoint for best-keeping. Saving a step
+    that already exists is skipped (the existing checkpoint is kept).
+    """
+    extra = json.loads(json.dumps(extra or {}))  # fail early if not JSON-able
+    if step in self.all_steps():
+      return
+    if metrics is not None and self.best_metric and self.best_metric not in metrics:
+      raise ValueError(f"CheckpointManager.save: metrics lack the best metric {self.best_metric!r}: "
+                       f"{sorted(metrics)}")
+    self._manager.save(int(step), args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), extra=ocp.args.JsonSave(extra)),
+        metrics=metrics, force=True)
+    self._manager.wait_until_finished()
+
+  def check_compatible(self, step: int, target) -> None:
+    """Raise CheckpointMismatchError if step's saved tree differs from ``target``'s."""
+    step_dir = os.path.join(self.directory, str(step))
+    try:
+      metadata = self._manager.item_metadata(step)["state"]
+    except Exception as error:  # orbax raises several types for unreadable metadata
+      raise CorruptCheckpointError(
+          f"checkpoint {step_dir} is unreadable ({type(error).__name__}: {error}); delete it to fall "
+          f"back to an earlier checkpoint, or start a fresh --workdir") from error
+    if metadata is None:
+      raise CorruptCheckpointError(f"checkpoint {step_dir} has no readable 'state' item; delete it to "
+                                   f"fall back to an earlier checkpoint, or start a fresh --workdir")
+    tree = getattr(metadata, "tree", metadata)
+    differences = tree_differences(_metadata_signature(tree), describe_tree(target))
+    if differences:
+      raise CheckpointMismatchError(
+          f"checkpoint {step_dir} does not match the model being restored (different architecture or "
+          f"flags?):\n" + "\n".join(differences) +
+          "\nUse the flags the checkpoint was trained with, or a fresh --workdir.")
+
+  def restore(self, target, step: Optional[int] = None) -> tuple[Any, dict]:
+    """Restore (state, extra) from ``step`` (default: the latest complete checkpoint).
+
+    ``target`` is a state with the right structure, shapes and dtypes (e.g. freshly
+    initialised); the restored arrays replace its leaves exactly (bit for bit).
+    """
+    steps = self.all_steps()
+    if not steps:
+      raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
+    step = steps[-1] if step is None else int(step)
+    if step not in steps:
+      raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}; available: {steps}")
+    self.check_compatible(step, target)
+    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract), extra=ocp.args.JsonRestore()))
+    except Exception as error:
+      raise CorruptCheckpointError(
+          f"checkpoint {os.path.join(self.directory, str(step))} could not be read "
+          f"({type(error).__name__}: {error}); delete it to fall back to an earlier checkpoint, "
+          f"or start a fresh --workdir") from error
+    state = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(target),
+                                         jax.tree_util.tree_leaves(restored["state"]))
+    return state, dict(restored["extra"] or {})
+
+  def close(self) -> None:
+    self._manager.close()

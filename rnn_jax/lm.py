@@ -1,0 +1,212 @@
+"""A recurrent language model and its sampler.
+
+    x_t = E[w_t]                                   embedding, E: [V, D]
+    h_t^(1..L) = StackedRNN(dropout(x_t))          any cell (Elman, LSTM, GRU), L layers
+    o_t = W_hy dropout(h_t^(L)) + b_y              logits over the V tokens
+    p(w_{t+1} | w_<=t) = softmax(o_t)
+
+Dropout (rate p, train only) sits on the non-recurrent connections, as in Zaremba et al. (2014):
+on the embeddings, between layers (inside StackedRNN) and before the read-out.
+Params: {"embedding": {"table": [V, D]}, "rnn": StackedRNN params, "readout": {"w": [V, H], "b": [V]}}.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rnn_jax import initializers, layers
+from rnn_jax.cells import Cell
+from rnn_jax.losses import cross_entropy, token_nll
+from rnn_jax.sequence import StackedRNN, dropout as apply_dropout
+from rnn_jax.train import recurrent_penalty
+
+
+@dataclasses.dataclass(frozen=True)
+class LanguageModel:
+  """Embedding -> StackedRNN -> dropout -> dense logits (hashable: a static jit argument).
+
+  Attributes:
+    cell: the recurrent cell hyper-parameters (hidden size H).
+    vocab_size: V.
+    embed_size: D (Zaremba et al. use D = H).
+    num_layers: L.
+    dropout: p on embeddings, between layers and before the read-out (train only).
+    init_scale: if set, EVERY parameter is drawn from U(-init_scale, init_scale)
+      (Zaremba et al.: 0.1 small, 0.05 medium, 0.04 large); otherwise each part's own default.
+    unroll: lax.scan unroll of the recurrence.
+  """
+  cell: Cell
+  vocab_size: int
+  embed_size: int
+  num_layers: int = 1
+  dropout: float = 0.0
+  init_scale: Optional[float] = None
+  unroll: int = 1
+
+  def __post_init__(self):
+    if self.vocab_size < 2:
+      raise ValueError(f"LanguageModel: vocab_size must be >= 2, got {self.vocab_size}")
+    if self.embed_size < 1:
+      raise ValueError(f"LanguageModel: embed_size must be >= 1, got {self.embed_size}")
+    if not 0.0 <= self.dropout < 1.0:
+      raise ValueError(f"LanguageModel: dropout must be in [0, 1), got {self.dropout}")
+
+  @property
+  def stack(self) -> StackedRNN:
+    return StackedRNN(self.cell, num_layers=self.num_layers, dropout=self.dropout)
+
+  def init(self, key) -> dict:
+    """Fresh params; with ``init_scale`` every leaf ~ U(-init_scale, init_scale)."""
+    key_embed, key_rnn, key_out = jax.random.split(key, 3)
+    params = {
+        "embedding": layers.embedding_init(key_embed, self.vocab_size, self.embed_size),
+        "rnn": self.stack.init(key_rnn, self.embed_size),
+        "readout": layers.dense_init(key_out, self.stack.output_size, self.vocab_size),
+    }
+    if self.init_scale is not None:
+      leaves, treedef = jax.tree_util.tree_flatten(params)
+      keys = jax.random.split(jax.random.fold_in(key, 1), len(leaves))
+      init = initializers.uniform(self.init_scale)
+      params = jax.tree_util.tree_unflatten(
+          treedef, [init(k, leaf.shape, leaf.dtype) for k, leaf in zip(keys, leaves)])
+    return params
+
+  def initial_carries(self, params: dict, batch_size: int) -> tuple:
+    """Zero carries for every layer with a leading batch axis B."""
+    carries = []
+    for layer in range(self.num_layers):
+      carry = self.cell.initial_carry(params["rnn"][f"layer_{layer}"]["forward"])
+      carries.append(jax.tree_util.tree_map(
+          lambda c: jnp.broadcast_to(c, (batch_size, *c.shape)), carry))
+    return tuple(carries)
+
+  def apply(self, params: dict, inputs, carries=None, lengths=None, *, train: bool = False, rng=None):
+    """Logits for a batch of token windows.
+
+    Args:
+      inputs: [B, T] int ids in [0, V) (checked when concrete).
+      carries: per-layer carries with a leading B axis (None: zeros).
+      lengths: optional [B] real lengths (padded steps leave the carry unchanged).
+      train: apply dropout (needs ``rng``).
+    Returns:
+      (logits [B, T, V], final carries).
+    """
+    if inputs.ndim != 2:
+      raise ValueError(f"LanguageModel: inputs must be [B, T] token ids, got shape {tuple(inputs.shape)}")
+    use_dropout = train and self.dropout > 0.0
+    if use_dropout and rng is None:
+      raise ValueError("LanguageModel: train=True with dropout > 0 needs an rng key")
+    keys = jax.random.split(rng, 3) if use_dropout else (None, None, None)
+    xs = layers.embed(params["embedding"], inputs)
+    if use_dropout:
+      xs = apply_dropout(keys[0], self.dropout, xs)
+    carries, hs = self.stack(params["rnn"], xs, lengths, train=train, dropout_key=keys[1],
+                             initial_carries=carries, unroll=self.unroll)
+    if use_dropout:
+      hs = apply_dropout(keys[2], self.dropout, hs)
+    return layers.dense(params["readout"], hs, self.cell.dtype), carries
+
+  def num_params(self, params: dict) -> int:
+    return int(sum(np.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(params)))
+
+
+def make_loss_fn(model: LanguageModel, *, train: bool = True, reduction: str = "sum",
+                 l1: float = 0.0, l2: float = 0.0):
+  """``loss_fn(params, batch, rng) -> (loss, aux)`` for ``train.make_train_step``/``make_tbptt_step``.
+
+  batch: inputs, targets [B, T]; optional carry (per-layer, leading B), mask [B, T], lengths [B].
+    loss = cross_entropy(logits, targets, mask, reduction) + recurrent_penalty(l1, l2)
+  aux: carry (final carries), nats (mean nats per scored token), nll_sum, tokens (for exact
+  aggregation over many windows).
+  """
+
+  def loss_fn(params, batch, rng):
+    mask = batch.get("mask")
+    logits, carries = model.apply(params, batch["inputs"], batch.get("carry"), batch.get("lengths"),
+                                  train=train, rng=rng)
+    loss = cross_entropy(logits, batch["targets"], mask, reduction=reduction)
+    if l1 or l2:
+      loss = loss + recurrent_penalty(params, l1, l2)
+    nll = token_nll(logits, batch["targets"])
+    weights = jnp.ones_like(nll) if mask is None else mask.astype(nll.dtype)
+    nll_sum, tokens = jnp.sum(nll * weights), jnp.sum(weights)
+    return loss, {"carry": carries, "nats": nll_sum / jnp.maximum(tokens, 1.0),
+                  "nll_sum": nll_sum, "tokens": tokens}
+
+  return loss_fn
+
+
+def evaluate_stream(model: LanguageModel, eval_step, params, windows) -> dict:
+  """Exact mean nats per token over all windows of a stream (``data.eval_windows``), carrying
+  the state from window to window: returns {"nats", "tokens"}."""
+  carry = None
+  nll_sum, tokens = 0.0, 0.0
+  for batch in windows:
+    if carry is None:
+      carry = model.initial_carries(params, batch["inputs"].shape[0])
+    _, aux = eval_step(params, {**batch, "carry": carry})
+    carry = aux["carry"]
+    nll_sum += float(aux["nll_sum"])
+    tokens += float(aux["tokens"])
+  if tokens == 0:
+    raise ValueError("evaluate_stream: no tokens were scored; the evaluation split is empty")
+  return {"nats": nll_sum / tokens, "tokens": tokens}
+
+
+def _filter_logits(logits, temperature: float, top_k: int):
+  """logits / temperature with all but the top_k largest set to -inf (top_k = 0: keep all)."""
+  logits = logits / temperature
+  if top_k:
+    kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  return logits
+
+
+@functools.partial(jax.jit, static_argnames=("model", "length", "top_k"))
+def _sample_tokens(model: LanguageModel, params, carries, last_logits, key, length: int,
+                   temperature, top_k: int):
+  def body(state, key_t):
+    carries, logits = state
+    token = jax.random.categorical(key_t, _filter_logits(logits, temperature, top_k), axis=-1)
+    next_logits, carries = model.apply(params, token[:, None], carries)
+    return (carries, next_logits[:, 0]), token
+
+  keys = jax.random.split(key, length)
+  _, tokens = jax.lax.scan(body, (carries, last_logits), keys)
+  return tokens.T
+
+
+def sample(model: LanguageModel, params, prime_ids, length: int, key, *, temperature: float = 1.0,
+           top_k: int = 0) -> np.ndarray:
+  """One-to-many generation: read ``prime_ids`` then draw ``length`` tokens.
+
+    w_{t+1} ~ softmax(top_k(o_t) / temperature),   o_t = the model's logits after w_<=t
+
+  Args:
+    prime_ids: [P] ids (P >= 1) that condition the sample.
+    length: number of tokens to draw.
+    temperature: > 0; < 1 sharpens, > 1 flattens the distribution.
+    top_k: sample among the k most likely tokens only (0: all V).
+  Returns:
+    np.int32 [length], the drawn ids (the prime not included).
+  """
+  prime = np.asarray(prime_ids, dtype=np.int32).reshape(-1)
+  if prime.size == 0:
+    raise ValueError("sample: the prime is empty; give at least one token (e.g. --prime='The ')")
+  if not temperature > 0:
+    raise ValueError(f"sample: temperature must be > 0, got {temperature}")
+  if not 0 <= top_k <= model.vocab_size:
+    raise ValueError(f"sample: top_k must be in [0, {model.vocab_size}], got {top_k}")
+  if length < 1:
+    raise ValueError(f"sample: length must be >= 1, got {length}")
+  layers.check_token_ids(prime, model.vocab_size, "sample: prime ids")
+  logits, carries = jax.jit(model.apply)(params, prime[None, :])
+  tokens = _sample_tokens(model, params, carries, logits[:, -1], key, length,
+                          jnp.float32(temperature), top_k)
+  return np.asarray(tokens[0])
