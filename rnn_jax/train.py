@@ -428,7 +428,7 @@ def fit(state, step_fn, stream: Stream, *, num_steps: int, run: RunDir, start_st
         checkpoints=None, checkpoint_every: int = 0, best_metric: Optional[str] = None,
         log_every: int = 50, tokens_per_step: Optional[int] = None,
         train_summary: Optional[Callable[[dict], dict]] = None,
-        progress: bool = True) -> FitResult:
+        progress: bool = True, stop_when: Optional[Callable[[dict], bool]] = None) -> FitResult:
   """Run ``step_fn`` from ``start_step`` to ``num_steps`` with logging, evaluation and checkpoints.
 
   Each step: ``state, metrics = step_fn(state, next(stream))``. Every ``log_every`` steps the
@@ -439,6 +439,10 @@ def fit(state, step_fn, stream: Stream, *, num_steps: int, run: RunDir, start_st
   and at the end, ``checkpoints.save(step, state, extra={"data": stream.position()},
   metrics=eval metrics)`` keeps the last N and the best on ``best_metric``; a checkpoint is also
   saved after every evaluation and at the end.
+
+  Early stop: ``stop_when(eval_metrics)`` is asked after every evaluation; if it returns True
+  the run stops there (after that step's checkpoint) and ``FitResult.step`` is that step
+  (e.g. the step at which a task counts as solved).
 
   Resume: restore ``state`` and ``data`` with ``checkpoints.restore`` first, ``stream.seek`` to
   the saved position and pass ``start_step``; the trajectory is then the uninterrupted one.
@@ -489,5 +493,7 @@ def fit(state, step_fn, stream: Stream, *, num_steps: int, run: RunDir, start_st
       evaluated = True
     if (checkpoint_every and step % checkpoint_every == 0) or evaluated or step == num_steps:
       checkpoint(step, last_eval if evaluated else {})
+    if evaluated and stop_when is not None and stop_when(last_eval):
+      break
   bar.close()
   return FitResult(state=state, step=step, train=last_train, eval=last_eval)
