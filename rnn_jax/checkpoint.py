@@ -128,7 +128,10 @@ class CheckpointManager:
     options = ocp.CheckpointManagerOptions(
         best_fn=best_fn, best_mode=best_mode, enable_async_checkpointing=False,
         preservation_policy=preservation.AnyPreservationPolicy(policies), create=True)
-    self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "extra"))
+    # Handlers are registered up front so a fresh process can read metadata before any save.
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={"state": ocp.StandardCheckpointHandler(), "extra": ocp.JsonCheckpointHandler()})
 
   # ---- queries -------------------------------------------------------------
   def all_steps(self) -> list[int]:

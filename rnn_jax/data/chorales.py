@@ -206,3 +206,44 @@ def roll_to_score(roll: np.ndarray, quarter_length: float = 1.0):
   score = music21.stream.Score()
   score.insert(0, part)
   return score
+
+
+class RollBatches:
+  """An endless, resumable stream of shuffled batches of whole chorales: {"frames", "lengths"}.
+
+  frames [B, T, 88] float32 and lengths [B] int32, T the longest in the batch rounded up to
+  ``pad_multiple``. The order is ``SentenceBatches``' (epoch e shuffled with
+  default_rng([seed, e]), pools of P batches sorted by length); ``position()`` / ``seek()``
+  resume it exactly.
+  """
+
+  def __init__(self, rolls, batch_size: int, *, seed: int = 0, pad_multiple: int = 16,
+               pool_batches: int = 4):
+    from rnn_jax.data.sentences import SentenceBatches  # pylint: disable=import-outside-toplevel
+    self.rolls, self.pad_multiple = list(rolls), pad_multiple
+    # SentenceBatches carries each roll's index as its label: the batch order is all we take from it.
+    self._order = SentenceBatches([np.zeros(len(r), np.int32) for r in self.rolls], np.arange(len(self.rolls)),
+                                  batch_size, seed=seed, pool_batches=pool_batches)
+
+  def position(self) -> dict:
+    return self._order.position()
+
+  def seek(self, position: dict) -> None:
+    self._order.seek(position)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    chosen = next(self._order)["targets"]
+    return batch_rolls([self.rolls[i] for i in chosen], self.pad_multiple)
+
+
+def batch_rolls(rolls, pad_multiple: int = 1) -> dict:
+  """{"frames": [B, T, 88] float32, "lengths": [B] int32}, T = longest rounded up to pad_multiple."""
+  longest = max(len(r) for r in rolls) if rolls else 0
+  frames, lengths = pad_rolls(rolls, max_len=None)
+  width = int(-(-longest // pad_multiple) * pad_multiple)
+  if width > frames.shape[1]:
+    frames = np.pad(frames, ((0, 0), (0, width - frames.shape[1]), (0, 0)))
+  return {"frames": frames, "lengths": lengths}

