@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rnn_jax import bptt
 from rnn_jax.cells import Cell, Params
 
 
@@ -35,36 +36,113 @@ def _mask_tree(valid, new, old):
   return jax.tree_util.tree_map(lambda n, o: jnp.where(valid, n, o), new, old)
 
 
+BACKWARDS = ("auto", "fused", "autodiff")
+
+
+def _use_fused(cell: Cell, backward: str) -> bool:
+  """Resolve ``backward``: "fused" (hand-derived, rnn_jax.bptt), "autodiff" (jax.grad
+  through lax.scan) or "auto" (fused wherever bptt covers the cell, the default)."""
+  if backward not in BACKWARDS:
+    raise ValueError(f"{cell.name}: unknown backward {backward!r}; expected one of {BACKWARDS}")
+  if backward == "auto":
+    return bptt.supports(cell)
+  return backward == "fused"
+
+
+def _scan_steps(cell: Cell, params: Params, a: jax.Array, carry, mask, *, reverse: bool, unroll: int,
+                fused: bool):
+  """One lax.scan of the recurrence over a: [T, G*H] (or [T, B, G*H] with a batched carry)."""
+  if fused:
+    return bptt.fused_scan(cell, params, a, carry, mask, reverse=reverse, unroll=unroll)
+  recurrence = cell.recurrence
+  if a.ndim == 3:
+    recurrence = jax.vmap(cell.recurrence, in_axes=(None, 0, 0))
+  if mask is None:
+    def body(carry, a_t):
+      return recurrence(params, carry, a_t)
+    return jax.lax.scan(body, carry, a, reverse=reverse, unroll=unroll)
+
+  def masked_body(carry, inputs):
+    a_t, valid_t = inputs
+    new_carry, h_t = recurrence(params, carry, a_t)
+    valid_t = valid_t if a.ndim == 2 else valid_t[:, None]
+    return _mask_tree(valid_t, new_carry, carry), h_t
+
+  return jax.lax.scan(masked_body, carry, (a, mask), reverse=reverse, unroll=unroll)
+
+
+def _remat_scan(scan_chunk, a: jax.Array, carry, mask, chunk: int, reverse: bool):
+  """Checkpoint every ``chunk`` steps: an outer scan over ceil(T/k) chunks under
+  ``jax.checkpoint`` around an inner scan of k steps.
+
+  Only the carries at chunk boundaries are kept for the backward pass; each chunk's
+  activations are recomputed when its gradient is needed, so activation memory
+  is O(T/k + k) steps (O(sqrt(T)) for k ~ sqrt(T)) instead of O(T). T is padded
+  to a multiple of k with masked (held) steps, which are dropped from hs.
+  """
+  T = a.shape[0]
+  num_chunks = -(-T // chunk)
+  pad = num_chunks * chunk - T
+  if pad:
+    if mask is None:
+      mask = jnp.ones(a.shape[:-1], bool)
+    a = jnp.concatenate([a, jnp.zeros((pad,) + a.shape[1:], a.dtype)], axis=0)
+    mask = jnp.concatenate([mask, jnp.zeros((pad,) + mask.shape[1:], bool)], axis=0)
+  a = a.reshape((num_chunks, chunk) + a.shape[1:])
+  if mask is not None:
+    mask = mask.reshape((num_chunks, chunk) + mask.shape[1:])
+
+  @jax.checkpoint
+  def outer_body(carry, inputs):
+    a_chunk, mask_chunk = inputs
+    return scan_chunk(a_chunk, carry, mask_chunk)
+
+  carry, hs = jax.lax.scan(outer_body, carry, (a, mask), reverse=reverse)
+  hs = hs.reshape((num_chunks * chunk,) + hs.shape[2:])
+  return carry, hs[:T]
+
+
 def scan_recurrence(cell: Cell, params: Params, a: jax.Array, carry, mask=None, *,
-                    reverse: bool = False, unroll: int = 1):
-  """The scanned recurrence over precomputed input projections, one example.
+                    reverse: bool = False, unroll: int = 1, backward: str = "auto",
+                    remat_chunk: Optional[int] = None):
+  """The scanned recurrence over precomputed input projections.
 
     for t in (0..T-1, or T-1..0 if reverse):
       carry_t, h_t = cell.recurrence(params, carry_{t-1}, a_t)   where mask_t
       carry_t = carry_{t-1}                                      where not mask_t
 
   Args:
-    a: [T, G*H], the input projections a_t = W_xh x_t + b.
+    a: [T, G*H] for one example, or time-major [T, B, G*H] for a batch (then the
+      carry leaves have a leading B axis and mask is [T, B]).
     carry: the initial carry.
-    mask: optional [T] bool, True on real steps.
+    mask: optional [T] (or [T, B]) bool, True on real steps.
+    reverse: scan t = T-1, ..., 0.
+    unroll: ``lax.scan`` unroll.
+    backward: "auto" (default: the hand-derived BPTT of rnn_jax.bptt where it
+      covers the cell, else autodiff), "fused" (require it) or "autodiff" (jax.grad
+      through lax.scan).
+    remat_chunk: if set to k, checkpoint every k steps (activation memory ~ T/k + k).
   Returns:
-    (final carry, hs: [T, state_size]); hs on masked steps are unspecified.
+    (final carry, hs: [T, (B,) state_size]); hs on masked steps are unspecified.
   """
-  if mask is None:
-    def body(carry, a_t):
-      return cell.recurrence(params, carry, a_t)
-    return jax.lax.scan(body, carry, a, reverse=reverse, unroll=unroll)
+  if a.ndim not in (2, 3):
+    raise ValueError(f"{cell.name}: a must have shape [T, G*H] or [T, B, G*H], got {tuple(a.shape)}")
+  fused = _use_fused(cell, backward)
 
-  def masked_body(carry, inputs):
-    a_t, valid_t = inputs
-    new_carry, h_t = cell.recurrence(params, carry, a_t)
-    return _mask_tree(valid_t, new_carry, carry), h_t
+  def scan_chunk(a_chunk, carry_chunk, mask_chunk):
+    return _scan_steps(cell, params, a_chunk, carry_chunk, mask_chunk, reverse=reverse, unroll=unroll,
+                       fused=fused)
 
-  return jax.lax.scan(masked_body, carry, (a, mask), reverse=reverse, unroll=unroll)
+  if remat_chunk is None:
+    return scan_chunk(a, carry, mask)
+  if not isinstance(remat_chunk, (int, np.integer)) or remat_chunk < 1:
+    raise ValueError(f"{cell.name}: remat_chunk must be a positive integer, got {remat_chunk!r}")
+  return _remat_scan(scan_chunk, a, carry, mask, int(remat_chunk), reverse)
 
 
 def run_cell(cell: Cell, params: Params, xs: jax.Array, length=None, *, initial_carry=None,
-             reverse: bool = False, unroll: int = 1):
+             reverse: bool = False, unroll: int = 1, backward: str = "auto",
+             remat_chunk: Optional[int] = None):
   """Run ``cell`` over one sequence: xs: [T, F] -> (carry at the true end, ys: [T, O]).
 
     a = W_xh xs + b                 one matmul for all T steps, before the scan
@@ -77,13 +155,16 @@ def run_cell(cell: Cell, params: Params, xs: jax.Array, length=None, *, initial_
     initial_carry: optional carry; zeros if None.
     reverse: scan from the last real step back to t = 0.
     unroll: steps per scan iteration (``lax.scan``'s unroll).
+    backward: "auto", "fused" or "autodiff"; see ``scan_recurrence``.
+    remat_chunk: checkpoint every k steps; see ``scan_recurrence``.
   """
   if xs.ndim != 2:
     raise ValueError(f"{cell.name}: run_cell expects xs of shape [T, F], got {tuple(xs.shape)}")
   carry = cell.initial_carry(params) if initial_carry is None else initial_carry
   a = cell.input_projection(params, xs)
   mask = None if length is None else jnp.arange(xs.shape[0]) < length
-  carry, hs = scan_recurrence(cell, params, a, carry, mask, reverse=reverse, unroll=unroll)
+  carry, hs = scan_recurrence(cell, params, a, carry, mask, reverse=reverse, unroll=unroll,
+                              backward=backward, remat_chunk=remat_chunk)
   ys = cell.output(params, hs)
   if mask is not None:
     ys = jnp.where(mask[:, None], ys, jnp.zeros((), ys.dtype))
@@ -139,11 +220,25 @@ def _carry_in_axes(cell: Cell, params: Params, initial_carry, batch_size: Option
       f"(shared) or with a leading batch axis {batch_name}, got {jax.tree_util.tree_unflatten(tree_def, shapes)}")
 
 
+def _broadcast_carry(cell: Cell, params: Params, initial_carry, batch_size: int):
+  """The initial carry with a leading B axis: zeros, a shared carry broadcast, or a batched one."""
+  if initial_carry is None:
+    initial_carry = cell.initial_carry(params)
+  if _carry_in_axes(cell, params, initial_carry, batch_size) == 0:
+    return initial_carry
+  return jax.tree_util.tree_map(lambda leaf: jnp.broadcast_to(leaf, (batch_size,) + leaf.shape),
+                                initial_carry)
+
+
 def rnn(cell: Cell, params: Params, xs: jax.Array, lengths=None, *, initial_carry=None,
-        reverse: bool = False, unroll: int = 1, time_major: bool = False):
+        reverse: bool = False, unroll: int = 1, time_major: bool = False, backward: str = "auto",
+        remat_chunk: Optional[int] = None):
   """Run ``cell`` over a batch of sequences.
 
-    ys[b], carry[b] = run_cell(cell, params, xs[b], lengths[b])   vmapped over b
+    ys[b], carry[b] = run_cell(cell, params, xs[b], lengths[b])   for every b
+
+  Computed time-major inside: a = W_xh x + b for all [T, B] at once, then one
+  lax.scan whose body is the batched recurrence (a [B, H] x [H, G*H] matmul).
 
   Args:
     xs: [B, T, F] (time_major=False) or [T, B, F] (time_major=True).
@@ -152,19 +247,22 @@ def rnn(cell: Cell, params: Params, xs: jax.Array, lengths=None, *, initial_carr
       leading B axis; pass a params leaf to learn it.
     reverse: padding-aware reversal: example b is read from x_{L_b - 1} back to x_0.
     unroll: ``lax.scan`` unroll.
+    backward: "auto" (hand-derived BPTT where available), "fused" or "autodiff".
+    remat_chunk: checkpoint every k steps (activation memory ~ T/k + k steps).
   Returns:
     (final carry with leading B axis, ys: [B, T, O] or [T, B, O]).
   """
-  check_batch(cell.name, xs, lengths, time_major=time_major)
-  axis = 1 if time_major else 0
-  carry_axis = None if initial_carry is None else _carry_in_axes(cell, params, initial_carry)
-
-  def one(x, length, carry):
-    return run_cell(cell, params, x, length, initial_carry=carry, reverse=reverse, unroll=unroll)
-
-  length_axis = None if lengths is None else 0
-  return jax.vmap(one, in_axes=(axis, length_axis, carry_axis), out_axes=(0, axis))(
-      xs, lengths, initial_carry)
+  B, T = check_batch(cell.name, xs, lengths, time_major=time_major)
+  xs_time_major = xs if time_major else jnp.swapaxes(xs, 0, 1)
+  a = cell.input_projection(params, xs_time_major)
+  carry = _broadcast_carry(cell, params, initial_carry, B)
+  mask = None if lengths is None else jnp.arange(T)[:, None] < jnp.asarray(lengths)[None, :]
+  carry, hs = scan_recurrence(cell, params, a, carry, mask, reverse=reverse, unroll=unroll,
+                              backward=backward, remat_chunk=remat_chunk)
+  ys = cell.output(params, hs)
+  if mask is not None:
+    ys = jnp.where(mask[:, :, None], ys, jnp.zeros((), ys.dtype))
+  return carry, (ys if time_major else jnp.swapaxes(ys, 0, 1))
 
 
 MERGES = ("concat", "sum")
@@ -181,21 +279,24 @@ def merge_directions(forward: jax.Array, backward: jax.Array, merge: str) -> jax
 
 def bidirectional(cell: Cell, params_forward: Params, params_backward: Params, xs: jax.Array,
                   lengths=None, *, merge: str = "concat", initial_carry=(None, None),
-                  unroll: int = 1, time_major: bool = False, backward_cell: Optional[Cell] = None):
+                  unroll: int = 1, time_major: bool = False, backward_cell: Optional[Cell] = None,
+                  backward: str = "auto", remat_chunk: Optional[int] = None):
   """Bidirectional RNN (Schuster & Paliwal 1997).
 
     ->h_t = forward RNN over x_0 .. x_{L-1};   <-h_t = backward RNN over x_{L-1} .. x_0
     y_t = [->h_t ; <-h_t] (concat) or ->h_t + <-h_t (sum); y_t = 0 for t >= L
 
   Returns ((forward final carry, backward final carry), ys). The backward final
-  carry is its state after reading x_0.
+  carry is its state after reading x_0. ``backward`` and ``remat_chunk`` are
+  those of ``rnn`` (the gradient method, not the direction).
   """
   if merge not in MERGES:
     raise ValueError(f"unknown merge {merge!r}; expected one of {MERGES}")
   carry_f, ys_f = rnn(cell, params_forward, xs, lengths, initial_carry=initial_carry[0],
-                      unroll=unroll, time_major=time_major)
+                      unroll=unroll, time_major=time_major, backward=backward, remat_chunk=remat_chunk)
   carry_b, ys_b = rnn(backward_cell or cell, params_backward, xs, lengths,
-                      initial_carry=initial_carry[1], reverse=True, unroll=unroll, time_major=time_major)
+                      initial_carry=initial_carry[1], reverse=True, unroll=unroll, time_major=time_major,
+                      backward=backward, remat_chunk=remat_chunk)
   return (carry_f, carry_b), merge_directions(ys_f, ys_b, merge)
 
 
@@ -266,12 +367,13 @@ class StackedRNN:
 
   def __call__(self, params: Params, xs: jax.Array, lengths=None, *, train: bool = False,
                dropout_key=None, initial_carries: Optional[Sequence] = None, unroll: int = 1,
-               time_major: bool = False):
+               time_major: bool = False, backward: str = "auto", remat_chunk: Optional[int] = None):
     """Run the stack: xs [B, T, F] -> (per-layer final carries, ys [B, T, output_size]).
 
     initial_carries: optional per-layer sequence of carries ((forward, backward)
     pairs when bidirectional); learned initial states are used when present.
     Each final carry is a carry (or a (forward, backward) pair) with a leading B axis.
+    backward ("auto", "fused" or "autodiff") and remat_chunk are passed to every ``rnn``.
     """
     if train and self.dropout > 0.0 and dropout_key is None:
       raise ValueError("StackedRNN: train=True with dropout > 0 needs a dropout_key")
@@ -292,10 +394,12 @@ class StackedRNN:
       if self.bidirectional:
         carry, outputs = bidirectional(
             self.cell, layer_params["forward"], layer_params["backward"], inputs, lengths,
-            merge=self.merge, initial_carry=tuple(starts), unroll=unroll, time_major=time_major)
+            merge=self.merge, initial_carry=tuple(starts), unroll=unroll, time_major=time_major,
+            backward=backward, remat_chunk=remat_chunk)
       else:
         carry, outputs = rnn(self.cell, layer_params["forward"], inputs, lengths,
-                             initial_carry=starts[0], unroll=unroll, time_major=time_major)
+                             initial_carry=starts[0], unroll=unroll, time_major=time_major,
+                             backward=backward, remat_chunk=remat_chunk)
       if self.residual and layer > 0:
         outputs = outputs + inputs
       final_carries.append(carry)
