@@ -35,6 +35,64 @@ class Batch(NamedTuple):
   targets: jax.Array
 
 
+class GeneratedStream:
+  """An endless, resumable stream of generated batches: batch_i = make_batch(fold_in(key, i)).
+
+  ``position()`` is {"index": i}; ``seek`` returns to it, so a resumed run sees the same data.
+  """
+
+  def __init__(self, make_batch, key):
+    self.make_batch, self.key, self.index = make_batch, key, 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    batch = self.make_batch(jax.random.fold_in(self.key, self.index))
+    self.index += 1
+    return batch
+
+  def position(self) -> dict:
+    return {"index": self.index}
+
+  def seek(self, position: dict) -> None:
+    self.index = int(position["index"])
+
+
+class ArrayStream:
+  """Minibatches of fixed arrays, reshuffled every epoch with fold_in(key, epoch); resumable.
+
+  Batch i is the slice [j*B, (j+1)*B) of epoch e's permutation, e = i // n, j = i % n,
+  n = N // B (the last partial batch of each epoch is dropped).
+  """
+
+  def __init__(self, xs: np.ndarray, targets: np.ndarray, batch_size: int, key):
+    if len(xs) != len(targets):
+      raise ValueError(f"ArrayStream: {len(xs)} inputs but {len(targets)} targets")
+    if not 0 < batch_size <= len(xs):
+      raise ValueError(f"ArrayStream: batch_size must be in [1, {len(xs)}] (the number of examples), "
+                       f"got {batch_size}")
+    self.xs, self.targets, self.batch_size, self.key = xs, targets, batch_size, key
+    self.batches_per_epoch = len(xs) // batch_size
+    self.index = 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    epoch, j = divmod(self.index, self.batches_per_epoch)
+    order = np.asarray(jax.random.permutation(jax.random.fold_in(self.key, epoch), len(self.xs)))
+    rows = order[j * self.batch_size:(j + 1) * self.batch_size]
+    self.index += 1
+    return Batch(xs=jnp.asarray(self.xs[rows]), targets=jnp.asarray(self.targets[rows]))
+
+  def position(self) -> dict:
+    return {"index": self.index}
+
+  def seek(self, position: dict) -> None:
+    self.index = int(position["index"])
+
+
 def _check_positive(name: str, **values) -> None:
   for key, value in values.items():
     if not isinstance(value, (int, np.integer)) or value <= 0:
