@@ -73,12 +73,14 @@ def _scan_steps(cell: Cell, params: Params, a: jax.Array, carry, mask, *, revers
 
 def _remat_scan(scan_chunk, a: jax.Array, carry, mask, chunk: int, reverse: bool):
   """Checkpoint every ``chunk`` steps: an outer scan over ceil(T/k) chunks under
-  ``jax.checkpoint`` around an inner scan of k steps.
+  ``jax.checkpoint`` around ``scan_chunk`` (an inner scan of k steps).
 
-  Only the carries at chunk boundaries are kept for the backward pass; each chunk's
-  activations are recomputed when its gradient is needed, so activation memory
-  is O(T/k + k) steps (O(sqrt(T)) for k ~ sqrt(T)) instead of O(T). T is padded
-  to a multiple of k with masked (held) steps, which are dropped from hs.
+  a: [T, ...] is what scan_chunk reads per step (input projections, or the inputs
+  x_t when scan_chunk projects them itself). Only the carries at chunk boundaries
+  are kept for the backward pass; each chunk's activations are recomputed when its
+  gradient is needed, so activation memory is O(T/k + k) steps (O(sqrt(T)) for
+  k ~ sqrt(T)) instead of O(T). T is padded to a multiple of k with masked (held)
+  steps, which are dropped from hs.
   """
   T = a.shape[0]
   num_chunks = -(-T // chunk)
@@ -135,9 +137,32 @@ def scan_recurrence(cell: Cell, params: Params, a: jax.Array, carry, mask=None, 
 
   if remat_chunk is None:
     return scan_chunk(a, carry, mask)
-  if not isinstance(remat_chunk, (int, np.integer)) or remat_chunk < 1:
+  return _remat_scan(scan_chunk, a, carry, mask, _check_remat_chunk(cell, remat_chunk), reverse)
+
+
+def _check_remat_chunk(cell: Cell, remat_chunk) -> int:
+  if isinstance(remat_chunk, bool) or not isinstance(remat_chunk, (int, np.integer)) or remat_chunk < 1:
     raise ValueError(f"{cell.name}: remat_chunk must be a positive integer, got {remat_chunk!r}")
-  return _remat_scan(scan_chunk, a, carry, mask, int(remat_chunk), reverse)
+  return int(remat_chunk)
+
+
+def _project_and_scan(cell: Cell, params: Params, xs: jax.Array, carry, mask, *, reverse: bool,
+                      unroll: int, backward: str, remat_chunk: Optional[int]):
+  """a = W_xh xs + b (one matmul), then the scanned recurrence; xs: [T, F] or [T, B, F].
+
+  With remat_chunk = k the projection moves inside each checkpointed chunk, so
+  neither a: [T, (B,) G*H] nor its gradient is ever held for all T at once.
+  """
+  fused = _use_fused(cell, backward)
+
+  def scan_chunk(xs_chunk, carry_chunk, mask_chunk):
+    a = cell.input_projection(params, xs_chunk)
+    return _scan_steps(cell, params, a, carry_chunk, mask_chunk, reverse=reverse, unroll=unroll,
+                       fused=fused)
+
+  if remat_chunk is None:
+    return scan_chunk(xs, carry, mask)
+  return _remat_scan(scan_chunk, xs, carry, mask, _check_remat_chunk(cell, remat_chunk), reverse)
 
 
 def run_cell(cell: Cell, params: Params, xs: jax.Array, length=None, *, initial_carry=None,
@@ -161,10 +186,9 @@ def run_cell(cell: Cell, params: Params, xs: jax.Array, length=None, *, initial_
   if xs.ndim != 2:
     raise ValueError(f"{cell.name}: run_cell expects xs of shape [T, F], got {tuple(xs.shape)}")
   carry = cell.initial_carry(params) if initial_carry is None else initial_carry
-  a = cell.input_projection(params, xs)
   mask = None if length is None else jnp.arange(xs.shape[0]) < length
-  carry, hs = scan_recurrence(cell, params, a, carry, mask, reverse=reverse, unroll=unroll,
-                              backward=backward, remat_chunk=remat_chunk)
+  carry, hs = _project_and_scan(cell, params, xs, carry, mask, reverse=reverse, unroll=unroll,
+                                backward=backward, remat_chunk=remat_chunk)
   ys = cell.output(params, hs)
   if mask is not None:
     ys = jnp.where(mask[:, None], ys, jnp.zeros((), ys.dtype))
@@ -239,6 +263,7 @@ def rnn(cell: Cell, params: Params, xs: jax.Array, lengths=None, *, initial_carr
 
   Computed time-major inside: a = W_xh x + b for all [T, B] at once, then one
   lax.scan whose body is the batched recurrence (a [B, H] x [H, G*H] matmul).
+  With remat_chunk = k, activation memory grows like T/k + k instead of T.
 
   Args:
     xs: [B, T, F] (time_major=False) or [T, B, F] (time_major=True).
@@ -254,11 +279,10 @@ def rnn(cell: Cell, params: Params, xs: jax.Array, lengths=None, *, initial_carr
   """
   B, T = check_batch(cell.name, xs, lengths, time_major=time_major)
   xs_time_major = xs if time_major else jnp.swapaxes(xs, 0, 1)
-  a = cell.input_projection(params, xs_time_major)
   carry = _broadcast_carry(cell, params, initial_carry, B)
   mask = None if lengths is None else jnp.arange(T)[:, None] < jnp.asarray(lengths)[None, :]
-  carry, hs = scan_recurrence(cell, params, a, carry, mask, reverse=reverse, unroll=unroll,
-                              backward=backward, remat_chunk=remat_chunk)
+  carry, hs = _project_and_scan(cell, params, xs_time_major, carry, mask, reverse=reverse, unroll=unroll,
+                                backward=backward, remat_chunk=remat_chunk)
   ys = cell.output(params, hs)
   if mask is not None:
     ys = jnp.where(mask[:, :, None], ys, jnp.zeros((), ys.dtype))
