@@ -179,9 +179,6 @@ def train_cell(cell: str, splits, vocab_size: int, num_classes: int, config: dic
     stream.seek(extra["data"])
     run.truncate_after(start_step)
     logging.info("%s: resumed from step %d", cell, start_step)
-  elif checkpoints.latest_step() is not None:
-    raise FileExistsError(f"{checkpoints.directory} already holds checkpoints; pass --resume to continue "
-                          "them or choose a fresh --workdir (nothing was overwritten)")
   train_step = train.make_train_step(make_loss_fn(model), optimizer)
   predict_fn = make_predict_fn(model)
   valid_sequences, valid_labels = splits["valid"]
@@ -297,6 +294,12 @@ def main(argv):
   if FLAGS.smoke:
     FLAGS.embed_size, FLAGS.hidden_size, FLAGS.vocab_size, FLAGS.batch_size = 16, 16, 500, 32
     FLAGS.max_length, FLAGS.pad_multiple = 16, 16
+  if not FLAGS.resume:
+    for cell in FLAGS.cells:
+      directory = os.path.join(FLAGS.workdir, cell, "checkpoints")
+      if os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory)):
+        raise FileExistsError(f"{directory} already holds checkpoints; pass --resume to continue them or "
+                              "choose a fresh --workdir (nothing was overwritten)")
   config = config_dict()
   run = train.RunDir(FLAGS.workdir, config)
   splits, vocab, label_names = load_splits()
