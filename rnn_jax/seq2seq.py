@@ -73,10 +73,16 @@ def reverse_padded(ids: jax.Array, lengths: jax.Array, pad_id: int = 0) -> jax.A
   return jnp.where(valid, gathered, jnp.asarray(pad_id, ids.dtype))
 
 
-def make_batch(sources, targets, bos_id: int, eos_id: int, pad_id: int = 0) -> Batch:
+def _round_up(value: int, multiple: int) -> int:
+  return int(-(-value // multiple) * multiple)
+
+
+def make_batch(sources, targets, bos_id: int, eos_id: int, pad_id: int = 0, pad_multiple: int = 1) -> Batch:
   """Pad lists of id sequences into a teacher-forcing ``Batch`` (see its docstring).
 
-  Raises ValueError on an empty batch, mismatched sizes or an empty source.
+  Widths S and T are the longest source and target (+1) rounded up to ``pad_multiple``,
+  so a jitted step compiles once per width rather than once per batch. Raises
+  ValueError on an empty batch, mismatched sizes or an empty source.
   """
   if len(sources) != len(targets):
     raise ValueError(f"seq2seq: {len(sources)} sources but {len(targets)} targets")
@@ -86,10 +92,12 @@ def make_batch(sources, targets, bos_id: int, eos_id: int, pad_id: int = 0) -> B
   if source_lengths.min() == 0:
     raise ValueError("seq2seq: a source sequence is empty; every source needs at least one token")
   target_lengths = np.asarray([len(t) + 1 for t in targets], np.int32)
-  B = len(sources)
-  source = np.full((B, source_lengths.max()), pad_id, np.int32)
-  inputs = np.full((B, target_lengths.max()), pad_id, np.int32)
-  outputs = np.full((B, target_lengths.max()), pad_id, np.int32)
+  if pad_multiple < 1:
+    raise ValueError(f"seq2seq: pad_multiple must be >= 1, got {pad_multiple}")
+  B, S, T = len(sources), _round_up(source_lengths.max(), pad_multiple), _round_up(target_lengths.max(), pad_multiple)
+  source = np.full((B, S), pad_id, np.int32)
+  inputs = np.full((B, T), pad_id, np.int32)
+  outputs = np.full((B, T), pad_id, np.int32)
   for b, (s, t) in enumerate(zip(sources, targets)):
     source[b, :len(s)] = s
     inputs[b, :len(t) + 1] = [bos_id, *t]

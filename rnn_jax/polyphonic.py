@@ -1,0 +1,106 @@
+"""Polyphonic sequence models: an RNN over multi-hot frames with independent sigmoid outputs.
+
+Each frame x_t in {0, 1}^K (K pitches; a piano-roll column) is predicted from the
+frames before it (Boulanger-Lewandowski et al. 2012; Chung et al. 2014, section 4):
+
+    h_t = RNN(x_{t-1}, h_{t-1}),   x_0 = 0 (an all-silent frame starts every sequence)
+    o_t = W_hy h_t + b_y                                          [K]
+    p(x_t | x_<t) = prod_k sigma(o_tk)^x_tk (1 - sigma(o_tk))^(1 - x_tk)
+
+The loss is the negative log-likelihood per time step, -1/T sum_t log p(x_t | x_<t)
+(``losses.sigmoid_nll``), in nats. Generation (one-to-many) feeds a seed chord and then
+each sampled frame back as the next input.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from rnn_jax import layers, losses
+from rnn_jax.cells import Cell
+from rnn_jax.sequence import StackedRNN
+
+
+@dataclasses.dataclass(frozen=True)
+class FrameModel:
+  """A (stacked) RNN with a sigmoid read-out over K pitches per frame.
+
+  Attributes:
+    cell: the recurrent cell (its hidden size H).
+    num_pitches: K, the frame width.
+    num_layers: stacked RNN layers.
+    dropout: between stacked layers, training only.
+  """
+  cell: Cell
+  num_pitches: int = 88
+  num_layers: int = 1
+  dropout: float = 0.0
+
+  @property
+  def rnn(self) -> StackedRNN:
+    return StackedRNN(self.cell, num_layers=self.num_layers, dropout=self.dropout)
+
+  def init(self, key) -> dict:
+    """Params {"rnn": StackedRNN params (input K), "readout": {w: [K, H], b: [K]}}."""
+    key_rnn, key_out = jax.random.split(key)
+    return {"rnn": self.rnn.init(key_rnn, self.num_pitches),
+            "readout": layers.dense_init(key_out, self.cell.output_size, self.num_pitches)}
+
+  def _check_frames(self, frames: jax.Array) -> None:
+    if frames.ndim != 3 or frames.shape[-1] != self.num_pitches:
+      raise ValueError(f"FrameModel: frames must have shape [B, T, {self.num_pitches}], "
+                       f"got {tuple(frames.shape)}")
+
+  def logits(self, params: dict, frames: jax.Array, lengths=None, *, train: bool = False,
+             dropout_key=None) -> jax.Array:
+    """o_t for every frame from the frames before it: frames [B, T, K] -> logits [B, T, K].
+
+    The inputs are the frames shifted right by one step: (0, x_1, ..., x_{T-1}).
+    """
+    self._check_frames(frames)
+    inputs = jnp.concatenate([jnp.zeros_like(frames[:, :1]), frames[:, :-1]], axis=1)
+    _, hidden = self.rnn(params["rnn"], inputs.astype(jnp.float32), lengths, train=train,
+                         dropout_key=dropout_key)
+    return layers.dense(params["readout"], hidden)
+
+  def nll(self, params: dict, frames: jax.Array, lengths=None, *, train: bool = False,
+          dropout_key=None) -> jax.Array:
+    """-1/N sum_{b, t < L_b} log p(x_bt | x_b<t), N the number of real frames (nats per time step)."""
+    logits = self.logits(params, frames, lengths, train=train, dropout_key=dropout_key)
+    mask = None if lengths is None else jnp.arange(frames.shape[1])[None, :] < lengths[:, None]
+    return losses.sigmoid_nll(logits, frames, mask)
+
+  def generate(self, params: dict, seed_frame: jax.Array, num_frames: int, key) -> jax.Array:
+    """Sample a sequence that starts with ``seed_frame``: [K] -> frames [num_frames, K] (float 0/1).
+
+      x_1 = seed;  x_{t+1} ~ Bernoulli(sigma(o_{t+1})) given x_1..x_t, each pitch independently
+    """
+    if seed_frame.shape != (self.num_pitches,):
+      raise ValueError(f"FrameModel.generate: seed_frame must have shape ({self.num_pitches},), "
+                       f"got {tuple(seed_frame.shape)}")
+    if num_frames < 1:
+      raise ValueError(f"FrameModel.generate: num_frames must be >= 1, got {num_frames}")
+    rnn_params = [params["rnn"][f"layer_{layer}"]["forward"] for layer in range(self.num_layers)]
+
+    def advance(carries, x):
+      new_carries = []
+      for layer_params, carry in zip(rnn_params, carries):
+        carry, x = self.cell.step(layer_params, carry, x)
+        new_carries.append(carry)
+      return tuple(new_carries), layers.dense(params["readout"], x)
+
+    carries = tuple(self.cell.initial_carry(p) for p in rnn_params)
+    carries, _ = advance(carries, jnp.zeros((self.num_pitches,), jnp.float32))   # reads x_0 = 0
+    seed = seed_frame.astype(jnp.float32)
+
+    def body(state, step_key):
+      carries, previous = state
+      carries, logits = advance(carries, previous)
+      frame = jax.random.bernoulli(step_key, jax.nn.sigmoid(logits)).astype(jnp.float32)
+      return (carries, frame), frame
+
+    _, sampled = jax.lax.scan(body, (carries, seed), jax.random.split(key, num_frames - 1))
+    return jnp.concatenate([seed[None], sampled], axis=0)
