@@ -298,8 +298,9 @@ def read_metrics(workdir: str) -> list[dict]:
 def plot_curves(workdir: str, keys: Optional[list[str]] = None, filename: str = "curves.png") -> str:
   """Plot metrics.jsonl as one panel per metric, one line per split (train, valid, ...), vs step.
 
-  keys: the metrics to plot; default every numeric metric that appears in at least one
-  non-train record (so train and valid curves can be compared), or all train metrics if
+  A "<split>_" prefix is dropped (valid_bpc in a "valid" record is plotted as bpc), so the
+  train and valid curves of one metric share a panel. keys: the metrics to plot; default
+  every metric that appears in at least one non-train record, or all train metrics if
   there is no evaluation. Returns the PNG's path.
   """
   import matplotlib
@@ -310,16 +311,27 @@ def plot_curves(workdir: str, keys: Optional[list[str]] = None, filename: str = 
   if not records:
     raise ValueError(f"plot_curves: {workdir}/metrics.jsonl has no records to plot")
   skip = {"step", "split", "time_s", "epoch"}
-  numeric = lambda r: {k for k, v in r.items() if k not in skip and isinstance(v, (int, float))}
+
+  def metrics_of(record):
+    """{metric: value} with a "<split>_" prefix removed, so valid_bpc and train bpc share a panel."""
+    split = record.get("split", "train")
+    out = {}
+    for k, v in record.items():
+      if k not in skip and isinstance(v, (int, float)) and not isinstance(v, bool):
+        out[k[len(split) + 1:] if k.startswith(split + "_") else k] = v
+    return out
+
+  points_of = [(r.get("split", "train"), r["step"], metrics_of(r)) for r in records]
   if keys is None:
-    eval_keys = set().union(*[numeric(r) for r in records if r.get("split") != "train"])
-    keys = sorted(eval_keys or set().union(*[numeric(r) for r in records]))
+    eval_keys = set().union(*[m.keys() for split, _, m in points_of if split != "train"])
+    keys = sorted(eval_keys or set().union(*[m.keys() for _, _, m in points_of]))
+  if not keys:
+    raise ValueError(f"plot_curves: no numeric metrics in {workdir}/metrics.jsonl")
   fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.5), squeeze=False)
-  splits = sorted({r.get("split", "train") for r in records})
+  splits = sorted({split for split, _, _ in points_of}, key=lambda name: (name != "train", name))
   for axis, key in zip(axes[0], keys):
     for split in splits:
-      points = [(r["step"], r[key]) for r in records
-                if r.get("split", "train") == split and isinstance(r.get(key), (int, float))]
+      points = [(step, m[key]) for name, step, m in points_of if name == split and key in m]
       if points:
         steps, values = zip(*points)
         axis.plot(steps, values, marker="." if len(points) < 30 else None, label=split)
