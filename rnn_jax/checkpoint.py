@@ -84,10 +84,13 @@ def _metadata_signature(metadata_tree) -> dict[str, tuple]:
 
 
 class _DropOrbaxInfo:
-  """absl-handler filter: orbax logs every file operation at INFO; keep its warnings and errors."""
+  """absl-handler filter: orbax logs every file operation at INFO (and warns on every save made
+  between evaluations that it has no metric to rank); keep its other warnings and errors."""
 
   def filter(self, record) -> bool:
-    return record.levelno >= 30 or "orbax" not in record.pathname
+    if "orbax" not in record.pathname:
+      return True
+    return record.levelno >= 30 and "did not provide metrics" not in str(record.msg)
 
 
 def quiet_orbax_logs() -> None:
