@@ -79,6 +79,15 @@ RESULT_PREFIX = "@@bench "
 # Worker side: one implementation, one configuration, timed on request
 # ---------------------------------------------------------------------------
 
+def _current_rss_mb() -> float:
+  """Resident set size of this process now, MB (VmRSS)."""
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith("VmRSS:"):
+        return int(line.split()[1]) / 1024.0
+  return float("nan")
+
+
 def _rss_mb() -> float:
   """Resident-set high-water mark of this process in MB.
 
@@ -256,9 +265,9 @@ def _emit(payload: dict) -> None:
 
 def run_worker(spec: dict) -> None:
   """Build one implementation, report compile time, then time steps on each "run N" line from stdin."""
-  baseline_mb = _rss_mb()
   build = _build_torch if spec["impl"].startswith("torch") else _build_jax
   run_one, compile_s, device_memory_mb, extra = build(spec)
+  baseline_mb = _current_rss_mb()  # libraries, params, data and the compiled step, before any step ran
   run_one()  # warm-up
   _emit({"ready": True, "compile_s": compile_s, "baseline_mem_mb": baseline_mb, **extra})
   for line in sys.stdin:
@@ -583,11 +592,13 @@ def _plot(rows: list[dict], sweep: str, path: str) -> None:
 
 
 def _apply_smoke() -> None:
-  """Tiny sizes and few repeats: the same code path in seconds."""
-  FLAGS.batch, FLAGS.seq_len, FLAGS.hidden = ["4"], ["16"], ["16"]
-  FLAGS.repeats, FLAGS.steps = 2, 1
-  FLAGS.memory_seq_lens, FLAGS.memory_hidden, FLAGS.memory_batch = ["64"], 16, 2
-  FLAGS.parallel_seq_lens, FLAGS.parallel_hidden, FLAGS.parallel_batch = ["64", "256"], 8, 2
+  """Tiny sizes and few repeats (for every size flag not given explicitly): the same code path in seconds."""
+  smoke_values = {"batch": ["4"], "seq_len": ["16"], "hidden": ["16"], "repeats": 2, "steps": 1,
+                  "memory_seq_lens": ["64"], "memory_hidden": 16, "memory_batch": 2,
+                  "parallel_seq_lens": ["64", "256"], "parallel_hidden": 8, "parallel_batch": 2}
+  for name, value in smoke_values.items():
+    if not FLAGS[name].present:
+      setattr(FLAGS, name, value)
 
 
 def main(argv):
