@@ -39,6 +39,7 @@ flags.DEFINE_integer("hidden", 64, "Hidden size H.")
 flags.DEFINE_integer("length", 100, "Sequence length T of the adding problem (training and diagnostics).")
 flags.DEFINE_integer("probe_size", 8, "Sequences averaged in the Jacobian-norm curves.")
 flags.DEFINE_integer("train_steps", 500, "Training steps before the 'after training' curves.")
+flags.DEFINE_float("lstm_forget_bias", 1.0, "Initial forget-gate bias b_f of the LSTM.")
 flags.DEFINE_integer("batch", 50, "Training batch size.")
 flags.DEFINE_float("lr", 1e-3, "Adam learning rate of the 'after training' runs.")
 flags.DEFINE_float("clip", 1.0, "Global-norm clipping of the 'after training' runs.")
@@ -132,7 +133,7 @@ def jacobians_part(top: train.RunDir, key) -> dict:
     return np.asarray(jac), np.asarray(loss)
 
   for index, model in enumerate(FLAGS.models):
-    cell = lab.make_model_cell(model, FLAGS.hidden)
+    cell = lab.make_model_cell(model, FLAGS.hidden, FLAGS.lstm_forget_bias)
     model_key = jax.random.fold_in(key_models, index)
     params = lab.init_model(cell, spec, model_key)
     jac_init, loss_init = measure(cell, params)

@@ -36,6 +36,7 @@ flags.DEFINE_list("copy_steps", ["400", "300", "150"], "Step budget for each cop
 flags.DEFINE_integer("digits_steps", 1200, "Step budget for (permuted) sequential digits.")
 flags.DEFINE_float("digits_target", 0.9, "Test accuracy at which digits count as solved.")
 flags.DEFINE_integer("hidden", 64, "Hidden size H of every gradient-trained model.")
+flags.DEFINE_float("lstm_forget_bias", 1.0, "Initial forget-gate bias b_f of the LSTM.")
 flags.DEFINE_integer("batch", 50, "Training batch size B.")
 flags.DEFINE_enum("optimizer", "adam", list(train.OPTIMIZERS), "Optimiser.")
 flags.DEFINE_float("lr", 1e-3, "Learning rate.")
@@ -118,7 +119,7 @@ def run_one(spec: lab.TaskSpec, model: str, budget: int, data, key, workdir: str
                              clip=FLAGS.clip if FLAGS.clip > 0 else None, clip_mode=FLAGS.clip_mode,
                              l1=FLAGS.l1, l2=FLAGS.l2, steps=budget, eval_every=FLAGS.eval_every,
                              log_every=min(50, FLAGS.eval_every))
-    cell = lab.make_model_cell(model, FLAGS.hidden)
+    cell = lab.make_model_cell(model, FLAGS.hidden, FLAGS.lstm_forget_bias)
     outcome = lab.train_model(cell, spec, stream, eval_batch, config, run, key, progress=FLAGS.progress)
     row.update(solved=outcome["solved"], steps=outcome["steps"], steps_to_solve=outcome["steps_to_solve"],
                final=outcome[f"final_{spec.metric}"], best=outcome[f"best_{spec.metric}"],

@@ -5,7 +5,7 @@ Models (``MODEL_NAMES``), all with hidden size H and a dense read-out W_hy:
   tanh             h_t = tanh(W_xh x_t + W_hh h_{t-1} + b), PyTorch default init U(+-1/sqrt(H))
   tanh_orthogonal  the same with an orthogonal W_hh (Saxe et al. 2014)
   irnn             h_t = relu(W_xh x_t + W_hh h_{t-1} + b), W_hh = I (Le, Jaitly & Hinton 2015)
-  lstm             LSTM with forget-gate bias 1 (Gers et al. 2000; Jozefowicz et al. 2015)
+  lstm             LSTM with forget-gate bias b_f (1 by default: Gers et al. 2000; Jozefowicz et al. 2015)
   gru              GRU (Cho et al. 2014)
   esn              a fixed reservoir (rnn_jax.esn) with a closed-form ridge read-out: no BPTT
 
@@ -39,8 +39,12 @@ MODEL_NAMES = ("tanh", "tanh_orthogonal", "irnn", "lstm", "gru", "esn")
 TASK_NAMES = ("adding", "copy", "digits", "permuted_digits")
 
 
-def make_model_cell(name: str, hidden_size: int):
-  """The recurrent cell of a gradient-trained model by its lab name (see the module docstring)."""
+def make_model_cell(name: str, hidden_size: int, forget_bias: float = 1.0):
+  """The recurrent cell of a gradient-trained model by its lab name (see the module docstring).
+
+  ``forget_bias`` is the LSTM's initial forget-gate bias b_f: at init f = sigma(b_f), so a memory
+  decays like sigma(b_f)^lag (0.73^lag for b_f = 1, 0.95^lag for b_f = 3).
+  """
   if name == "tanh":
     return cells.Elman(hidden_size, activation="tanh")
   if name == "tanh_orthogonal":
@@ -48,7 +52,7 @@ def make_model_cell(name: str, hidden_size: int):
   if name == "irnn":
     return cells.Elman(hidden_size, activation="relu", recurrent_init="identity")
   if name == "lstm":
-    return cells.LSTM(hidden_size, forget_bias=1.0)
+    return cells.LSTM(hidden_size, forget_bias=forget_bias)
   if name == "gru":
     return cells.GRU(hidden_size)
   raise ValueError(f"unknown model {name!r}; expected one of {MODEL_NAMES[:-1]} (or 'esn', which has no cell)")

@@ -245,3 +245,28 @@ def mackey_glass(length: int, tau: float = 17.0, beta: float = 0.2, gamma: float
     x[i + 1] = now + dt / 6.0 * (k1 + 2 * k2 + 2 * k3 + k4)
   samples = x[delay_steps::per_sample]
   return samples[discard:discard + length]
+
+
+REAL_SERIES = ("sunspots", "co2")
+
+
+def real_series(name: str) -> tuple[np.ndarray, np.ndarray]:
+  """A real time series bundled with statsmodels (no download): (times [N], values [N] float64).
+
+    sunspots: yearly mean sunspot numbers 1700-2008 (309 values; statsmodels.datasets.sunspots)
+    co2:      Mauna Loa CO2 in ppm, weekly 1958-2001 averaged to months, gaps filled by linear
+              interpolation (526 values; statsmodels.datasets.co2)
+  """
+  if name not in REAL_SERIES:
+    raise ValueError(f"real_series: unknown series {name!r}; expected one of {REAL_SERIES}")
+  try:
+    from statsmodels import datasets
+  except ImportError as error:  # statsmodels is the optional "lab" extra
+    raise ImportError("real_series: needs statsmodels; pip install 'rnn_jax[lab]'") from error
+  if name == "sunspots":
+    frame = datasets.sunspots.load_pandas().data
+    return frame["YEAR"].to_numpy(np.float64), frame["SUNACTIVITY"].to_numpy(np.float64)
+  frame = datasets.co2.load_pandas().data
+  monthly = frame["co2"].resample("MS").mean().interpolate()
+  times = monthly.index.year + (monthly.index.month - 1) / 12.0
+  return np.asarray(times, np.float64), monthly.to_numpy(np.float64)
