@@ -47,10 +47,11 @@ def test_teacher_forcing_matches_step_by_step_decoding(kind, cell, num_layers):
   logits = model.teacher_forcing_logits(params, batch)
   assert logits.shape == (3, 6, 13)
   encoded = model.encode(params, batch.source, batch.source_lengths)
+  decode_step = jax.jit(model.decode_step)
   carries, stepped = encoded.initial_carries, []
   for t in range(batch.target_inputs.shape[1]):
-    carries, step_logits = model.decode_step(params, carries, jnp.asarray(batch.target_inputs[:, t]),
-                                             encoded.context)
+    carries, step_logits = decode_step(params, carries, jnp.asarray(batch.target_inputs[:, t]),
+                                       encoded.context)
     stepped.append(step_logits)
   stepped = jnp.stack(stepped, axis=1)
   real = np.arange(6)[None, :] < batch.target_lengths[:, None]

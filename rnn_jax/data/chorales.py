@@ -29,6 +29,8 @@ from typing import Optional
 
 import numpy as np
 
+from rnn_jax.data.sentences import SentenceBatches
+
 INSTALL_COMMAND = "pip install music21"
 LOWEST_MIDI = 21          # A0, the piano's lowest key
 NUM_PITCHES = 88          # A0 .. C8 (MIDI 21 .. 108)
@@ -219,7 +221,6 @@ class RollBatches:
 
   def __init__(self, rolls, batch_size: int, *, seed: int = 0, pad_multiple: int = 16,
                pool_batches: int = 4):
-    from rnn_jax.data.sentences import SentenceBatches  # pylint: disable=import-outside-toplevel
     self.rolls, self.pad_multiple = list(rolls), pad_multiple
     # SentenceBatches carries each roll's index as its label: the batch order is all we take from it.
     self._order = SentenceBatches([np.zeros(len(r), np.int32) for r in self.rolls], np.arange(len(self.rolls)),
