@@ -152,3 +152,18 @@ def test_music_smoke(tmp_path):
                         f"--workdir={tmp_path / 'bad'}"], capture_output=True, text=True,
                        env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=600)
   assert bad.returncode != 0 and "--seed_chord: MIDI pitches must lie in [21, 108]" in bad.stderr
+
+
+def test_roll_batches_resume_exactly():
+  rolls = [np.eye(88, dtype=np.uint8)[:n] for n in range(3, 23)]
+  stream = chorales.RollBatches(rolls, 4, seed=1)
+  for _ in range(6):
+    next(stream)
+  position = stream.position()
+  expected = [next(stream) for _ in range(3)]
+  resumed = chorales.RollBatches(rolls, 4, seed=1)
+  resumed.seek(position)
+  for batch, again in zip(expected, [next(resumed) for _ in range(3)]):
+    np.testing.assert_array_equal(batch["frames"], again["frames"])
+    np.testing.assert_array_equal(batch["lengths"], again["lengths"])
+    assert batch["frames"].shape[1] % 16 == 0 and batch["frames"].shape[1] >= batch["lengths"].max()
