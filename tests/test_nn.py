@@ -125,7 +125,7 @@ def test_layer_trains_inside_a_flax_model_under_jit_and_grad():
   targets = jnp.concatenate([jnp.zeros((B, 1), ids.dtype), ids[:, :-1]], axis=1)
   mask = jnp.arange(T)[None, :] < lengths[:, None]
   model = Tagger(vocab)
-  params = model.init(jax.random.key(0), ids, lengths)["params"]
+  params = jax.jit(model.init)(jax.random.key(0), ids, lengths)["params"]
   optimizer = optax.adam(0.03)
   opt_state = optimizer.init(params)
 

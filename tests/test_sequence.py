@@ -113,7 +113,7 @@ def run_mode(cell, mode, params, xs, lengths):
 run_mode_jit = jax.jit(run_mode, static_argnums=(0, 1))
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(cell_index=st.integers(0, len(PAD_CELLS) - 1),
        lengths=st.lists(st.integers(0, BASE_T), min_size=3, max_size=3),
        pad=st.sampled_from([1, 3]),
@@ -222,14 +222,14 @@ def test_jit_grad_and_checkpoint_give_identical_results():
 def test_vmap_over_an_extra_axis_of_inputs_and_over_params():
   xs = random_inputs(4, (3, 2, 5, F))                      # [E, B, T, F]
   lengths = jnp.array([[5, 1], [2, 3], [0, 5]])            # [E, B]
-  final, ys = jax.vmap(lambda x, l: rnn(COMPOSE_CELL, COMPOSE_PARAMS, x, l))(xs, lengths)
+  final, ys = jax.jit(jax.vmap(lambda x, l: rnn(COMPOSE_CELL, COMPOSE_PARAMS, x, l)))(xs, lengths)
   for e in range(3):
     final_e, ys_e = rnn_jit(COMPOSE_CELL, COMPOSE_PARAMS, xs[e], lengths[e])
     np.testing.assert_allclose(ys[e], ys_e, atol=1e-6)
     leaves_close(jax.tree_util.tree_map(lambda v: v[e], final), final_e, atol=1e-6)
   # An ensemble: vmap over stacked params, shared inputs.
   ensemble = jax.vmap(lambda k: COMPOSE_CELL.init(k, F))(jax.random.split(jax.random.key(5), 2))
-  _, ys_ensemble = jax.vmap(lambda p: rnn(COMPOSE_CELL, p, xs[0], lengths[0]))(ensemble)
+  _, ys_ensemble = jax.jit(jax.vmap(lambda p: rnn(COMPOSE_CELL, p, xs[0], lengths[0])))(ensemble)
   for member in range(2):
     params = jax.tree_util.tree_map(lambda v: v[member], ensemble)
     np.testing.assert_allclose(ys_ensemble[member], rnn_jit(COMPOSE_CELL, params, xs[0], lengths[0])[1],
@@ -286,12 +286,12 @@ def test_bfloat16_compute_is_close_to_float32_and_keeps_float32_carries(cell):
 # ---- StackedRNN ----------------------------------------------------------------------------
 
 def test_stacked_dropout_only_in_training():
-  stack = StackedRNN(GRU(6), num_layers=3, dropout=0.5)
+  stack = StackedRNN(GRU(6), num_layers=2, dropout=0.5)
   params = stack.init(jax.random.key(10), F)
   xs, lengths = random_inputs(11, (2, 5, F)), jnp.array([5, 2])
   eval_1 = run_stack(stack, params, xs, lengths)
   eval_2 = run_stack(stack, params, xs, lengths, train=False, dropout_key=jax.random.key(0))
-  no_dropout = run_stack(StackedRNN(GRU(6), num_layers=3), params, xs, lengths)
+  no_dropout = run_stack(StackedRNN(GRU(6), num_layers=2), params, xs, lengths)
   leaves_close(eval_1, eval_2, atol=0)
   leaves_close(eval_1, no_dropout, atol=0)
   train_a = run_stack(stack, params, xs, lengths, train=True, dropout_key=jax.random.key(1))
