@@ -46,7 +46,7 @@ flags.DEFINE_integer("max_steps", 2000, "Give up after this many steps.")
 flags.DEFINE_integer("seed", 0, "Seed of the initial weights.")
 flags.DEFINE_string("workdir", "/tmp/rnn_jax/hello", "Output directory.")
 flags.DEFINE_bool("resume", False, "Continue from the latest checkpoint in --workdir.")
-flags.DEFINE_bool("smoke", False, "At most 30 steps (the same code path).")
+flags.DEFINE_bool("smoke", False, "At most 10 steps (the same code path; usually not yet learned).")
 
 
 class Vocabulary4:
@@ -170,7 +170,7 @@ def main(argv):
   batch = {"xs": xs, "targets": target_ids}
   train_step = train.make_train_step(loss_fn, optimizer)
   stream = RepeatBatch(batch)
-  max_steps = 30 if FLAGS.smoke else FLAGS.max_steps
+  max_steps = 10 if FLAGS.smoke else FLAGS.max_steps
 
   def predictions(state) -> str:
     _, logits = run_cell(cell, state.params, xs)

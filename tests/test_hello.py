@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "experiments", "hello.py")
@@ -33,14 +34,23 @@ def check_trace(text: str):
     np.testing.assert_allclose(p, np.exp(y) / np.exp(y).sum(), atol=2e-3)
 
 
-def test_hello_learns_to_complete_hell_with_o(tmp_path):
-  workdir = str(tmp_path / "hello")
-  result = subprocess.run([sys.executable, SCRIPT, f"--workdir={workdir}"], capture_output=True, text=True,
-                          timeout=600)
+def run_hello(*flags):
+  return subprocess.run([sys.executable, SCRIPT, *flags], capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+  """One run on the defaults: (workdir, stdout, results)."""
+  workdir = str(tmp_path_factory.mktemp("hello") / "run")
+  result = run_hello(f"--workdir={workdir}")
   assert result.returncode == 0, result.stderr[-3000:]
-  assert "after 'hell' the model predicts 'o'" in result.stdout
   with open(os.path.join(workdir, "results.json")) as f:
-    results = json.load(f)
+    return workdir, result.stdout, json.load(f)
+
+
+def test_hello_learns_to_complete_hell_with_o(default_run):
+  workdir, stdout, results = default_run
+  assert "after 'hell' the model predicts 'o'" in stdout
   assert results["learned"] and results["predicted"] == "ello"
   assert results["p_last_o_after"] >= 0.9 > results["p_last_o_before"]
   assert results["config"]["hidden_size"] == 3
@@ -53,17 +63,19 @@ def test_hello_learns_to_complete_hell_with_o(tmp_path):
   assert losses[-1] < losses[0]
 
 
-def test_hello_smoke_and_resume(tmp_path):
+def test_hello_smoke_then_resume_matches_the_uninterrupted_run(default_run, tmp_path):
+  _, _, uninterrupted = default_run
   workdir = str(tmp_path / "hello_smoke")
-  first = subprocess.run([sys.executable, SCRIPT, "--smoke", f"--workdir={workdir}"], capture_output=True,
-                         text=True, timeout=600)
+  first = run_hello("--smoke", f"--workdir={workdir}")
   assert first.returncode == 0, first.stderr[-3000:]
-  refused = subprocess.run([sys.executable, SCRIPT, "--smoke", f"--workdir={workdir}"], capture_output=True,
-                           text=True, timeout=600)
+  with open(os.path.join(workdir, "results.json")) as f:
+    assert json.load(f)["steps"] == 10
+  refused = run_hello("--smoke", f"--workdir={workdir}")
   assert refused.returncode != 0 and "pass --resume" in refused.stderr
-  resumed = subprocess.run([sys.executable, SCRIPT, f"--workdir={workdir}", "--resume"],
-                           capture_output=True, text=True, timeout=600)
+  resumed = run_hello(f"--workdir={workdir}", "--resume")
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   with open(os.path.join(workdir, "results.json")) as f:
     results = json.load(f)
-  assert results["learned"] and results["steps"] >= 10
+  # Params and Adam state restored exactly: the same trajectory as one uninterrupted run.
+  assert results["steps"] == uninterrupted["steps"] > 10
+  assert results["p_last_o_after"] == pytest.approx(uninterrupted["p_last_o_after"], abs=1e-6)
