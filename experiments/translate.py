@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import time
 
 import jax
@@ -37,7 +36,8 @@ from rnn_jax.data import translation
 from rnn_jax.layers import check_token_ids
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("dataset", "dates", ["dates", "bible"], "Built-in synthetic dates, or the Bible (en -> es).")
+flags.DEFINE_enum("dataset", "dates", ["dates", "bible"],
+                  "Built-in synthetic dates, or the Bible (en -> es).")
 flags.DEFINE_enum("model", "cho", list(seq2seq.KINDS), "Cho et al. 2014 or Sutskever et al. 2014.")
 flags.DEFINE_enum("cell", None, ["elman", "lstm", "gru"], "Recurrent cell (default: gru for cho, lstm for "
                   "sutskever).")
@@ -59,7 +59,8 @@ flags.DEFINE_integer("beam_width", 4, "Beam width K for beam-search decoding.")
 flags.DEFINE_float("length_penalty", 0.6, "Beam search picks argmax score / length ** length_penalty.")
 flags.DEFINE_integer("decode_extra", 10, "Decode at most (longest reference + decode_extra) tokens.")
 flags.DEFINE_integer("eval_every", 500, "Steps between validations (teacher-forced loss and greedy BLEU).")
-flags.DEFINE_integer("eval_bleu_examples", 200, "Validation pairs decoded for the BLEU logged during training.")
+flags.DEFINE_integer("eval_bleu_examples", 200,
+                     "Validation pairs decoded for the BLEU logged during training.")
 flags.DEFINE_integer("num_samples", 10, "Sample translations printed and saved.")
 flags.DEFINE_integer("pad_multiple", 8, "Batch widths are rounded up to a multiple of this (fewer compiles).")
 flags.DEFINE_integer("log_every", 50, "Steps between train log lines.")
@@ -166,7 +167,8 @@ def main(argv):
                                               FLAGS.vocab_size if FLAGS.dataset == "bible" else None)
   target_vocab = translation.build_vocabulary([p.target for p in pairs["train"]],
                                               FLAGS.vocab_size if FLAGS.dataset == "bible" else None)
-  encoded = {name: translation.encode_pairs(split, source_vocab, target_vocab) for name, split in pairs.items()}
+  encoded = {name: translation.encode_pairs(split, source_vocab, target_vocab)
+             for name, split in pairs.items()}
   for name, (sources, targets) in encoded.items():
     check_token_ids(np.concatenate(sources), len(source_vocab), f"{name} source ids")
     check_token_ids(np.concatenate(targets), len(target_vocab), f"{name} target ids")
@@ -205,11 +207,13 @@ def main(argv):
   greedy = jax.jit(functools.partial(model.greedy_decode, max_len=decode_len))
   beam = jax.jit(functools.partial(model.beam_search, max_len=decode_len, beam_width=FLAGS.beam_width,
                                    length_penalty=FLAGS.length_penalty))
-  eval_batches = {name: translation.evaluation_pair_batches(*encoded[name], FLAGS.batch_size, FLAGS.pad_multiple)
+  eval_batches = {name: translation.evaluation_pair_batches(*encoded[name], FLAGS.batch_size,
+                                                            FLAGS.pad_multiple)
                   for name in ("valid", "test")}
   bleu_subset = min(FLAGS.eval_bleu_examples, len(pairs["valid"]))
   subset_batches = translation.evaluation_pair_batches(
-      encoded["valid"][0][:bleu_subset], encoded["valid"][1][:bleu_subset], FLAGS.batch_size, FLAGS.pad_multiple)
+      encoded["valid"][0][:bleu_subset], encoded["valid"][1][:bleu_subset], FLAGS.batch_size,
+      FLAGS.pad_multiple)
   target_tokens = lambda outputs: [[target_vocab.tokens[i] for i in ids] for ids in outputs]
 
   def validate(state) -> dict:
@@ -254,7 +258,8 @@ def main(argv):
                                              decoded[("test", "beam")])):
     lines.append("\t".join([pair.reference, " ".join(pair.source), sentence_sep.join(pair.target),
                             sentence_sep.join(greedy_out), sentence_sep.join(beam_out)]))
-  run.write_text("test_translations.tsv", "reference\tsource\ttarget\tgreedy\tbeam\n" + "\n".join(lines) + "\n")
+  header = "reference\tsource\ttarget\tgreedy\tbeam\n"
+  run.write_text("test_translations.tsv", header + "\n".join(lines) + "\n")
   samples = []
   for pair, greedy_out, beam_out in list(zip(pairs["test"], decoded[("test", "greedy")],
                                              decoded[("test", "beam")]))[:FLAGS.num_samples]:

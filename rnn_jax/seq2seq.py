@@ -43,7 +43,10 @@ NEG_INF = -1e9
 
 
 class Encoded(NamedTuple):
-  """The encoder's summary of a batch: per-layer decoder initial carries [B, ...] and c [B, C] (Cho) or None."""
+  """The encoder's summary of a batch.
+
+  initial_carries: per-layer decoder initial carries, leaves [B, ...]; context: c [B, C] (Cho) or None.
+  """
   initial_carries: tuple
   context: Optional[jax.Array]
 
@@ -94,7 +97,8 @@ def make_batch(sources, targets, bos_id: int, eos_id: int, pad_id: int = 0, pad_
   target_lengths = np.asarray([len(t) + 1 for t in targets], np.int32)
   if pad_multiple < 1:
     raise ValueError(f"seq2seq: pad_multiple must be >= 1, got {pad_multiple}")
-  B, S, T = len(sources), _round_up(source_lengths.max(), pad_multiple), _round_up(target_lengths.max(), pad_multiple)
+  B = len(sources)
+  S, T = _round_up(source_lengths.max(), pad_multiple), _round_up(target_lengths.max(), pad_multiple)
   source = np.full((B, S), pad_id, np.int32)
   inputs = np.full((B, T), pad_id, np.int32)
   outputs = np.full((B, T), pad_id, np.int32)
@@ -207,7 +211,8 @@ class Seq2Seq:
     if self.reversed_source:
       source = reverse_padded(source, source_lengths, self.pad_id)
     xs = layers.embed(params["source_embedding"], source)
-    final_carries, _ = self.encoder(params["encoder"], xs, source_lengths, train=train, dropout_key=dropout_key)
+    final_carries, _ = self.encoder(params["encoder"], xs, source_lengths, train=train,
+                                    dropout_key=dropout_key)
     if self.kind == "sutskever":
       return Encoded(tuple(final_carries), None)
     top_hidden = jax.vmap(self.cell.hidden)(final_carries[-1])

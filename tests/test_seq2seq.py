@@ -90,7 +90,8 @@ def test_cho_context_conditions_every_step():
   params = model.init(jax.random.PRNGKey(3))
   batch = seq2seq.make_batch([[3, 4, 5]], [[6, 7, 8, 9]], 1, 2)
   other = seq2seq.make_batch([[9, 10, 11]], [[6, 7, 8, 9]], 1, 2)
-  difference = np.abs(model.teacher_forcing_logits(params, batch) - model.teacher_forcing_logits(params, other))
+  difference = np.abs(model.teacher_forcing_logits(params, batch)
+                      - model.teacher_forcing_logits(params, other))
   assert np.all(difference.max(axis=-1) > 1e-4)
 
 

@@ -100,14 +100,16 @@ def test_malformed_bible_cache_is_reported_with_its_line(tmp_path):
   assert translation.read_bible_cache(str(path)) == verses
 
 
-@pytest.mark.skipif(shutil.which("diatheke") is None, reason="diatheke and the SWORD modules are not installed")
+@pytest.mark.skipif(shutil.which("diatheke") is None,
+                    reason="diatheke and the SWORD modules are not installed")
 def test_bible_export_counts_on_the_real_modules():
   verses = translation.load_bible_verses()
   assert 31000 < len(verses) <= 31102   # 31,102 verses in the KJV versification, a few empty in one module
   assert verses[0][0] == "Genesis 1:1" and verses[-1][0] == "Revelation of John 22:21"
   assert all("<G" not in es and "<H" not in es for _, _, es in verses)
   splits = translation.bible_dataset()
-  assert abs(len(splits["valid"]) - len(verses) / 50) <= 1 and abs(len(splits["test"]) - len(verses) / 50) <= 1
+  for split in ("valid", "test"):
+    assert abs(len(splits[split]) - len(verses) / 50) <= 1
 
 
 def test_pair_batches_resume_exactly():
@@ -127,7 +129,8 @@ def test_pair_batches_resume_exactly():
 
 # ---- BLEU ----------------------------------------------------------------------
 def test_corpus_bleu_hand_made_cases():
-  assert metrics.corpus_bleu(["the cat sat on the mat"], ["the cat sat on the mat"])["bleu"] == pytest.approx(100)
+  identical = metrics.corpus_bleu(["the cat sat on the mat"], ["the cat sat on the mat"])
+  assert identical["bleu"] == pytest.approx(100)
   # one extra word: p_n = 6/7, 5/6, 4/5, 3/4, BP = 1 -> BLEU = (3/7) ** (1/4)
   longer = metrics.corpus_bleu(["the cat sat on the mat today"], ["the cat sat on the mat"], tokenize="none")
   assert longer["bleu"] == pytest.approx(100 * (3 / 7) ** 0.25, abs=1e-6)

@@ -223,8 +223,9 @@ class RollBatches:
                pool_batches: int = 4):
     self.rolls, self.pad_multiple = list(rolls), pad_multiple
     # SentenceBatches carries each roll's index as its label: the batch order is all we take from it.
-    self._order = SentenceBatches([np.zeros(len(r), np.int32) for r in self.rolls], np.arange(len(self.rolls)),
-                                  batch_size, seed=seed, pool_batches=pool_batches)
+    placeholders = [np.zeros(len(r), np.int32) for r in self.rolls]   # only the lengths matter
+    self._order = SentenceBatches(placeholders, np.arange(len(self.rolls)), batch_size, seed=seed,
+                                  pool_batches=pool_batches)
 
   def position(self) -> dict:
     return self._order.position()
