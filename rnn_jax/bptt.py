@@ -134,9 +134,11 @@ def _gru_forward(cell: GRU, rec: Params, h_prev, a_t):
   return h_t, saved
 
 
-# ---- backward steps: (dcarry_t, saved_t, carry_{t-1}, carry_t) -> (dcarry_{t-1}, da_t, du_t) ---------
-# da_t is the cotangent of a_t; du_t the cotangent of the recurrent pre-activation
-# u_t = W_hh h_{t-1}, returned only where it differs from da_t (the GRU), else None.
+# ---- backward steps: (dcarry_t, saved_t, carry_{t-1}, carry_t) -> (dcarry_{t-1}, da_t, du_n_t) -------
+# da_t is the cotangent of a_t. The cotangent du_t of the recurrent pre-activation
+# u_t = W_hh h_{t-1} equals da_t except in the n block of the reset_after GRU, which is
+# returned alone (du_n_t = da_n r, [..., H]; None for the other cells) so the scan
+# stacks [G*H + H] instead of [2 G*H] per step.
 
 def _activation_derivative(activation: str, h: jax.Array) -> jax.Array:
   """f'(z) written as a function of h = f(z)."""
@@ -193,15 +195,17 @@ def _gru_backward(cell: GRU, rec: Params, dh, saved, h_prev, h_t):
   if cell.reset_after:
     s = saved[3]
     da_r = da_n * s * r * (1.0 - r)
-    du = jnp.concatenate([da_r, da_z, da_n * r], axis=-1)
+    du_n = da_n * r
+    du = jnp.concatenate([da_r, da_z, du_n], axis=-1)
     dh_prev = dh * z + _back_through_weight(du, w_hh, cell.dtype)
   else:
     e = _back_through_weight(da_n, w_hh[2 * H:], cell.dtype)
     da_r = e * h_prev * r * (1.0 - r)
-    du = jnp.concatenate([da_r, da_z, da_n], axis=-1)
-    dh_prev = dh * z + r * e + _back_through_weight(du[..., :2 * H], w_hh[:2 * H], cell.dtype)
+    du_n = None
+    dh_prev = (dh * z + r * e
+               + _back_through_weight(jnp.concatenate([da_r, da_z], axis=-1), w_hh[:2 * H], cell.dtype))
   da = jnp.concatenate([da_r, da_z, da_n], axis=-1)
-  return dh_prev, da, du
+  return dh_prev, da, du_n
 
 
 def _steps(cell: Cell):
@@ -267,16 +271,16 @@ def _fused_bwd(cell, reverse, unroll, residuals, cotangents):
       dcarry = LSTMState(h=dcarry.h + d_h_out, c=dcarry.c)
     else:
       dcarry = dcarry + d_h_out
-    dcarry_prev, da, du = backward_step(cell, rec, dcarry, saved_t, prev_t, carry_t)
+    dcarry_prev, da, du_n = backward_step(cell, rec, dcarry, saved_t, prev_t, carry_t)
     if valid_t is not None:
       dcarry_prev = _hold(valid_t, dcarry_prev, dcarry)
-      da, du = _hold(valid_t, (da, du), jax.tree_util.tree_map(jnp.zeros_like, (da, du)))
-    return dcarry_prev, (da, du)
+      da, du_n = _hold(valid_t, (da, du_n), jax.tree_util.tree_map(jnp.zeros_like, (da, du_n)))
+    return dcarry_prev, (da, du_n)
 
   d_carry_0, deltas = jax.lax.scan(body, d_carry_T, (d_hs, saved, previous, carries, mask),
                                    reverse=not reverse, unroll=unroll)
-  da, du = deltas
-  du = da if du is None else du
+  da, du_n = deltas
+  du = da if du_n is None else jnp.concatenate([da[..., :2 * cell.hidden_size], du_n], axis=-1)
   h_prev = _hidden(previous)
   w_hh = rec["w_hh"]
   if isinstance(cell, GRU) and not cell.reset_after:
