@@ -39,18 +39,20 @@ def test_xs_of_the_wrong_rank():
 
 @pytest.mark.parametrize("lengths, low, high", [([-1, 2], -1, 2), ([6, 2], 2, 6), ([0, 9], 0, 9)])
 def test_lengths_out_of_range(lengths, low, high):
-  with pytest.raises(ValueError, match=rf"lstm: lengths must lie in \[0, T=5\], got min {low} and max {high}"):
+  message = rf"lstm: lengths must lie in \[0, T=5\], got min {low} and max {high}"
+  with pytest.raises(ValueError, match=message):
     rnn(CELL, PARAMS, XS, np.array(lengths))
   with pytest.raises(ValueError, match=r"lengths must lie in \[0, T=5\]"):
     bidirectional(CELL, PARAMS, PARAMS, XS, jnp.array(lengths))
 
 
 def test_lengths_with_a_mismatched_batch_size():
-  with pytest.raises(ValueError, match=r"lstm: lengths must have shape \(2,\) to match the batch size, got \(3,\)"):
+  with pytest.raises(ValueError, match=r"lstm: lengths must have shape \(2,\) to match the batch size, "
+                                       r"got \(3,\)"):
     rnn(CELL, PARAMS, XS, jnp.array([1, 2, 3]))
   with pytest.raises(ValueError, match=r"lengths must have shape \(2,\) to match the batch size, got \(\)"):
     rnn(CELL, PARAMS, XS, jnp.array(3))
-  with pytest.raises(ValueError, match=r"lengths must have shape \(2,\) to match the batch size, got \(2, 1\)"):
+  with pytest.raises(ValueError, match=r"lengths must have shape \(2,\) to match the batch size, got \(2, 1"):
     rnn(CELL, PARAMS, XS, jnp.array([[1], [2]]))
   # Time-major: B is the second axis.
   with pytest.raises(ValueError, match=r"lengths must have shape \(5,\) to match the batch size, got \(2,\)"):
@@ -67,7 +69,8 @@ def test_non_integer_lengths():
 def test_unknown_activation_and_cell_name():
   with pytest.raises(ValueError, match=r"elman: unknown activation 'gelu'; expected one of \('tanh', 'relu'"):
     Elman(H, activation="gelu")
-  with pytest.raises(ValueError, match=r"unknown cell 'transformer'; expected one of \('elman', 'rnn', 'lstm', 'gru'\)"):
+  expected = r"unknown cell 'transformer'; expected one of \('elman', 'rnn', 'lstm', 'gru'\)"
+  with pytest.raises(ValueError, match=expected):
     make_cell("transformer", H)
 
 
@@ -98,7 +101,8 @@ def test_bad_hyper_parameters():
     (jnp.zeros(H), r"got \(4,\)"),
 ])
 def test_bad_initial_carry_shape(carry, got):
-  expected = r"lstm: initial_carry must have shapes LSTMState\(h=\(4,\), c=\(4,\)\) \(shared\) or with a leading batch axis B=2"
+  expected = (r"lstm: initial_carry must have shapes LSTMState\(h=\(4,\), c=\(4,\)\) \(shared\) "
+              r"or with a leading batch axis B=2")
   with pytest.raises(ValueError, match=expected + ".*" + got):
     rnn(CELL, PARAMS, XS, initial_carry=carry)
 
@@ -114,5 +118,6 @@ def test_stacked_rnn_call_errors():
   params = stack.init(jax.random.key(0), F)
   with pytest.raises(ValueError, match="StackedRNN: train=True with dropout > 0 needs a dropout_key"):
     stack(params, XS, train=True)
-  with pytest.raises(ValueError, match=r"StackedRNN: initial_carries has 1 entries, expected one per layer \(2\)"):
+  expected = r"StackedRNN: initial_carries has 1 entries, expected one per layer \(2\)"
+  with pytest.raises(ValueError, match=expected):
     stack(params, XS, initial_carries=[None])

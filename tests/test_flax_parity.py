@@ -100,8 +100,9 @@ def test_mapping_round_trips(name):
   cell, flax_cls, to_flax, from_flax = CASES[name]
   params = cell.init(jax.random.key(0), F)
   assert_trees_close(from_flax(to_flax(params)), params, atol=0)
-  flax_params = flax_cls(features=H).init(
-      jax.random.key(1), flax_cls(features=H).initialize_carry(jax.random.key(2), (F,)), jnp.ones(F))["params"]
+  flax_cell = flax_cls(features=H)
+  carry = flax_cell.initialize_carry(jax.random.key(2), (F,))
+  flax_params = flax_cell.init(jax.random.key(1), carry, jnp.ones(F))["params"]
   assert jax.tree_util.tree_structure(to_flax(from_flax(flax_params))) == \
       jax.tree_util.tree_structure(flax_params)
   assert_trees_close(to_flax(from_flax(flax_params)), flax_params, atol=0)

@@ -20,7 +20,8 @@ def test_orthogonal_blocks_have_all_singular_values_equal_to_gain(gain):
 
 
 def test_orthogonal_rejects_non_square_blocks():
-  with pytest.raises(ValueError, match=r"orthogonal: shape \(7, 3\) is not a stack of square \[H, H\] blocks"):
+  expected = r"orthogonal: shape \(7, 3\) is not a stack of square \[H, H\] blocks"
+  with pytest.raises(ValueError, match=expected):
     initializers.orthogonal()(jax.random.key(0), (7, 3), jnp.float32)
 
 
