@@ -158,7 +158,8 @@ def corpus_bleu(hypotheses: Sequence[str], references: Sequence[str], tokenize: 
     raise ValueError(f"corpus_bleu: {len(hypotheses)} hypotheses but {len(references)} references")
   if not hypotheses:
     raise ValueError("corpus_bleu: no sentences to score")
-  metric = sacrebleu.metrics.BLEU(tokenize=tokenize, lowercase=lowercase)
+  # force: with tokenize="none" the text is tokenised on purpose; silence sacrebleu's detokenisation warning
+  metric = sacrebleu.metrics.BLEU(tokenize=tokenize, lowercase=lowercase, force=(tokenize == "none"))
   score = metric.corpus_score(hypotheses, [references])
   return {"bleu": float(score.score), "precisions": [float(p) for p in score.precisions],
           "brevity_penalty": float(score.bp), "hypothesis_length": int(score.sys_len),
