@@ -22,8 +22,6 @@ metrics.jsonl, results.json and checkpoints/ (--resume continues).
 
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -119,7 +117,8 @@ def plot_probabilities(path: str, vocab: Vocabulary4, text: str, before: np.ndar
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
-  for axis, probabilities, title in ((axes[0], before, "before training"), (axes[1], after, "after training")):
+  panels = ((axes[0], before, "before training"), (axes[1], after, "after training"))
+  for axis, probabilities, title in panels:
     image = axis.imshow(probabilities.T, vmin=0, vmax=1, cmap="viridis")
     axis.set_xticks(range(len(text)), [f"after '{c}'" for c in text], fontsize=8)
     axis.set_yticks(range(len(vocab.chars)), vocab.chars)

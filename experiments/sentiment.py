@@ -36,7 +36,8 @@ from rnn_jax.data.vocab import Vocabulary
 from rnn_jax.layers import check_token_ids
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("dataset", "tweets", sentiment_data.DATASETS, "Corpus: CrowdFlower tweets or VADER movie snippets.")
+flags.DEFINE_enum("dataset", "tweets", sentiment_data.DATASETS,
+                  "Corpus: CrowdFlower tweets or VADER movie snippets.")
 flags.DEFINE_list("cells", ["elman", "lstm", "gru"], "Cells to train and compare.")
 flags.DEFINE_enum("activation", "relu", ["relu", "tanh"], "Elman activation (relu as in Keras SimpleRNN).")
 flags.DEFINE_bool("bidirectional", False, "Read each sentence both ways; s = [h_{L-1} ; <-h_0].")

@@ -17,9 +17,7 @@ published figure we compare with), metrics.jsonl, curves.png, test_predictions.t
 
 from __future__ import annotations
 
-import os
 import re
-import time
 
 import jax
 import jax.numpy as jnp
@@ -42,7 +40,7 @@ flags.DEFINE_integer("num_layers", 1, "Stacked bidirectional layers.")
 flags.DEFINE_float("dropout", 0.5, "Dropout on embeddings and BiLSTM outputs (Lample et al. 2016 use 0.5).")
 flags.DEFINE_float("singleton_unk", 0.5, "Probability of replacing a training singleton word by <unk>.")
 flags.DEFINE_integer("batch_size", 32, "Sentences per batch.")
-flags.DEFINE_integer("pad_multiple", 16, "Batch widths are rounded up to a multiple of this (fewer compiles).")
+flags.DEFINE_integer("pad_multiple", 16, "Batch widths round up to a multiple of this (fewer compiles).")
 flags.DEFINE_integer("epochs", 10, "Training epochs.")
 flags.DEFINE_enum("optimizer", "adam", train.OPTIMIZERS, "Optimiser.")
 flags.DEFINE_float("learning_rate", 2e-3, "Learning rate.")

@@ -1,4 +1,4 @@
-"""Sentiment (many-to-one): corpus parsers, masking at the true length, the experiment's --smoke and --predict."""
+"""Sentiment (many-to-one): corpus parsers, masking at the true length, --smoke and --predict."""
 
 import importlib.util
 import json

@@ -1,4 +1,4 @@
-"""Tagging (many-to-many, T_x = T_y): the CoNLL-2003 parser, the BiLSTM tagger and the experiment's --smoke."""
+"""Tagging (many-to-many, T_x = T_y): the CoNLL-2003 parser, the BiLSTM tagger, --smoke."""
 
 import importlib.util
 import json
