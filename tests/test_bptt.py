@@ -54,12 +54,18 @@ def _max_difference(tree_a, tree_b):
              zip(jax.tree_util.tree_leaves(tree_a), jax.tree_util.tree_leaves(tree_b)))
 
 
-def _compare(cell, dtype, tolerance, lengths, reverse):
+def _both_directions_loss(cell, params, initial_carry, xs, lengths, backward):
+  """The loss read forwards plus the loss read reversed (one compile covers both directions)."""
+  return (_loss(cell, params, initial_carry, xs, lengths, False, backward)
+          + _loss(cell, params, initial_carry, xs, lengths, True, backward))
+
+
+def _compare(cell, dtype, tolerance, lengths):
   params, xs, carry = _inputs(cell, dtype)
   results = {}
   for backward in ("fused", "autodiff"):
-    loss = jax.jit(jax.value_and_grad(_loss, argnums=(1, 2)), static_argnums=(0, 5, 6))
-    results[backward] = loss(cell, params, carry, xs, lengths, reverse, backward)
+    loss = jax.jit(jax.value_and_grad(_both_directions_loss, argnums=(1, 2)), static_argnums=(0, 5))
+    results[backward] = loss(cell, params, carry, xs, lengths, backward)
   (loss_fused, grads_fused), (loss_auto, grads_auto) = results["fused"], results["autodiff"]
   np.testing.assert_allclose(float(loss_fused), float(loss_auto), rtol=tolerance)
   assert _max_difference(grads_fused, grads_auto) < tolerance
@@ -72,13 +78,12 @@ def _compare(cell, dtype, tolerance, lengths, reverse):
 @pytest.mark.parametrize("name", sorted(CELLS))
 def test_fused_equals_autodiff_float64(name):
   with jax.enable_x64(True):
-    for reverse in (False, True):
-      _compare(CELLS[name], jnp.float64, 1e-10, LENGTHS, reverse)
+    _compare(CELLS[name], jnp.float64, 1e-10, LENGTHS)
 
 
-@pytest.mark.parametrize("name", ["elman_tanh", "lstm", "gru", "gru_reset_before"])
+@pytest.mark.parametrize("name", ["lstm", "gru"])
 def test_fused_equals_autodiff_float32_full_length(name):
-  _compare(CELLS[name], jnp.float32, 1e-5, None, False)
+  _compare(CELLS[name], jnp.float32, 1e-5, None)
 
 
 def test_run_cell_single_example_and_reverse():
