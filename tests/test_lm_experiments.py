@@ -60,3 +60,31 @@ def test_char_lm_bad_flags_fail_with_a_clear_message(tmp_path, args, message):
   done = run("char_lm.py", f"--workdir={tmp_path / 'bad'}", *args)  # each fails before training
   assert done.returncode != 0
   assert message in done.stderr + done.stdout
+
+
+@pytest.mark.slow
+def test_char_lm_killed_with_sigkill_resumes_to_the_same_results(tmp_path):
+  """A real process killed (SIGKILL) after its step-30 checkpoint, resumed by a new process,
+  ends with the same metrics.jsonl and results as an uninterrupted process."""
+  flags = ["--hidden=32", "--embed=16", "--batch=8", "--seq_len=32", "--steps=90", "--eval_every=30",
+           "--warmup_steps=5", "--dropout=0.1", "--layers=2", "--log_every=10", "--sample_len=20",
+           "--num_samples=1", "--progress=false"]
+  straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
+  assert run("char_lm.py", *flags, f"--workdir={straight}").returncode == 0
+  script = os.path.join(ROOT, "experiments", "char_lm.py")
+  process = subprocess.Popen([sys.executable, script, *flags, f"--workdir={killed}"], cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  import time
+  while not os.path.isdir(os.path.join(killed, "checkpoints", "30")):
+    assert process.poll() is None, "the run ended before its step-30 checkpoint"
+    time.sleep(0.1)
+  process.kill()
+  process.wait()
+  resumed = run("char_lm.py", *flags, f"--workdir={killed}", "--resume")
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  a = json.load(open(os.path.join(straight, "results.json")))
+  b = json.load(open(os.path.join(killed, "results.json")))
+  assert b["resumed_from_step"] >= 30 and (a["valid_bpc"], a["test_bpc"]) == (b["valid_bpc"], b["test_bpc"])
+  drop_timing = lambda d: [{k: v for k, v in json.loads(line).items() if k not in ("time_s", "tokens_per_s")}
+                           for line in open(os.path.join(d, "metrics.jsonl"))]
+  assert drop_timing(straight) == drop_timing(killed)
