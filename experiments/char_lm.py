@@ -93,7 +93,8 @@ def write_samples(corpus, model, params, workdir: str) -> str:
   texts = []
   for index in range(FLAGS.num_samples):
     key, sub = jax.random.split(key)
-    ids = sample(model, params, prime, FLAGS.sample_len, sub, temperature=FLAGS.temperature, top_k=FLAGS.top_k)
+    ids = sample(model, params, prime, FLAGS.sample_len, sub, temperature=FLAGS.temperature,
+                 top_k=FLAGS.top_k)
     texts.append(FLAGS.prime + corpus.decode(ids))
   header = (f"# {FLAGS.num_samples} samples, temperature {FLAGS.temperature}, top_k {FLAGS.top_k}, "
             f"prime {FLAGS.prime!r}\n")
@@ -134,7 +135,8 @@ def main(argv):
                                    "top_k": FLAGS.top_k, "sample_len": FLAGS.sample_len})
   results = outcome.results
   write_samples(corpus, outcome.model, outcome.params, FLAGS.workdir)
-  print(f"char_lm on {config.dataset}: valid {results['valid_bpc']:.3f} bpc, test {results['test_bpc']:.3f} bpc "
+  print(f"char_lm on {config.dataset}: valid {results['valid_bpc']:.3f} bpc, "
+        f"test {results['test_bpc']:.3f} bpc "
         f"after {results['steps']} steps ({results['epochs']:.2f} epochs)")
 
 

@@ -5,7 +5,7 @@ The pieces, in the order an experiment uses them::
   schedule  = make_schedule("step", 1.0, steps_per_epoch=n, decay_start_epoch=4, decay_rate=0.5)
   optimizer = make_optimizer("sgd", schedule, clip=5.0)               # clipping inside the chain
   state     = create_train_state(params, optimizer, key)              # params, opt_state, step, rng
-  train_step = make_train_step(loss_fn, optimizer)                    # jitted (state, batch) -> (state, metrics)
+  train_step = make_train_step(loss_fn, optimizer)         # jitted (state, batch) -> (state, metrics)
   run = RunDir(workdir, config)                                       # metrics.jsonl, results.json, curves
   state, summary = fit(state, train_step, stream, num_steps=..., run=run, evaluate=..., checkpoints=...)
 
@@ -28,7 +28,7 @@ import math
 import os
 import platform
 import time
-from typing import Any, Callable, Iterator, NamedTuple, Optional, Protocol
+from typing import Any, Callable, NamedTuple, Optional, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -65,7 +65,8 @@ def make_schedule(kind: str, learning_rate: float, *, steps_per_epoch: Optional[
     return optax.constant_schedule(learning_rate)
   if kind == "step":
     if not steps_per_epoch or steps_per_epoch <= 0:
-      raise ValueError(f"make_schedule('step'): steps_per_epoch must be a positive int, got {steps_per_epoch}")
+      raise ValueError(f"make_schedule('step'): steps_per_epoch must be a positive int, "
+                       f"got {steps_per_epoch}")
     if decay_start_epoch is None or decay_start_epoch < 0:
       raise ValueError(f"make_schedule('step'): decay_start_epoch must be >= 0, got {decay_start_epoch}")
     if decay_rate is None or not 0.0 < decay_rate <= 1.0:

@@ -32,7 +32,8 @@ def test_keeps_last_n_plus_best_and_restores_exactly(tmp_path):
   states = {}
   for step, valid in zip(range(1, 6), [3.0, 1.0, 2.0, 2.5, 2.2]):
     states[step] = lm_state(5, seed=step)
-    manager.save(step, states[step], extra={"data": {"epoch": 0, "window": step}}, metrics={"valid_nats": valid})
+    manager.save(step, states[step], extra={"data": {"epoch": 0, "window": step}},
+                 metrics={"valid_nats": valid})
   assert manager.all_steps() == [2, 4, 5]
   assert manager.best_step() == 2
   restored, extra = manager.restore(lm_state(5))
@@ -76,7 +77,8 @@ def test_corrupt_checkpoint_gives_clear_error(tmp_path):
 def test_other_architecture_gives_error_naming_the_difference(tmp_path):
   manager = CheckpointManager(str(tmp_path / "ckpt"), keep=2)
   manager.save(1, lm_state(5), extra={})
-  with pytest.raises(CheckpointMismatchError, match=r"w_hh: checkpoint shape \(20, 5\), model shape \(32, 8\)"):
+  expected = r"w_hh: checkpoint shape \(20, 5\), model shape \(32, 8\)"
+  with pytest.raises(CheckpointMismatchError, match=expected):
     manager.restore(lm_state(8))
   other = {"train": lm_state(5)["train"], "carry": jnp.zeros((2, 5))}
   with pytest.raises(CheckpointMismatchError, match="only in the checkpoint"):

@@ -13,8 +13,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run(script, *args):
-  return subprocess.run([sys.executable, os.path.join(ROOT, "experiments", script), *args, "--progress=false"],
-                        capture_output=True, text=True, timeout=600, cwd=ROOT)
+  command = [sys.executable, os.path.join(ROOT, "experiments", script), *args, "--progress=false"]
+  return subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
 
 
 def check_outputs(workdir, keys):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from rnn_jax import make_cell
-from rnn_jax.data import Corpus, load_corpus
+from rnn_jax.data import load_corpus
 from rnn_jax.data import batching
 from rnn_jax.lm import LanguageModel, make_loss_fn, sample
 from rnn_jax.lm_train import LMConfig, build_training, train_lm

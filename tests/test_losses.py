@@ -66,4 +66,5 @@ def test_bpc_perplexity_accuracy(batch):
   targets = targets.copy()
   targets[0] = logits[0].argmax(-1)  # row 0 fully right
   expected = ((logits.argmax(-1) == targets) * mask).sum() / mask.sum()
-  assert float(accuracy(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(mask))) == pytest.approx(expected)
+  got = accuracy(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(mask))
+  assert float(got) == pytest.approx(expected)
