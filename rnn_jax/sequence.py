@@ -154,6 +154,10 @@ def _project_and_scan(cell: Cell, params: Params, xs: jax.Array, carry, mask, *,
   neither a: [T, (B,) G*H] nor its gradient is ever held for all T at once.
   """
   fused = _use_fused(cell, backward)
+  if mask is not None:
+    # Padded inputs never reach the recurrence, so junk there (even NaN or inf) cannot
+    # leak into gradients through 0 * NaN in the masked steps' backward pass.
+    xs = jnp.where(mask[..., None], xs, jnp.zeros((), xs.dtype))
 
   def scan_chunk(xs_chunk, carry_chunk, mask_chunk):
     a = cell.input_projection(params, xs_chunk)
