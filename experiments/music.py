@@ -21,7 +21,6 @@ its metrics.jsonl, results.json, curves.png and checkpoints (last --keep plus th
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -160,38 +159,6 @@ def train_cell(cell: str, hidden_size: int, splits, config: dict) -> dict:
   return {**result, "model": model, "params": best_state.params}
 
 
-def merge_metrics(run: train.RunDir, cells_trained) -> None:
-  """<workdir>/metrics.jsonl = every cell's records, each tagged with its "cell"."""
-  tmp = run.metrics_path + ".tmp"
-  with open(tmp, "w") as handle:
-    for cell in cells_trained:
-      for record in train.read_metrics(os.path.join(FLAGS.workdir, cell)):
-        handle.write(json.dumps({"cell": cell, **record}) + "\n")
-  os.replace(tmp, run.metrics_path)
-
-
-def comparison_plot(cells_trained) -> str:
-  """Validation NLL per time step against step, one line per cell."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  fig, axis = plt.subplots(figsize=(5.5, 3.8))
-  for cell in cells_trained:
-    points = [(r["step"], r["nll"]) for r in train.read_metrics(os.path.join(FLAGS.workdir, cell))
-              if r.get("split") == "valid"]
-    if points:
-      axis.plot(*zip(*points), marker="o", label=cell)
-  axis.set_xlabel("step")
-  axis.set_ylabel("validation NLL per time step (nats)")
-  axis.set_title("Bach chorales (music21)")
-  axis.legend()
-  fig.tight_layout()
-  path = os.path.join(FLAGS.workdir, "comparison.png")
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path
-
-
 def piano_roll_png(roll: np.ndarray, path: str, title: str) -> str:
   """Pitch (MIDI) against time (quarter notes), one dark cell per sounding note."""
   import matplotlib  # pylint: disable=import-outside-toplevel
@@ -238,7 +205,7 @@ def main(argv):
   logging.info("chorales: %s pieces, %s frames (train/valid/test)", counts, frames)
   rows = [train_cell(cell, sizes[cell], splits, {**config, "chorales": counts, "frames": frames})
           for cell in FLAGS.cells]
-  merge_metrics(run, FLAGS.cells)
+  train.merge_run_metrics(FLAGS.workdir, FLAGS.cells, run.metrics_path)
 
   best = min(rows, key=lambda row: row["valid_nll"])
   generated = best["model"].generate(best["params"], jnp.asarray(seed_frame), FLAGS.generate_frames,
@@ -251,7 +218,8 @@ def main(argv):
   table = format_table(rows)
   print(table)
   run.write_text("table.txt", table + "\n")
-  comparison_plot(FLAGS.cells)
+  train.plot_runs(FLAGS.workdir, FLAGS.cells, "nll", ylabel="validation NLL per time step (nats)",
+                  title="Bach chorales (music21)")
   results = {"cells": [{k: v for k, v in row.items() if k not in ("model", "params")} for row in rows],
              "chorales": counts, "frames": frames,
              "split": "music21 Riemenschneider order, index % 5: 3 -> valid, 4 -> test, else train",

@@ -204,38 +204,6 @@ def train_cell(cell: str, splits, vocab_size: int, num_classes: int, config: dic
   return result
 
 
-def merge_metrics(run: train.RunDir, cells) -> None:
-  """<workdir>/metrics.jsonl = every finished cell's records, each tagged with its "cell"."""
-  tmp = run.metrics_path + ".tmp"
-  with open(tmp, "w") as handle:
-    for cell in cells:
-      for record in train.read_metrics(os.path.join(FLAGS.workdir, cell)):
-        handle.write(json.dumps({"cell": cell, **record}) + "\n")
-  os.replace(tmp, run.metrics_path)
-
-
-def comparison_plot(cells) -> str:
-  """Validation accuracy against step, one line per cell."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, axis = plt.subplots(figsize=(5.5, 3.8))
-  for cell in cells:
-    points = [(r["step"], r["accuracy"]) for r in train.read_metrics(os.path.join(FLAGS.workdir, cell))
-              if r.get("split") == "valid"]
-    if points:
-      axis.plot(*zip(*points), marker="o", label=cell)
-  axis.set_xlabel("step")
-  axis.set_ylabel("validation accuracy")
-  axis.set_title(f"sentiment ({FLAGS.dataset})")
-  axis.legend()
-  fig.tight_layout()
-  path = os.path.join(FLAGS.workdir, "comparison.png")
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path
-
-
 def format_table(rows, baseline) -> str:
   lines = [f"{'model':<22} {'test acc':>9} {'test macro-F1':>14} {'valid acc':>10}"]
   lines.append(f"{'majority class':<22} {baseline['accuracy']:>9.4f} {baseline['macro_f1']:>14.4f} {'':>10}")
@@ -315,14 +283,15 @@ def main(argv):
   rows = []
   for cell in FLAGS.cells:
     rows.append(train_cell(cell, splits, len(vocab), num_classes, config))
-    merge_metrics(run, [row["cell"] for row in rows])
+    train.merge_run_metrics(FLAGS.workdir, [row["cell"] for row in rows], run.metrics_path)
   best = max(rows, key=lambda r: r["valid_accuracy"])
   saved["best_cell"] = best["cell"]
   run.write_text("model.json", json.dumps(saved, indent=1))
   table = format_table(rows, baseline)
   print(table)
   run.write_text("table.txt", table + "\n")
-  comparison_plot(FLAGS.cells)
+  train.plot_runs(FLAGS.workdir, FLAGS.cells, "accuracy", ylabel="validation accuracy",
+                  title=f"sentiment ({FLAGS.dataset})")
   run.finish({"dataset": FLAGS.dataset, "label_names": list(label_names),
               "split_sizes": {s: len(splits[s][1]) for s in splits}, "vocab_size": len(vocab),
               "majority_baseline": baseline, "cells": rows, "best_cell": best["cell"]}, plot=False)

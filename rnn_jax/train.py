@@ -346,6 +346,43 @@ def plot_curves(workdir: str, keys: Optional[list[str]] = None, filename: str = 
   return path
 
 
+def merge_run_metrics(workdir: str, runs: list[str], path: str) -> str:
+  """Concatenate <workdir>/<run>/metrics.jsonl of several runs into ``path``, each record
+  tagged {"run": name}; written through a temporary file and renamed. Returns ``path``."""
+  tmp = path + ".tmp"
+  with open(tmp, "w") as handle:
+    for name in runs:
+      for record in read_metrics(os.path.join(workdir, name)):
+        handle.write(json.dumps({"run": name, **record}) + "\n")
+  os.replace(tmp, path)
+  return path
+
+
+def plot_runs(workdir: str, runs: list[str], metric: str, *, ylabel: str, title: str,
+              split: str = "valid", filename: str = "comparison.png") -> str:
+  """One line per run of ``metric`` from <workdir>/<run>/metrics.jsonl records of ``split``,
+  against step, saved as <workdir>/<filename>. Returns the PNG's path."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, axis = plt.subplots(figsize=(5.5, 3.8))
+  for name in runs:
+    points = [(r["step"], r[metric]) for r in read_metrics(os.path.join(workdir, name))
+              if r.get("split") == split and metric in r]
+    if points:
+      axis.plot(*zip(*points), marker="o", label=name)
+  axis.set_xlabel("step")
+  axis.set_ylabel(ylabel)
+  axis.set_title(title)
+  axis.legend()
+  fig.tight_layout()
+  path = os.path.join(workdir, filename)
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
+
+
 class RunDir:
   """An experiment's output directory: metrics.jsonl, results.json, curves.png, texts.
 

@@ -111,7 +111,7 @@ def test_smoke_run_then_predict(tmp_path):
     assert os.path.exists(os.path.join(workdir, name)), name
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     records = [json.loads(line) for line in f]
-  assert {r["cell"] for r in records} == {"lstm", "elman"}
+  assert {r["run"] for r in records} == {"lstm", "elman"}
   assert all(np.isfinite(r["loss"]) for r in records)
 
   answer = run_script(f"--workdir={workdir}", "--predict_cell=lstm", "--predict=I love this car")
