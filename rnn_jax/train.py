@@ -296,6 +296,15 @@ def read_metrics(workdir: str) -> list[dict]:
   return records
 
 
+def _save_figure(fig, path: str) -> str:
+  """Lay out, save as PNG (100 dpi), close, and return ``path``."""
+  import matplotlib.pyplot as plt
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
+
+
 def plot_curves(workdir: str, keys: Optional[list[str]] = None, filename: str = "curves.png") -> str:
   """Plot metrics.jsonl as one panel per metric, one line per split (train, valid, ...), vs step.
 
@@ -339,11 +348,7 @@ def plot_curves(workdir: str, keys: Optional[list[str]] = None, filename: str = 
     axis.set_xlabel("step")
     axis.set_title(key)
     axis.legend()
-  fig.tight_layout()
-  path = os.path.join(workdir, filename)
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path
+  return _save_figure(fig, os.path.join(workdir, filename))
 
 
 def merge_run_metrics(workdir: str, runs: list[str], path: str) -> str:
@@ -376,11 +381,7 @@ def plot_runs(workdir: str, runs: list[str], metric: str, *, ylabel: str, title:
   axis.set_ylabel(ylabel)
   axis.set_title(title)
   axis.legend()
-  fig.tight_layout()
-  path = os.path.join(workdir, filename)
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path
+  return _save_figure(fig, os.path.join(workdir, filename))
 
 
 class RunDir:

@@ -29,7 +29,7 @@ from typing import Optional
 
 import numpy as np
 
-from rnn_jax.data.sentences import SentenceBatches
+from rnn_jax.data.sentences import IndexedBatches
 
 INSTALL_COMMAND = "pip install music21"
 LOWEST_MIDI = 21          # A0, the piano's lowest key
@@ -210,36 +210,21 @@ def roll_to_score(roll: np.ndarray, quarter_length: float = 1.0):
   return score
 
 
-class RollBatches:
+class RollBatches(IndexedBatches):
   """An endless, resumable stream of shuffled batches of whole chorales: {"frames", "lengths"}.
 
   frames [B, T, 88] float32 and lengths [B] int32, T the longest in the batch rounded up to
-  ``pad_multiple``. The order is ``SentenceBatches``' (epoch e shuffled with
-  default_rng([seed, e]), pools of P batches sorted by length); ``position()`` / ``seek()``
-  resume it exactly.
+  ``pad_multiple``. The order is ``IndexedBatches``' over the chorale lengths (epoch e
+  shuffled with default_rng([seed, e]), pools of P batches sorted by length);
+  ``position()`` / ``seek()`` resume it exactly.
   """
 
   def __init__(self, rolls, batch_size: int, *, seed: int = 0, pad_multiple: int = 16,
                pool_batches: int = 4):
     self.rolls, self.pad_multiple = list(rolls), pad_multiple
-    # SentenceBatches carries each roll's index as its label: the batch order is all we take from it.
-    placeholders = [np.zeros(len(r), np.int32) for r in self.rolls]   # only the lengths matter
-    self._order = SentenceBatches(placeholders, np.arange(len(self.rolls)), batch_size, seed=seed,
-                                  pool_batches=pool_batches)
-
-  def position(self) -> dict:
-    return self._order.position()
-
-  def seek(self, position: dict) -> None:
-    self._order.seek(position)
-
-  def __iter__(self):
-    return self
-
-  def __next__(self) -> dict:
-    chosen = next(self._order)["targets"]
-    return batch_rolls([self.rolls[i] for i in chosen], self.pad_multiple)
-
+    super().__init__([len(r) for r in self.rolls], batch_size,
+                     lambda chosen: batch_rolls([self.rolls[i] for i in chosen], self.pad_multiple),
+                     seed=seed, pool_batches=pool_batches)
 
 def batch_rolls(rolls, pad_multiple: int = 1) -> dict:
   """{"frames": [B, T, 88] float32, "lengths": [B] int32}, T = longest rounded up to pad_multiple."""

@@ -135,6 +135,35 @@ class SentenceBatches:
                      pad_multiple=self.pad_multiple, max_length=self.max_length)
 
 
+
+class IndexedBatches:
+  """``SentenceBatches``' resumable order over any kind of example, batched by ``make_batch``.
+
+  lengths: [N] example lengths (only they shape the order: shuffling per epoch with
+  default_rng([seed, e]) and, with pool_batches > 1, length pooling). Each batch is
+  ``make_batch(indices)`` for the B example indices the order picks. ``position()`` /
+  ``seek()`` resume it exactly.
+  """
+
+  def __init__(self, lengths, batch_size: int, make_batch, *, seed: int = 0, pool_batches: int = 1):
+    # The order needs sequences only for their lengths, and carries each example's index as its label.
+    placeholders = [np.zeros(int(n), np.int32) for n in lengths]
+    self._order = SentenceBatches(placeholders, np.arange(len(placeholders)), batch_size, seed=seed,
+                                  pool_batches=pool_batches)
+    self._make_batch = make_batch
+
+  def position(self) -> dict:
+    return self._order.position()
+
+  def seek(self, position: dict) -> None:
+    self._order.seek(position)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    return self._make_batch(next(self._order)["targets"])
+
 def evaluation_batches(sequences: Sequence[np.ndarray], targets, batch_size: int, *,
                        pad_multiple: int = 8, max_length: Optional[int] = None) -> Iterator[dict]:
   """Every sentence once, in order, in batches of exactly ``batch_size`` rows (filler rows

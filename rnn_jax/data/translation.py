@@ -37,7 +37,7 @@ from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 
-from rnn_jax.data.sentences import SentenceBatches
+from rnn_jax.data.sentences import IndexedBatches
 from rnn_jax.data.vocab import UNK, Vocabulary
 from rnn_jax.seq2seq import Batch, make_batch
 
@@ -284,10 +284,10 @@ def bible_dataset(cache_dir: Optional[str] = None, max_len: Optional[int] = None
 
 
 # ---- batches ---------------------------------------------------------------------
-class PairBatches:
+class PairBatches(IndexedBatches):
   """An endless, resumable stream of shuffled teacher-forcing batches (``seq2seq.Batch``).
 
-  The order is ``SentenceBatches``' over the source sentences (epoch e shuffled with
+  The order is ``IndexedBatches``' over the source lengths (epoch e shuffled with
   default_rng([seed, e]), pools of P batches sorted by source length, N // B batches per
   epoch); ``position()`` / ``seek()`` resume it exactly.
   """
@@ -297,24 +297,12 @@ class PairBatches:
     if len(sources) != len(targets):
       raise ValueError(f"PairBatches: {len(sources)} sources but {len(targets)} targets")
     self.sources, self.targets, self.pad_multiple = list(sources), list(targets), pad_multiple
-    # SentenceBatches carries each example's index as its label: the batch order is all we take from it.
-    self._order = SentenceBatches(self.sources, np.arange(len(self.sources)), batch_size, seed=seed,
-                                  pool_batches=pool_batches)
+    super().__init__([len(s) for s in self.sources], batch_size, self._batch,
+                     seed=seed, pool_batches=pool_batches)
 
-  def position(self) -> dict:
-    return self._order.position()
-
-  def seek(self, position: dict) -> None:
-    self._order.seek(position)
-
-  def __iter__(self):
-    return self
-
-  def __next__(self) -> Batch:
-    chosen = next(self._order)["targets"]
+  def _batch(self, chosen) -> Batch:
     return make_batch([self.sources[i] for i in chosen], [self.targets[i] for i in chosen],
                       BOS_ID, EOS_ID, PAD_ID, self.pad_multiple)
-
 
 def evaluation_pair_batches(sources, targets, batch_size: int, pad_multiple: int = 8) -> list:
   """Every pair once: a list of (example indices, ``seq2seq.Batch``).
