@@ -38,7 +38,7 @@ import time
 
 from absl import app, flags
 
-IMPLS = ("rnn_jax", "rnn_jax_autodiff", "flax", "torch", "jax_cudnn", "torch_cuda")
+IMPLS = ("rnn_jax", "rnn_jax_autodiff", "flax", "torch", "torch_no_onednn", "jax_cudnn", "torch_cuda")
 GPU_IMPLS = ("jax_cudnn", "torch_cuda")
 CELL_NAMES = ("lstm", "gru", "elman")
 PARALLEL_MODELS = ("mingru", "minlstm", "elman_deer", "gru_deer")
@@ -68,6 +68,10 @@ flags.DEFINE_integer("parallel_hidden", 64, "H of the parallel sweep")
 flags.DEFINE_integer("parallel_batch", 4, "B of the parallel sweep")
 flags.DEFINE_string("workdir", "/tmp/rnn_jax_benchmark", "output directory")
 flags.DEFINE_string("out", None, "also write the results JSON here")
+flags.DEFINE_bool("retain_freed_memory", True,
+                  "call rnn_jax.runtime.retain_freed_memory() first in every worker process, JAX and "
+                  "torch alike (glibc keeps freed memory instead of unmapping XLA's per-call temporary "
+                  "buffer; see rnn_jax/runtime.py); --noretain_freed_memory keeps glibc's defaults")
 flags.DEFINE_bool("smoke", False, "a seconds-long run of the same code path (tiny sizes, 2 repeats)")
 flags.DEFINE_string("worker", None, "internal: run as a worker subprocess with this JSON spec")
 FLAGS = flags.FLAGS
@@ -209,9 +213,16 @@ def _build_jax(spec):
 
 
 def _build_torch(spec):
-  """PyTorch nn.LSTM/GRU/RNN (tanh) char-LM step on CPU (torch) or GPU (torch_cuda)."""
+  """PyTorch nn.LSTM/GRU/RNN (tanh) char-LM step on CPU (torch) or GPU (torch_cuda).
+
+  On CPU, nn.LSTM runs oneDNN's fused LSTM primitive (aten::mkldnn_rnn_layer and its
+  backward); ``torch_no_onednn`` turns oneDNN off in its worker, which leaves PyTorch's
+  own step-by-step LSTM (GRU and RNN never use oneDNN).
+  """
   import numpy as np
   import torch
+  if spec["impl"] == "torch_no_onednn":
+    torch.backends.mkldnn.enabled = False
   device = "cuda" if spec["impl"] == "torch_cuda" else "cpu"
   if device == "cuda" and not torch.cuda.is_available():
     raise RuntimeError("benchmark: torch_cuda needs a CUDA device, none is available")
@@ -294,6 +305,7 @@ class Worker:
   """A benchmark subprocess speaking the "@@bench" line protocol."""
 
   def __init__(self, spec: dict, log_path: str):
+    spec = {**spec, "retain_freed_memory": FLAGS.retain_freed_memory}
     self.spec = spec
     self.log = open(log_path, "a")
     self.process = subprocess.Popen(
@@ -328,7 +340,8 @@ def machine_info() -> dict:
   import jax
   info = {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
           "load_average": list(os.getloadavg()), "jax": jax.__version__, "backend": jax.default_backend(),
-          "device": str(jax.devices()[0].device_kind), "xla_flags": os.environ.get("XLA_FLAGS", "")}
+          "device": str(jax.devices()[0].device_kind), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+          "retain_freed_memory": FLAGS.retain_freed_memory}
   try:
     with open("/proc/cpuinfo") as f:
       names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
@@ -604,8 +617,15 @@ def _apply_smoke() -> None:
 def main(argv):
   del argv
   if FLAGS.worker is not None:
-    run_worker(json.loads(FLAGS.worker))
+    spec = json.loads(FLAGS.worker)
+    if spec.get("retain_freed_memory"):
+      from rnn_jax import runtime
+      runtime.retain_freed_memory()  # before the worker's first JAX computation
+    run_worker(spec)
     return
+  if FLAGS.retain_freed_memory:
+    from rnn_jax import runtime
+    runtime.retain_freed_memory()  # the parallel sweep runs in this process
   if FLAGS.repeats < 1 or FLAGS.steps < 1:
     raise ValueError(f"--repeats and --steps must be >= 1, got {FLAGS.repeats} and {FLAGS.steps}")
   if FLAGS.smoke:
@@ -643,7 +663,7 @@ def main(argv):
       "sweep", "cells", "batch", "seq_len", "hidden", "impls", "mode", "repeats", "steps", "embed_size",
       "vocab_size", "compute_dtype", "unroll", "memory_seq_lens", "memory_hidden", "memory_batch",
       "remat_chunk", "parallel_seq_lens", "parallel_models", "parallel_hidden", "parallel_batch", "workdir",
-      "out", "smoke")}
+      "out", "retain_freed_memory", "smoke")}
   train.write_results(workdir, payload, config, time.time() - start)
   if FLAGS.out:
     directory = os.path.dirname(os.path.abspath(FLAGS.out))

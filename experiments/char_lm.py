@@ -18,6 +18,7 @@ import os
 import jax
 from absl import app, flags, logging
 
+from rnn_jax import runtime
 from rnn_jax.data import load_corpus
 from rnn_jax.lm import sample
 from rnn_jax.lm_train import LMConfig, load_params_for_sampling, train_lm
@@ -108,6 +109,7 @@ def write_samples(corpus, model, params, workdir: str) -> str:
 
 def main(argv):
   del argv
+  runtime.retain_freed_memory()  # before any JAX computation (rnn_jax/runtime.py)
   if not FLAGS.workdir:
     raise app.UsageError("--workdir is required (e.g. --workdir=/tmp/char_lm)")
   if not FLAGS.temperature > 0:

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from rnn_jax import esn, tasks, train
+from rnn_jax import esn, runtime, tasks, train
 from rnn_jax.sequence import run_cell
 
 FLAGS = flags.FLAGS
@@ -211,6 +211,7 @@ def _plt():
 
 def main(argv):
   del argv
+  runtime.retain_freed_memory()  # before any JAX computation (rnn_jax/runtime.py)
   if not FLAGS.workdir:
     raise app.UsageError("--workdir is required (e.g. --workdir=/tmp/esn)")
   if FLAGS.washout >= FLAGS.train_length:

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from rnn_jax import cells, diagnostics, esn, lab, tasks, train
+from rnn_jax import cells, diagnostics, esn, lab, runtime, tasks, train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Output directory.")
@@ -219,6 +219,7 @@ def exploding_part(top: train.RunDir, key) -> dict:
 
 def main(argv):
   del argv
+  runtime.retain_freed_memory()  # before any JAX computation (rnn_jax/runtime.py)
   if not FLAGS.workdir:
     raise app.UsageError("--workdir is required (e.g. --workdir=/tmp/gradient_flow)")
   unknown = set(FLAGS.parts) - {"jacobians", "exploding"}

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from rnn_jax import losses, train
+from rnn_jax import losses, runtime, train
 from rnn_jax.cells import Elman
 from rnn_jax.checkpoint import CheckpointManager
 from rnn_jax.sequence import run_cell
@@ -133,6 +133,7 @@ def plot_probabilities(path: str, vocab: Vocabulary4, text: str, before: np.ndar
 
 def main(argv):
   del argv
+  runtime.retain_freed_memory()  # before any JAX computation (rnn_jax/runtime.py)
   vocab = Vocabulary4(FLAGS.text)
   inputs, targets = FLAGS.text[:-1], FLAGS.text[1:]
   config = {flag.name: flag.value for flag in FLAGS.get_key_flags_for_module(

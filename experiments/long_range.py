@@ -23,7 +23,7 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from rnn_jax import lab, tasks, train
+from rnn_jax import lab, runtime, tasks, train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Output directory.")
@@ -184,6 +184,7 @@ def plot_task_curves(workdir: str, task_dir: str, spec: lab.TaskSpec, models: li
 
 def main(argv):
   del argv
+  runtime.retain_freed_memory()  # before any JAX computation (rnn_jax/runtime.py)
   if not FLAGS.workdir:
     raise app.UsageError("--workdir is required (e.g. --workdir=/tmp/long_range)")
   if FLAGS.smoke:

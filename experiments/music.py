@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from rnn_jax import cells, train
+from rnn_jax import cells, runtime, train
 from rnn_jax.checkpoint import CheckpointManager
 from rnn_jax.data import chorales
 from rnn_jax.polyphonic import FrameModel
@@ -190,6 +190,7 @@ def format_table(rows) -> str:
 
 def main(argv):
   del argv
+  runtime.retain_freed_memory()  # before any JAX computation (rnn_jax/runtime.py)
   if FLAGS.smoke:
     FLAGS.hidden_sizes = ["8"] * len(FLAGS.cells)
     FLAGS.batch_size, FLAGS.eval_every, FLAGS.log_every, FLAGS.generate_frames = 4, 4, 4, 16

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from rnn_jax import losses, metrics, train
+from rnn_jax import losses, metrics, runtime, train
 from rnn_jax.checkpoint import CheckpointManager
 from rnn_jax.classifier import CELL_NAMES, SentenceClassifier
 from rnn_jax.data import sentiment as sentiment_data
@@ -254,6 +254,7 @@ def predict(text: str) -> dict:
 
 def main(argv):
   del argv
+  runtime.retain_freed_memory()  # before any JAX computation (rnn_jax/runtime.py)
   if FLAGS.predict is not None:
     predict(FLAGS.predict)
     return

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from rnn_jax import cells, metrics, seq2seq, train
+from rnn_jax import cells, metrics, runtime, seq2seq, train
 from rnn_jax.checkpoint import CheckpointManager
 from rnn_jax.data import translation
 from rnn_jax.layers import check_token_ids
@@ -160,6 +160,7 @@ def score(hypotheses: list[list[str]], pairs) -> dict:
 
 def main(argv):
   del argv
+  runtime.retain_freed_memory()  # before any JAX computation (rnn_jax/runtime.py)
   resolve_flags()
   config = config_dict()
   pairs = load_pairs()

@@ -16,6 +16,7 @@ Writes results.json (test_perplexity, valid_perplexity, ...), metrics.jsonl, cur
 
 from absl import app, flags, logging
 
+from rnn_jax import runtime
 from rnn_jax.data import load_corpus
 from rnn_jax.lm_train import LMConfig, train_lm
 
@@ -57,6 +58,7 @@ def make_config() -> LMConfig:
 
 def main(argv):
   del argv
+  runtime.retain_freed_memory()  # before any JAX computation (rnn_jax/runtime.py)
   if not FLAGS.workdir:
     raise app.UsageError("--workdir is required (e.g. --workdir=/tmp/word_lm_small)")
   config = make_config()

@@ -102,7 +102,8 @@ def _lstm_forward(cell: LSTM, rec: Params, carry, a_t):
   Saves the activated gates (sigma(i), sigma(f), tanh(g), sigma(o)), each [..., H].
   """
   h_prev, c_prev = carry
-  i, f, g, o = jnp.split(a_t + linear(h_prev, rec["w_hh"], cell.dtype), 4, axis=-1)
+  recurrent = jnp.split(linear(h_prev, rec["w_hh"], cell.dtype), 4, axis=-1)
+  i, f, g, o = (a + u for a, u in zip(jnp.split(a_t, 4, axis=-1), recurrent))
   i, f, g, o = jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)
   c_t = f * c_prev + i * g
   h_t = o * jnp.tanh(c_t)
@@ -218,6 +219,26 @@ def _steps(cell: Cell):
 
 # ---- the scans ------------------------------------------------------------------
 
+def split_gates(a: jax.Array, hidden_size: int):
+  """[T, ..., G*H] -> a tuple of G gate blocks [T, ..., H] (a itself when G = 1).
+
+  Scans read the input projections through this split and ``join_gates``: XLA:CPU
+  vectorises an elementwise fusion badly when it slices a gate block out of the
+  per-step dynamic slice of one stacked [T, B, G*H] array, and well when each block
+  is its own array. The split is one copy before the scan; inside the body the
+  simplifier forwards each joined block straight to its gate, so nothing is joined
+  at run time (LSTM forward scan, B=32 T=128 H=256 on 2 CPU cores: 25.6 -> 15.9 ms).
+  """
+  if a.shape[-1] == hidden_size:
+    return a
+  return tuple(jnp.split(a, a.shape[-1] // hidden_size, axis=-1))
+
+
+def join_gates(a_t):
+  """The inverse of ``split_gates`` for one step: G blocks [..., H] -> [..., G*H]."""
+  return jnp.concatenate(a_t, axis=-1) if isinstance(a_t, tuple) else a_t
+
+
 def _hidden(carry):
   return carry.h if isinstance(carry, LSTMState) else carry
 
@@ -228,11 +249,12 @@ def _forward_scan(cell, reverse, unroll, rec, a, carry, mask, save: bool):
 
   def body(carry_prev, inputs):
     a_t, valid_t = inputs
-    carry_t, saved_t = forward_step(cell, rec, carry_prev, a_t)
+    carry_t, saved_t = forward_step(cell, rec, carry_prev, join_gates(a_t))
     carry_t = _hold(valid_t, carry_t, carry_prev)
     return carry_t, ((carry_t, saved_t) if save else carry_t)
 
-  carry, stacked = jax.lax.scan(body, carry, (a, mask), reverse=reverse, unroll=unroll)
+  carry, stacked = jax.lax.scan(body, carry, (split_gates(a, cell.hidden_size), mask),
+                                reverse=reverse, unroll=unroll)
   if save:
     return carry, stacked[0], stacked[1]
   return carry, stacked, None

@@ -307,7 +307,8 @@ class LSTM(Cell):
     recurrent = linear(h_prev, params["w_hh"], self.dtype)
     if self.layer_norm:
       recurrent = _layer_norm(recurrent, params["ln_h"])
-    i, f, g, o = jnp.split(a_t + recurrent, 4, axis=-1)
+    # a_t and W_hh h_{t-1} are split before they are added (see bptt.split_gates).
+    i, f, g, o = (a + u for a, u in zip(jnp.split(a_t, 4, axis=-1), jnp.split(recurrent, 4, axis=-1)))
     if self.peephole:
       i = i + params["p_i"] * c_prev
       f = f + params["p_f"] * c_prev

@@ -57,18 +57,19 @@ def _scan_steps(cell: Cell, params: Params, a: jax.Array, carry, mask, *, revers
   recurrence = cell.recurrence
   if a.ndim == 3:
     recurrence = jax.vmap(cell.recurrence, in_axes=(None, 0, 0))
+  blocks = bptt.split_gates(a, cell.hidden_size)
   if mask is None:
     def body(carry, a_t):
-      return recurrence(params, carry, a_t)
-    return jax.lax.scan(body, carry, a, reverse=reverse, unroll=unroll)
+      return recurrence(params, carry, bptt.join_gates(a_t))
+    return jax.lax.scan(body, carry, blocks, reverse=reverse, unroll=unroll)
 
   def masked_body(carry, inputs):
     a_t, valid_t = inputs
-    new_carry, h_t = recurrence(params, carry, a_t)
+    new_carry, h_t = recurrence(params, carry, bptt.join_gates(a_t))
     valid_t = valid_t if a.ndim == 2 else valid_t[:, None]
     return _mask_tree(valid_t, new_carry, carry), h_t
 
-  return jax.lax.scan(masked_body, carry, (a, mask), reverse=reverse, unroll=unroll)
+  return jax.lax.scan(masked_body, carry, (blocks, mask), reverse=reverse, unroll=unroll)
 
 
 def _remat_scan(scan_chunk, a: jax.Array, carry, mask, chunk: int, reverse: bool):
