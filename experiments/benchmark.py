@@ -135,7 +135,6 @@ def _build_jax(spec):
   """rnn_jax / flax / jax_cudnn steps; returns (run_one_step, compile_seconds, memory_mb_fn)."""
   import jax
   import jax.numpy as jnp
-  import numpy as np
   from rnn_jax import layers, losses, train
   from rnn_jax.cells import make_cell
   from rnn_jax.sequence import rnn
@@ -227,7 +226,7 @@ def _build_torch(spec):
   if device == "cuda" and not torch.cuda.is_available():
     raise RuntimeError("benchmark: torch_cuda needs a CUDA device, none is available")
   torch.manual_seed(spec["seed"])
-  B, T, H, D, V = spec["batch"], spec["seq_len"], spec["hidden"], spec["embed_size"], spec["vocab_size"]
+  H, D, V = spec["hidden"], spec["embed_size"], spec["vocab_size"]
   recurrent = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "elman": torch.nn.RNN}[spec["cell"]]
   model = torch.nn.ModuleDict({
       "embed": torch.nn.Embedding(V, D), "rnn": recurrent(D, H, batch_first=True), "out": torch.nn.Linear(H, V),
@@ -397,6 +396,14 @@ def _add_ratios(rows: list[dict]) -> None:
         row[field] = round(row["tokens_per_s"] / other["tokens_per_s"], 3)
 
 
+def _log_point(record: dict, metrics_file, progress, postfix: str) -> None:
+  """One measured point: a metrics.jsonl line (flushed) and a progress-bar tick."""
+  metrics_file.write(json.dumps(record) + "\n")
+  metrics_file.flush()
+  progress.set_postfix_str(postfix)
+  progress.update(1)
+
+
 def speed_sweep(workdir: str, metrics_file, progress) -> list[dict]:
   """Every (cell, B, T, H): one worker per implementation, repetitions interleaved."""
   cells = FLAGS.cells
@@ -445,11 +452,8 @@ def speed_sweep(workdir: str, metrics_file, progress) -> list[dict]:
               cpu_times[impl] += reply["cpu_ms"]
               record = {**config, "impl": impl, "repeat": repeat, "step_ms": _median(reply["step_ms"]),
                         "cpu_ms": _median(reply["cpu_ms"])}
-              metrics_file.write(json.dumps(record) + "\n")
-              metrics_file.flush()
-              progress.set_postfix_str(f"{cell} H={H} {impl} {record['step_ms']:.1f} ms "
-                                       f"{B * T / record['step_ms'] * 1000:,.0f} tok/s")
-              progress.update(1)
+              _log_point(record, metrics_file, progress, f"{cell} H={H} {impl} {record['step_ms']:.1f} ms "
+                         f"{B * T / record['step_ms'] * 1000:,.0f} tok/s")
           for impl, worker in workers.items():
             final = worker.close()
             step_ms = _median(times[impl])
@@ -501,10 +505,7 @@ def memory_sweep(workdir: str, metrics_file, progress) -> list[dict]:
              "memory_kind": final["memory_kind"], "baseline_mem_mb": round(worker.ready["baseline_mem_mb"], 1),
              "xla_temp_mb": worker.ready.get("xla_temp_mb")}
       rows.append(row)
-      metrics_file.write(json.dumps(row) + "\n")
-      metrics_file.flush()
-      progress.set_postfix_str(f"T={T} remat={chunk} {row['peak_mem_mb']:.0f} MB")
-      progress.update(1)
+      _log_point(row, metrics_file, progress, f"T={T} remat={chunk} {row['peak_mem_mb']:.0f} MB")
   return rows
 
 
@@ -549,10 +550,7 @@ def parallel_sweep(workdir: str, metrics_file, progress) -> list[dict]:
              "parallel_ms": round(par_ms, 2), "speedup": round(seq_ms / par_ms, 3), "max_abs_diff": error,
              **case.info(timings["parallel"]["out"])}
       rows.append(row)
-      metrics_file.write(json.dumps(row) + "\n")
-      metrics_file.flush()
-      progress.set_postfix_str(f"{model} T={T} speedup {row['speedup']:.2f}x")
-      progress.update(1)
+      _log_point(row, metrics_file, progress, f"{model} T={T} speedup {row['speedup']:.2f}x")
   return rows
 
 
@@ -571,6 +569,7 @@ def _plot(rows: list[dict], sweep: str, path: str) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  from rnn_jax import train
   figure, axis = plt.subplots(figsize=(7, 4))
   if sweep == "speed":
     labels = [f"{r['cell']} H{r['hidden']} B{r['batch']} T{r['seq_len']}" for r in rows]
@@ -599,9 +598,7 @@ def _plot(rows: list[dict], sweep: str, path: str) -> None:
     axis.set_xlabel("T")
     axis.set_ylabel("speedup, parallel vs sequential")
   axis.legend(fontsize=7)
-  figure.tight_layout()
-  figure.savefig(path, dpi=120)
-  plt.close(figure)
+  train.save_figure(figure, path, dpi=120)
 
 
 def _apply_smoke() -> None:

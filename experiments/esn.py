@@ -115,9 +115,7 @@ def mackey_glass_part(run, key) -> dict:
   right.set_ylabel(f"NRMSE over {FLAGS.trials} test windows")
   right.set_title(f"NRMSE_84 = 10^{np.log10(nrmse84):.2f}")
   right.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(run.path("esn_mackey_glass.png"), dpi=100)
-  plt.close(fig)
+  train.save_figure(fig, run.path("esn_mackey_glass.png"))
   return {"nrmse84": nrmse84, "log10_nrmse84": float(np.log10(nrmse84)),
           "published_log10_nrmse84": JAEGER_HAAS_LOG10_NRMSE84, "train_nrmse_one_step": train_nrmse,
           "nrmse_by_horizon": nrmse_by_horizon.tolist(), "fit_wall_s": fit_s,
@@ -193,9 +191,7 @@ def real_series_part(run, key) -> dict:
   axis.axvline(test_times[0], color="gray", linestyle=":")
   axis.set_title(f"statsmodels {FLAGS.real_series}: held-out last {num_test} points")
   axis.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(run.path(f"esn_{FLAGS.real_series}.png"), dpi=100)
-  plt.close(fig)
+  train.save_figure(fig, run.path(f"esn_{FLAGS.real_series}.png"))
   return {"series": FLAGS.real_series, "points": len(values), "test_points": num_test,
           "esn_nrmse_mean": float(np.mean(esn_scores)), "esn_nrmse_std": float(np.std(esn_scores)),
           "esn_nrmse_per_seed": esn_scores, "ridge": best_ridge, "persistence_nrmse": persistence,

@@ -25,7 +25,6 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
@@ -90,9 +89,7 @@ def plot_by_lag(curves: dict, path: str, ylabel: str) -> None:
     axis.grid(alpha=0.3)
     axis.legend(fontsize=7)
   axes[0][0].set_ylabel(ylabel)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  train.save_figure(fig, path)
 
 
 def plot_spectra(spectra: dict, path: str) -> None:
@@ -112,9 +109,7 @@ def plot_spectra(spectra: dict, path: str) -> None:
     axis.set_xlabel("index")
     axis.set_ylabel("singular value")
     axis.legend(fontsize=6)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  train.save_figure(fig, path)
 
 
 def jacobians_part(top: train.RunDir, key) -> dict:
@@ -211,9 +206,7 @@ def exploding_part(top: train.RunDir, key) -> dict:
   axis.set_ylabel("||g||_2 before clipping")
   axis.set_title(f"tanh RNN, rho(W_hh)={FLAGS.explode_radius}, SGD lr {FLAGS.explode_lr}, T={FLAGS.length}")
   axis.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(top.path("exploding.png"), dpi=100)
-  plt.close(fig)
+  train.save_figure(fig, top.path("exploding.png"))
   return results
 
 

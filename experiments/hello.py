@@ -106,7 +106,7 @@ def forward_trace(cell: Elman, params, vocab: Vocabulary4, text: str) -> tuple[s
               f"  W_hh h_(t-1) + b      = {fmt(recurrent_term)}",
               f"  h_t = tanh(sum)       = {fmt(h)}",
               f"  y_t = W_hy h_t + b_y  = {fmt(y)}",
-              f"  p_t = softmax(y_t)    = " + ", ".join(f"{c}:{q:.3f}" for c, q in zip(vocab.chars, p)),
+              "  p_t = softmax(y_t)    = " + ", ".join(f"{c}:{q:.3f}" for c, q in zip(vocab.chars, p)),
               f"  predicted next char   = '{vocab.chars[int(p.argmax())]}'", ""]
   return "\n".join(lines), np.array(probabilities)
 
@@ -136,9 +136,7 @@ def main(argv):
   runtime.retain_freed_memory()  # before any JAX computation (rnn_jax/runtime.py)
   vocab = Vocabulary4(FLAGS.text)
   inputs, targets = FLAGS.text[:-1], FLAGS.text[1:]
-  config = {flag.name: flag.value for flag in FLAGS.get_key_flags_for_module(
-      FLAGS.find_module_defining_flag("text"))}
-  run = train.RunDir(FLAGS.workdir, config)
+  run = train.RunDir(FLAGS.workdir, train.script_flag_values())
   cell = Elman(FLAGS.hidden_size, activation="tanh", readout_size=len(vocab.chars))
   params = cell.init(jax.random.PRNGKey(FLAGS.seed), len(vocab.chars))
   xs = jnp.asarray(vocab.one_hot(inputs))

@@ -20,7 +20,6 @@ import os
 import time
 
 import jax
-import numpy as np
 from absl import app, flags, logging
 
 from rnn_jax import lab, runtime, tasks, train
@@ -175,11 +174,7 @@ def plot_task_curves(workdir: str, task_dir: str, spec: lab.TaskSpec, models: li
   axis.set_ylabel(f"held-out {spec.metric}")
   axis.set_title(f"{spec.name}, T={spec.length}")
   axis.legend(fontsize=7)
-  fig.tight_layout()
-  out = os.path.join(workdir, f"curves_{task_dir}.png")
-  fig.savefig(out, dpi=100)
-  plt.close(fig)
-  return out
+  return train.save_figure(fig, os.path.join(workdir, f"curves_{task_dir}.png"))
 
 
 def main(argv):

@@ -44,10 +44,7 @@ flags.DEFINE_integer("num_layers", 1, "Stacked RNN layers.")
 flags.DEFINE_float("dropout", 0.0, "Dropout between stacked layers.")
 flags.DEFINE_integer("batch_size", 16, "Chorales per training batch.")
 flags.DEFINE_integer("steps", 5000, "Training steps per cell.")
-flags.DEFINE_enum("optimizer", "adam", train.OPTIMIZERS, "Optimiser.")
-flags.DEFINE_float("learning_rate", 5e-3, "Learning rate.")
-flags.DEFINE_float("clip", 1.0, "Gradient clipping threshold (0 disables).")
-flags.DEFINE_enum("clip_mode", "norm", train.CLIP_MODES, "Clip the global norm or each value.")
+train.define_optimizer_flags(learning_rate=5e-3, clip=1.0)
 flags.DEFINE_integer("eval_every", 500, "Steps between validations.")
 flags.DEFINE_integer("log_every", 50, "Steps between train log lines.")
 flags.DEFINE_integer("keep", 2, "Checkpoints kept per cell (plus the best).")
@@ -61,12 +58,6 @@ flags.DEFINE_bool("resume", False, "Continue each cell from its latest checkpoin
 flags.DEFINE_bool("smoke", False, "Seconds-long run of the same code path on 15 chorales.")
 
 SMOKE_CHORALES = 15
-
-
-def config_dict() -> dict:
-  """Every flag this script defines."""
-  module = FLAGS.find_module_defining_flag("cells")
-  return {flag.name: flag.value for flag in FLAGS.get_key_flags_for_module(module)}
 
 
 def parse_settings() -> tuple[dict, np.ndarray]:
@@ -93,11 +84,6 @@ def parse_settings() -> tuple[dict, np.ndarray]:
   return sizes, seed_frame
 
 
-def make_optimizer():
-  return train.make_optimizer(FLAGS.optimizer, FLAGS.learning_rate, clip=FLAGS.clip or None,
-                              clip_mode=FLAGS.clip_mode)
-
-
 def nll_per_step(nll_fn, params, rolls, batch_size: int) -> float:
   """NLL per time step over every frame of ``rolls`` (frame-weighted over batches), in nats."""
   total = frames = 0.0
@@ -115,7 +101,7 @@ def train_cell(cell: str, hidden_size: int, splits, config: dict) -> dict:
   model = FrameModel(cells.make_cell(cell, hidden_size), num_pitches=chorales.NUM_PITCHES,
                      num_layers=FLAGS.num_layers, dropout=FLAGS.dropout)
   init_key, train_key = jax.random.split(jax.random.PRNGKey(FLAGS.seed))
-  optimizer = make_optimizer()
+  optimizer = train.optimizer_from_flags()
   state = train.create_train_state(model.init(init_key), optimizer, train_key)
   num_params = int(sum(x.size for x in jax.tree_util.tree_leaves(state.params)))
   batch_size = min(FLAGS.batch_size, len(splits["train"]))
@@ -173,10 +159,7 @@ def piano_roll_png(roll: np.ndarray, path: str, title: str) -> str:
   axis.set_xlabel("time (quarter notes)")
   axis.set_ylabel("MIDI pitch")
   axis.set_title(title)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path
+  return train.save_figure(fig, path)
 
 
 def format_table(rows) -> str:
@@ -197,7 +180,7 @@ def main(argv):
     if not FLAGS["steps"].present:
       FLAGS.steps = 8
   sizes, seed_frame = parse_settings()
-  config = config_dict()
+  config = train.script_flag_values()
   run = train.RunDir(FLAGS.workdir, config)
   splits, titles = chorales.load_chorales(FLAGS.data_dir, limit=SMOKE_CHORALES if FLAGS.smoke else None,
                                           progress=True)

@@ -50,10 +50,7 @@ flags.DEFINE_integer("max_length", 48, "Sentences are truncated to their first m
 flags.DEFINE_integer("pad_multiple", 8, "Batch widths are rounded up to a multiple of this (fewer compiles).")
 flags.DEFINE_integer("batch_size", 64, "Sentences per training batch.")
 flags.DEFINE_integer("epochs", 4, "Training epochs per cell.")
-flags.DEFINE_enum("optimizer", "adam", train.OPTIMIZERS, "Optimiser.")
-flags.DEFINE_float("learning_rate", 2e-3, "Learning rate.")
-flags.DEFINE_float("clip", 5.0, "Gradient clipping threshold (0 disables).")
-flags.DEFINE_enum("clip_mode", "norm", train.CLIP_MODES, "Clip the global norm or each value.")
+train.define_optimizer_flags(learning_rate=2e-3, clip=5.0)
 flags.DEFINE_integer("seed", 0, "Seed of the split, the init and the batch order.")
 flags.DEFINE_integer("log_every", 50, "Steps between train log lines.")
 flags.DEFINE_integer("keep", 2, "Checkpoints kept per cell (plus the best).")
@@ -64,12 +61,6 @@ flags.DEFINE_string("predict", None, "Classify this text with a trained checkpoi
 flags.DEFINE_string("predict_cell", "", "Cell used by --predict (default: best validation accuracy).")
 
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
-
-
-def config_dict() -> dict:
-  """Every flag this script defines, for results.json."""
-  module = FLAGS.find_module_defining_flag("dataset")
-  return {flag.name: flag.value for flag in FLAGS.get_key_flags_for_module(module)}
 
 
 def encode(texts, vocab: Vocabulary, max_length: int) -> list[np.ndarray]:
@@ -270,7 +261,7 @@ def main(argv):
       if os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory)):
         raise FileExistsError(f"{directory} already holds checkpoints; pass --resume to continue them or "
                               "choose a fresh --workdir (nothing was overwritten)")
-  config = config_dict()
+  config = train.script_flag_values()
   run = train.RunDir(FLAGS.workdir, config)
   splits, vocab, label_names = load_splits()
   num_classes = len(label_names)

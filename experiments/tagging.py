@@ -42,10 +42,7 @@ flags.DEFINE_float("singleton_unk", 0.5, "Probability of replacing a training si
 flags.DEFINE_integer("batch_size", 32, "Sentences per batch.")
 flags.DEFINE_integer("pad_multiple", 16, "Batch widths round up to a multiple of this (fewer compiles).")
 flags.DEFINE_integer("epochs", 10, "Training epochs.")
-flags.DEFINE_enum("optimizer", "adam", train.OPTIMIZERS, "Optimiser.")
-flags.DEFINE_float("learning_rate", 2e-3, "Learning rate.")
-flags.DEFINE_float("clip", 5.0, "Gradient clipping threshold (0 disables).")
-flags.DEFINE_enum("clip_mode", "norm", train.CLIP_MODES, "Clip the global norm or each value.")
+train.define_optimizer_flags(learning_rate=2e-3, clip=5.0)
 flags.DEFINE_integer("seed", 0, "Seed of the init, the batch order and the dropout.")
 flags.DEFINE_integer("log_every", 50, "Steps between train log lines.")
 flags.DEFINE_integer("keep", 2, "Checkpoints kept (plus the best).")
@@ -72,11 +69,6 @@ PUBLISHED = {
 def normalise(word: str) -> str:
   """Digits -> 0, so numbers share embeddings (case is kept: it is a strong NER cue)."""
   return re.sub(r"\d", "0", word)
-
-
-def config_dict() -> dict:
-  module = FLAGS.find_module_defining_flag("task")
-  return {flag.name: flag.value for flag in FLAGS.get_key_flags_for_module(module)}
 
 
 def load_data():
@@ -162,7 +154,7 @@ def main(argv):
   runtime.retain_freed_memory()  # before any JAX computation (rnn_jax/runtime.py)
   if FLAGS.smoke:
     FLAGS.embed_size, FLAGS.hidden_size, FLAGS.batch_size, FLAGS.pad_multiple = 16, 16, 32, 128
-  config = config_dict()
+  config = train.script_flag_values()
   run = train.RunDir(FLAGS.workdir, config)
   data, vocab, singletons, tag_names = load_data()
   logging.info("CoNLL-2003 %s: sentences %s, vocabulary %d words, %d tags", FLAGS.task,
@@ -170,8 +162,7 @@ def main(argv):
   model = SequenceTagger(vocab_size=len(vocab), num_tags=len(tag_names), embed_size=FLAGS.embed_size,
                          hidden_size=FLAGS.hidden_size, num_layers=FLAGS.num_layers, dropout=FLAGS.dropout)
   init_key, train_key = jax.random.split(jax.random.PRNGKey(FLAGS.seed))
-  optimizer = train.make_optimizer(FLAGS.optimizer, FLAGS.learning_rate, clip=FLAGS.clip or None,
-                                   clip_mode=FLAGS.clip_mode)
+  optimizer = train.optimizer_from_flags()
   state = train.create_train_state(model.init(init_key), optimizer, train_key)
   words, tags, _ = data["train"]
   stream = SentenceBatches(words, tags, FLAGS.batch_size, seed=FLAGS.seed, pad_multiple=FLAGS.pad_multiple,

@@ -51,10 +51,7 @@ flags.DEFINE_integer("max_len", 20, "Bible: keep verse pairs with at most this m
 flags.DEFINE_integer("num_train", 20000, "Dates: training pairs generated (valid and test: 1000 each).")
 flags.DEFINE_integer("batch_size", 64, "Pairs per training batch.")
 flags.DEFINE_integer("steps", None, "Training steps (default: 2500 for dates, 2000 for bible).")
-flags.DEFINE_enum("optimizer", "adam", train.OPTIMIZERS, "Optimiser.")
-flags.DEFINE_float("learning_rate", 2e-3, "Learning rate.")
-flags.DEFINE_float("clip", 1.0, "Gradient clipping threshold (0 disables).")
-flags.DEFINE_enum("clip_mode", "norm", train.CLIP_MODES, "Clip the global norm or each value.")
+train.define_optimizer_flags(learning_rate=2e-3, clip=1.0)
 flags.DEFINE_integer("beam_width", 4, "Beam width K for beam-search decoding.")
 flags.DEFINE_float("length_penalty", 0.6, "Beam search picks argmax score / length ** length_penalty.")
 flags.DEFINE_integer("decode_extra", 10, "Decode at most (longest reference + decode_extra) tokens.")
@@ -72,12 +69,6 @@ flags.DEFINE_bool("resume", False, "Continue from the latest checkpoint in --wor
 flags.DEFINE_bool("smoke", False, "Seconds-long run of the same code path on a small subset.")
 
 DEFAULTS = {"dates": {"hidden_size": 128, "steps": 2500}, "bible": {"hidden_size": 128, "steps": 2000}}
-
-
-def config_dict() -> dict:
-  """Every flag this script defines, after the per-dataset defaults are filled in."""
-  module = FLAGS.find_module_defining_flag("dataset")
-  return {flag.name: flag.value for flag in FLAGS.get_key_flags_for_module(module)}
 
 
 def resolve_flags() -> None:
@@ -162,7 +153,7 @@ def main(argv):
   del argv
   runtime.retain_freed_memory()  # before any JAX computation (rnn_jax/runtime.py)
   resolve_flags()
-  config = config_dict()
+  config = train.script_flag_values()
   pairs = load_pairs()
   source_vocab = translation.build_vocabulary([p.source for p in pairs["train"]],
                                               FLAGS.vocab_size if FLAGS.dataset == "bible" else None)
@@ -178,8 +169,7 @@ def main(argv):
 
   model = build_model(len(source_vocab), len(target_vocab))
   init_key, train_key = jax.random.split(jax.random.PRNGKey(FLAGS.seed))
-  optimizer = train.make_optimizer(FLAGS.optimizer, FLAGS.learning_rate, clip=FLAGS.clip or None,
-                                   clip_mode=FLAGS.clip_mode)
+  optimizer = train.optimizer_from_flags()
   state = train.create_train_state(model.init(init_key), optimizer, train_key)
   num_params = int(sum(x.size for x in jax.tree_util.tree_leaves(state.params)))
   batch_size = min(FLAGS.batch_size, len(pairs["train"]))

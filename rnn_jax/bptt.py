@@ -124,7 +124,7 @@ def _lstm_forward(cell: LSTM, rec: Params, carry, a_t):
   return LSTMState(h=h_t, c=c_t), (i, f, g, o)
 
 
-def _gru_forward(cell: GRU, rec: Params, h_prev, a_t):
+def gru_forward_step(cell: GRU, rec: Params, h_prev, a_t):
   """GRU step; saves r, z, n and, with reset_after, s = W_hn h_{t-1} + b_hn (each [..., H]).
 
     reset_after:  n = tanh(a_n + r * s)            s = W_hn h_{t-1} + b_hn
@@ -154,7 +154,7 @@ def _gru_forward(cell: GRU, rec: Params, h_prev, a_t):
 # returned alone (du_n_t = da_n r, [..., H]; None for the other cells) so the scan
 # stacks [G*H + H] instead of [2 G*H] per step.
 
-def _activation_derivative(activation: str, h: jax.Array) -> jax.Array:
+def activation_derivative(activation: str, h: jax.Array) -> jax.Array:
   """f'(z) written as a function of h = f(z)."""
   if activation == "tanh":
     return 1.0 - h * h
@@ -168,7 +168,7 @@ def _activation_derivative(activation: str, h: jax.Array) -> jax.Array:
 def _elman_backward(cell: Elman, rec: Params, dh, saved, h_prev, h_t):
   """dz_t = dh_t * f'(z_t);  dh_{t-1} = W_hh^T dz_t."""
   del saved, h_prev
-  dz = dh * _activation_derivative(cell.activation, h_t)
+  dz = dh * activation_derivative(cell.activation, h_t)
   return _back_through_weight(dz, rec["w_hh"], cell.dtype), dz, None
 
 
@@ -226,7 +226,7 @@ def _steps(cell: Cell):
   if isinstance(cell, LSTM):
     return _lstm_forward, _lstm_backward
   if isinstance(cell, GRU):
-    return _gru_forward, _gru_backward
+    return gru_forward_step, _gru_backward
   return _elman_forward, _elman_backward
 
 

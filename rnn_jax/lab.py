@@ -30,7 +30,6 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from rnn_jax import cells, diagnostics, esn, layers, losses, tasks, train
 from rnn_jax.sequence import rnn, run_cell

@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rnn_jax import initializers
+from rnn_jax import bptt, initializers
 from rnn_jax.cells import GRU, Cell, Elman, Params, linear
 from rnn_jax.sequence import check_batch, rnn
 
@@ -227,23 +227,17 @@ def recurrence_jacobian_diagonal(cell: Cell, params: Params, h_prev: jax.Array, 
   H = cell.hidden_size
   w_hh = params["w_hh"]
   if isinstance(cell, Elman):
-    from rnn_jax.bptt import _activation_derivative
     h_t = cell.recurrence(params, h_prev, a_t)[0]
-    return _activation_derivative(cell.activation, h_t) * jnp.diagonal(w_hh)
+    return bptt.activation_derivative(cell.activation, h_t) * jnp.diagonal(w_hh)
   if not isinstance(cell, GRU):
     raise ValueError(f"quasi-DEER: no Jacobian diagonal for cell {cell.name}; expected elman or gru")
   diag_r, diag_z, diag_n = (jnp.diagonal(w_hh[k * H:(k + 1) * H]) for k in range(3))
-  a_r, a_z, a_n = jnp.split(a_t, 3, axis=-1)
+  _, gates = bptt.gru_forward_step(cell, params, h_prev, a_t)  # (r, z, n[, s]), each [..., H]
+  r, z, n = gates[:3]
   if cell.reset_after:
-    u_r, u_z, u_n = jnp.split(linear(h_prev, w_hh, cell.dtype), 3, axis=-1)
-    r, z = jax.nn.sigmoid(a_r + u_r), jax.nn.sigmoid(a_z + u_z)
-    s = u_n + params["b_hn"]
-    n = jnp.tanh(a_n + r * s)
+    s = gates[3]
     dn = (1.0 - n * n) * (r * diag_n + s * r * (1.0 - r) * diag_r)
   else:
-    u_r, u_z = jnp.split(linear(h_prev, w_hh[:2 * H], cell.dtype), 2, axis=-1)
-    r, z = jax.nn.sigmoid(a_r + u_r), jax.nn.sigmoid(a_z + u_z)
-    n = jnp.tanh(a_n + linear(r * h_prev, w_hh[2 * H:], cell.dtype) + params["b_hn"])
     cross = w_hh[2 * H:] * w_hh[:H].T  # (W^n o W^r^T)_ij = W^n_ij W^r_ji
     dn = (1.0 - n * n) * (diag_n * r + linear(h_prev * r * (1.0 - r), cross, cell.dtype))
   return z + (h_prev - n) * z * (1.0 - z) * diag_z + (1.0 - z) * dn

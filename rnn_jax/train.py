@@ -27,6 +27,7 @@ import json
 import math
 import os
 import platform
+import sys
 import time
 from typing import Any, Callable, NamedTuple, Optional, Protocol
 
@@ -34,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import logging
+from absl import flags, logging
 
 SCHEDULES = ("constant", "step", "cosine")
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "rmsprop")
@@ -125,6 +126,38 @@ def make_optimizer(name: str, learning_rate, *, clip: Optional[float] = None, cl
   elif name == "rmsprop":
     chain.append(optax.rmsprop(learning_rate))
   return optax.chain(*chain)
+
+
+
+def _calling_module_name(depth: int = 2) -> str:
+  """The module name absl files a flag under: the caller's, with __main__ as sys.argv[0]."""
+  name = sys._getframe(depth).f_globals.get("__name__", "")
+  return sys.argv[0] if name == "__main__" else name
+
+
+def define_optimizer_flags(*, learning_rate: float, clip: float, optimizer: str = "adam") -> None:
+  """Define the --optimizer, --learning_rate, --clip and --clip_mode flags of a training script.
+
+  The defaults are the script's own; ``optimizer_from_flags`` builds the chain they describe.
+  The flags are filed under the calling script, so ``script_flag_values`` records them.
+  """
+  module = _calling_module_name()
+  flags.DEFINE_enum("optimizer", optimizer, OPTIMIZERS, "Optimiser.", module_name=module)
+  flags.DEFINE_float("learning_rate", learning_rate, "Learning rate.", module_name=module)
+  flags.DEFINE_float("clip", clip, "Gradient clipping threshold (0 disables).", module_name=module)
+  flags.DEFINE_enum("clip_mode", "norm", CLIP_MODES, "Clip the global norm or each value.", module_name=module)
+
+
+def script_flag_values() -> dict:
+  """{name: value} of every flag the running script (sys.argv[0]) defines: the config of results.json."""
+  return {flag.name: flag.value for flag in flags.FLAGS.get_key_flags_for_module(sys.argv[0])}
+
+
+def optimizer_from_flags() -> optax.GradientTransformation:
+  """``make_optimizer`` from the flags ``define_optimizer_flags`` defined (--clip=0: no clipping)."""
+  values = flags.FLAGS
+  return make_optimizer(values.optimizer, values.learning_rate, clip=values.clip or None,
+                        clip_mode=values.clip_mode)
 
 
 def recurrent_penalty(params, l1: float = 0.0, l2: float = 0.0) -> jax.Array:
@@ -296,11 +329,11 @@ def read_metrics(workdir: str) -> list[dict]:
   return records
 
 
-def _save_figure(fig, path: str) -> str:
-  """Lay out, save as PNG (100 dpi), close, and return ``path``."""
+def save_figure(fig, path: str, dpi: int = 100) -> str:
+  """Lay out, save as PNG, close, and return ``path`` (the experiments' one way to write a plot)."""
   import matplotlib.pyplot as plt
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  fig.savefig(path, dpi=dpi)
   plt.close(fig)
   return path
 
@@ -348,7 +381,7 @@ def plot_curves(workdir: str, keys: Optional[list[str]] = None, filename: str = 
     axis.set_xlabel("step")
     axis.set_title(key)
     axis.legend()
-  return _save_figure(fig, os.path.join(workdir, filename))
+  return save_figure(fig, os.path.join(workdir, filename))
 
 
 def merge_run_metrics(workdir: str, runs: list[str], path: str) -> str:
@@ -381,7 +414,7 @@ def plot_runs(workdir: str, runs: list[str], metric: str, *, ylabel: str, title:
   axis.set_ylabel(ylabel)
   axis.set_title(title)
   axis.legend()
-  return _save_figure(fig, os.path.join(workdir, filename))
+  return save_figure(fig, os.path.join(workdir, filename))
 
 
 class RunDir:

@@ -5,8 +5,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "experiments", "benchmark.py")
 
 

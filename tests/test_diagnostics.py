@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rnn_jax import cells, diagnostics, initializers
+from rnn_jax import cells, diagnostics
 from rnn_jax.sequence import run_cell
 
 
