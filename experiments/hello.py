@@ -152,14 +152,7 @@ def main(argv):
   optimizer = train.make_optimizer(FLAGS.optimizer, FLAGS.learning_rate, clip=FLAGS.clip or None)
   state = train.create_train_state(params, optimizer, jax.random.PRNGKey(FLAGS.seed))
   checkpoints = CheckpointManager(run.path("checkpoints"), keep=2)
-  step = 0
-  if checkpoints.latest_step() is not None:
-    if not FLAGS.resume:
-      raise FileExistsError(f"{checkpoints.directory} already holds checkpoints; pass --resume or choose a "
-                            "fresh --workdir (nothing was overwritten)")
-    state, extra = checkpoints.restore(state)
-    step = int(extra["step"])
-    run.truncate_after(step)
+  state, step = train.resume_or_refuse(checkpoints, state, run, FLAGS.resume)
 
   trace_before, before = forward_trace(cell, params, vocab, inputs)
   print("=== forward pass with the initial weights ===\n" + trace_before)

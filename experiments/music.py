@@ -109,16 +109,7 @@ def train_cell(cell: str, hidden_size: int, splits, config: dict) -> dict:
   run = train.RunDir(os.path.join(FLAGS.workdir, cell), {**config, "cell": cell, "hidden_size": hidden_size,
                                                           "num_params": num_params})
   checkpoints = CheckpointManager(run.path("checkpoints"), keep=FLAGS.keep, best_metric="nll")
-  start_step = 0
-  if FLAGS.resume and checkpoints.latest_step() is not None:
-    state, extra = checkpoints.restore(state)
-    start_step = int(extra["step"])
-    stream.seek(extra["data"])
-    run.truncate_after(start_step)
-    logging.info("%s: resumed from step %d", cell, start_step)
-  elif checkpoints.latest_step() is not None:
-    raise FileExistsError(f"{checkpoints.directory} already holds checkpoints; pass --resume to continue "
-                          "them or choose a fresh --workdir (nothing was overwritten)")
+  state, start_step = train.resume_or_refuse(checkpoints, state, run, FLAGS.resume, stream, label=cell)
 
   def loss_fn(params, batch, rng):
     return model.nll(params, batch["frames"], batch["lengths"], train=True, dropout_key=rng), {}

@@ -164,13 +164,7 @@ def train_cell(cell: str, splits, vocab_size: int, num_classes: int, config: dic
   run = train.RunDir(os.path.join(FLAGS.workdir, cell), {**config, "cell": cell})
   checkpoints = CheckpointManager(run.path("checkpoints"), keep=FLAGS.keep,
                                   best_metric="accuracy", best_mode="max")
-  start_step = 0
-  if FLAGS.resume and checkpoints.latest_step() is not None:
-    state, extra = checkpoints.restore(state)
-    start_step = int(extra["step"])
-    stream.seek(extra["data"])
-    run.truncate_after(start_step)
-    logging.info("%s: resumed from step %d", cell, start_step)
+  state, start_step = train.resume_or_refuse(checkpoints, state, run, FLAGS.resume, stream, label=cell)
   train_step = train.make_train_step(make_loss_fn(model), optimizer)
   predict_fn = make_predict_fn(model)
   valid_sequences, valid_labels = splits["valid"]

@@ -172,16 +172,7 @@ def main(argv):
   best_metric = "f1" if FLAGS.task == "ner" else "token_accuracy"
   checkpoints = CheckpointManager(run.path("checkpoints"), keep=FLAGS.keep, best_metric=best_metric,
                                   best_mode="max")
-  start_step = 0
-  if checkpoints.latest_step() is not None:
-    if not FLAGS.resume:
-      raise FileExistsError(f"{checkpoints.directory} already holds checkpoints; pass --resume to continue "
-                            "them or choose a fresh --workdir (nothing was overwritten)")
-    state, extra = checkpoints.restore(state)
-    start_step = int(extra["step"])
-    stream.seek(extra["data"])
-    run.truncate_after(start_step)
-    logging.info("resumed from step %d", start_step)
+  state, start_step = train.resume_or_refuse(checkpoints, state, run, FLAGS.resume, stream)
   train_step = train.make_train_step(make_loss_fn(model, singletons, vocab.unk_id), optimizer)
   predict_fn = jax.jit(lambda params, ids, lengths: model(params, ids, lengths))
 

@@ -180,16 +180,7 @@ def main(argv):
                                      "source_vocab": len(source_vocab), "target_vocab": len(target_vocab)})
   run.write_text("vocab.json", json.dumps({"source": source_vocab.tokens, "target": target_vocab.tokens}))
   checkpoints = CheckpointManager(run.path("checkpoints"), keep=FLAGS.keep, best_metric="loss")
-  start_step = 0
-  if FLAGS.resume and checkpoints.latest_step() is not None:
-    state, extra = checkpoints.restore(state)
-    start_step = int(extra["step"])
-    stream.seek(extra["data"])
-    run.truncate_after(start_step)
-    logging.info("resumed from step %d", start_step)
-  elif checkpoints.latest_step() is not None:
-    raise FileExistsError(f"{checkpoints.directory} already holds checkpoints; pass --resume to continue "
-                          "them or choose a fresh --workdir (nothing was overwritten)")
+  state, start_step = train.resume_or_refuse(checkpoints, state, run, FLAGS.resume, stream)
 
   loss_fn = make_loss_fn(model)
   train_step = train.make_train_step(loss_fn, optimizer)

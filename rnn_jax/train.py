@@ -507,6 +507,26 @@ class FitResult:
   eval: dict
 
 
+def resume_or_refuse(checkpoints, state, run: "RunDir", resume: bool, stream=None, label: str = ""):
+  """Continue from the latest checkpoint with --resume; refuse to overwrite one without it.
+
+  Returns (state, start_step): the restored state and its step (the data stream is moved to
+  its saved position and metrics.jsonl cut after that step), or (state, 0) with no checkpoint.
+  Raises FileExistsError when checkpoints exist and ``resume`` is False; nothing is touched.
+  """
+  if checkpoints.latest_step() is None:
+    return state, 0
+  if not resume:
+    raise FileExistsError(f"{checkpoints.directory} already holds checkpoints; pass --resume to continue "
+                          "them or choose a fresh --workdir (nothing was overwritten)")
+  state, extra = checkpoints.restore(state)
+  start_step = int(extra["step"])
+  if stream is not None:
+    stream.seek(extra["data"])
+  run.truncate_after(start_step)
+  logging.info("%sresumed from step %d", f"{label}: " if label else "", start_step)
+  return state, start_step
+
 def fit(state, step_fn, stream: Stream, *, num_steps: int, run: RunDir, start_step: int = 0,
         evaluate: Optional[Callable[[Any], dict]] = None, eval_every: int = 0,
         checkpoints=None, checkpoint_every: int = 0, best_metric: Optional[str] = None,
