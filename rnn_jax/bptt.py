@@ -31,6 +31,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from rnn_jax import cpu_kernels
 from rnn_jax.cells import ACTIVATIONS, GRU, LSTM, Cell, Elman, LSTMState, Params, linear
 
 
@@ -256,8 +257,29 @@ def _hidden(carry):
   return carry.h if isinstance(carry, LSTMState) else carry
 
 
+def _uses_cpu_kernel(cell: Cell, rec: Params, a: jax.Array, carry) -> bool:
+  """True if the plain float32 LSTM runs in ``cpu_kernels`` (on CPU, when it is built) instead of lax.scan."""
+  return (isinstance(cell, LSTM) and cell.dtype is None and jax.default_backend() == "cpu"
+          and cpu_kernels.applies(cell.hidden_size, a, rec["w_hh"], carry.h, carry.c))
+
+
+def _final_carry(carries, reverse: bool):
+  return jax.tree_util.tree_map(lambda x: x[0 if reverse else -1], carries)
+
+
 def _forward_scan(cell, reverse, unroll, rec, a, carry, mask, save: bool):
-  """Scan the forward steps; returns (final carry, carries [T, ...], saved gates [T, ...] or None)."""
+  """Scan the forward steps; returns (final carry, carries [T, ...], saved gates [T, ...] or None).
+
+  The saved gates are a tuple of G blocks [T, ..., H] from the scan, or one [T, ..., 4H]
+  array from the CPU LSTM kernel.
+  """
+  if _uses_cpu_kernel(cell, rec, a, carry):
+    if a.shape[0] == 0:
+      return carry, LSTMState(h=a[..., :0], c=a[..., :0]), (a if save else None)
+    hs, cs, gates = cpu_kernels.lstm_forward(a, rec["w_hh"], carry.h, carry.c, mask, reverse=reverse,
+                                             save_gates=save)
+    carries = LSTMState(h=hs, c=cs)
+    return _final_carry(carries, reverse), carries, gates
   forward_step = _steps(cell)[0]
   # W_hh^T is materialised once, before the loop, so the in-loop product is a plain
   # [B, H] x [H, G*H] matmul; the barrier keeps XLA from folding the transpose back into
@@ -301,8 +323,13 @@ def _fused_fwd(cell, reverse, unroll, rec, a, carry, mask):
 def _fused_bwd(cell, reverse, unroll, residuals, cotangents):
   rec, carry_0, mask, carries, saved = residuals
   d_carry_T, d_hs = cotangents
-  backward_step = _steps(cell)[1]
   previous = _shift_previous(carry_0, carries, reverse)
+  if not isinstance(saved, tuple):  # the CPU LSTM kernel's [T, ..., 4H] gates
+    da, dh_0, dc_0 = cpu_kernels.lstm_backward(saved, carries.c, carry_0.c, rec["w_hh"], d_hs, d_carry_T.h,
+                                               d_carry_T.c, mask, reverse=reverse)
+    d_w_hh = _sum_outer(da, previous.h, cell.dtype, rec["w_hh"].dtype)
+    return {"w_hh": d_w_hh}, da, LSTMState(h=dh_0, c=dc_0), None
+  backward_step = _steps(cell)[1]
   is_lstm = isinstance(cell, LSTM)
 
   def body(dcarry, inputs):

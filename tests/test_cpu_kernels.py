@@ -1,0 +1,191 @@
+"""The fused CPU LSTM kernel (rnn_jax.cpu_kernels): same numbers as the lax.scan path, used where it applies.
+
+Every check runs the same model with the kernel and with ``jax.grad`` through
+``lax.scan`` (``backward="autodiff"``), which tests/test_bptt.py, test_torch_parity.py
+and test_flax_parity.py tie to numpy, PyTorch and Flax. H is a multiple of the
+vector width (16 floats with AVX-512) so that the kernel runs; B = 5 leaves a
+remainder after the kernel's blocks of 4 rows, and the lengths include 0 and T.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rnn_jax import LSTM, StackedRNN, bptt, cpu_kernels, rnn
+from rnn_jax.cells import LSTMState
+
+pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None,
+                                reason="no C++ compiler to build the kernel with")
+
+B, T, F = 5, 6, 3
+LENGTHS = np.array([6, 2, 0, 5, 1])
+
+
+@pytest.fixture(autouse=True)
+def _kernel_on():
+  cpu_kernels.set_enabled(True)
+  yield
+  cpu_kernels.set_enabled(True)
+
+
+def _hidden_sizes():
+  width = cpu_kernels.vector_width()
+  return (2 * width, 3 * width)
+
+
+def _inputs(H, dtype=jnp.float32, seed=0):
+  cell = LSTM(H, forget_bias=1.0)
+  key_p, key_x, key_h, key_c = jax.random.split(jax.random.PRNGKey(seed), 4)
+  params = jax.tree_util.tree_map(lambda p: p.astype(dtype), cell.init(key_p, F))
+  xs = jax.random.normal(key_x, (B, T, F), dtype)
+  carry = LSTMState(h=0.5 * jax.random.normal(key_h, (B, H), dtype), c=0.5 * jax.random.normal(key_c, (B, H), dtype))
+  return cell, params, xs, carry
+
+
+def _loss(cell, params, carry, xs, lengths, backward):
+  """Both directions, every output and the final carries, with uneven weights."""
+  total = 0.0
+  for reverse in (False, True):
+    final, ys = rnn(cell, params, xs, lengths, initial_carry=carry, reverse=reverse, backward=backward)
+    weights = jnp.cos(jnp.arange(ys.size, dtype=ys.dtype)).reshape(ys.shape)
+    total += jnp.sum(weights * ys ** 2) + jnp.sum(jnp.sin(3.0 * final.h)) + jnp.sum(jnp.sin(2.0 * final.c))
+  return total
+
+
+def test_kernel_is_built_and_runs_the_default_lstm_path():
+  assert cpu_kernels.available(), cpu_kernels.unavailable_reason()
+  cell, params, xs, carry = _inputs(_hidden_sizes()[0])
+  text = jax.jit(jax.grad(lambda p: _loss(cell, p, carry, xs, LENGTHS, "auto"))).lower(params).as_text()
+  assert cpu_kernels.FORWARD_TARGET in text and cpu_kernels.BACKWARD_TARGET in text
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_loss_and_gradients_equal_autodiff_through_scan(which):
+  cell, params, xs, carry = _inputs(_hidden_sizes()[which])
+  grad = jax.jit(jax.value_and_grad(_loss, argnums=(1, 2, 3)), static_argnums=(0, 5))
+  loss_kernel, grads_kernel = grad(cell, params, carry, xs, LENGTHS, "fused")
+  loss_scan, grads_scan = grad(cell, params, carry, xs, LENGTHS, "autodiff")
+  np.testing.assert_allclose(loss_kernel, loss_scan, rtol=1e-6)
+  for kernel_leaf, scan_leaf in zip(jax.tree_util.tree_leaves(grads_kernel), jax.tree_util.tree_leaves(grads_scan)):
+    scale = float(jnp.max(jnp.abs(scan_leaf)))
+    assert float(jnp.max(jnp.abs(kernel_leaf - scan_leaf))) <= 1e-5 * max(scale, 1.0)
+
+
+def _numpy_lstm(a, w_hh, h, c, mask, reverse):
+  """The forward equations in numpy, float64: a [T, N, 4H] -> hs, cs [T, N, H]."""
+  sigmoid = lambda v: 1.0 / (1.0 + np.exp(-v))
+  hs, cs = np.zeros(a.shape[:2] + h.shape[-1:]), np.zeros(a.shape[:2] + h.shape[-1:])
+  for t in (reversed(range(a.shape[0])) if reverse else range(a.shape[0])):
+    i, f, g, o = np.split(a[t] + h @ w_hh.T, 4, axis=-1)
+    c_new = sigmoid(f) * c + sigmoid(i) * np.tanh(g)
+    h_new = sigmoid(o) * np.tanh(c_new)
+    valid = mask[t][:, None]
+    h, c = np.where(valid, h_new, h), np.where(valid, c_new, c)
+    hs[t], cs[t] = h, c
+  return hs, cs
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_forward_equals_the_equations_in_numpy(reverse):
+  H = _hidden_sizes()[1]
+  rng = np.random.default_rng(1)
+  a = rng.normal(size=(T, B, 4 * H)).astype(np.float32)
+  w_hh = (0.3 * rng.normal(size=(4 * H, H))).astype(np.float32)
+  h0, c0 = rng.normal(size=(2, B, H)).astype(np.float32)
+  mask = np.arange(T)[:, None] < LENGTHS[None, :]
+  hs, cs, gates = cpu_kernels.lstm_forward(jnp.asarray(a), jnp.asarray(w_hh), jnp.asarray(h0), jnp.asarray(c0),
+                                           jnp.asarray(mask), reverse=reverse)
+  hs_ref, cs_ref = _numpy_lstm(a.astype(np.float64), w_hh.astype(np.float64), h0, c0, mask, reverse)
+  np.testing.assert_allclose(hs, hs_ref, atol=2e-6)
+  np.testing.assert_allclose(cs, cs_ref, atol=5e-6)
+  assert gates.shape == (T, B, 4 * H)
+
+
+def test_several_batch_axes_and_vmap():
+  """a: [T, 2, 3, 4H] runs as N = 6 rows; vmap over the kernel equals a loop over the mapped axis."""
+  H = _hidden_sizes()[0]
+  rng = np.random.default_rng(2)
+  a = jnp.asarray(rng.normal(size=(T, 2, 3, 4 * H)), jnp.float32)
+  w_hh = jnp.asarray(0.3 * rng.normal(size=(4 * H, H)), jnp.float32)
+  zeros = jnp.zeros((2, 3, H), jnp.float32)
+  hs, cs, _ = cpu_kernels.lstm_forward(a, w_hh, zeros, zeros)
+  flat, _, _ = cpu_kernels.lstm_forward(a.reshape(T, 6, 4 * H), w_hh, zeros.reshape(6, H), zeros.reshape(6, H))
+  np.testing.assert_array_equal(hs.reshape(T, 6, H), flat)
+
+  cell = LSTM(H)
+  params = cell.init(jax.random.PRNGKey(0), F)
+  xs = jnp.asarray(rng.normal(size=(4, B, T, F)), jnp.float32)
+  per_group = lambda x: jnp.sum(rnn(cell, params, x, LENGTHS)[1] ** 2)
+  mapped = jax.vmap(jax.grad(lambda p, x: jnp.sum(rnn(cell, p, x, LENGTHS)[1] ** 2)), in_axes=(None, 0))(params, xs)
+  for g in range(4):
+    looped = jax.grad(lambda p: jnp.sum(rnn(cell, p, xs[g], LENGTHS)[1] ** 2))(params)
+    for m, l in zip(jax.tree_util.tree_leaves(mapped), jax.tree_util.tree_leaves(looped)):
+      np.testing.assert_allclose(m[g], l, atol=1e-5)
+  assert np.isfinite(float(per_group(xs[0])))
+
+
+def test_stacked_bidirectional_lstm_uses_the_kernel_and_matches_scan():
+  H = _hidden_sizes()[0]
+  model = StackedRNN(LSTM(H), num_layers=2, bidirectional=True)
+  params = model.init(jax.random.PRNGKey(3), F)
+  xs = jax.random.normal(jax.random.PRNGKey(4), (B, T, F))
+  loss = lambda p, backward: jnp.sum(jnp.tanh(model(p, xs, LENGTHS, backward=backward)[1]))
+  text = jax.jit(jax.grad(loss), static_argnums=1).lower(params, "auto").as_text()
+  assert text.count(cpu_kernels.BACKWARD_TARGET) >= 4
+  grads_kernel = jax.grad(loss)(params, "auto")
+  grads_scan = jax.grad(loss)(params, "autodiff")
+  for k, s in zip(jax.tree_util.tree_leaves(grads_kernel), jax.tree_util.tree_leaves(grads_scan)):
+    np.testing.assert_allclose(k, s, atol=1e-5)
+
+
+def test_kernel_is_skipped_where_it_does_not_apply():
+  """Switched off, not float32, or H not a multiple of the vector width: the lax.scan path, no custom call."""
+  H = _hidden_sizes()[0]
+  cell, params, xs, carry = _inputs(H)
+  lower = lambda c, p, x, h0: jax.jit(lambda p: _loss(c, p, h0, x, LENGTHS, "auto")).lower(p).as_text()
+  cpu_kernels.set_enabled(False)
+  assert cpu_kernels.FORWARD_TARGET not in lower(cell, params, xs, carry)
+  cpu_kernels.set_enabled(True)
+  odd_cell, odd_params, odd_xs, odd_carry = _inputs(H + 1)
+  assert cpu_kernels.FORWARD_TARGET not in lower(odd_cell, odd_params, odd_xs, odd_carry)
+  assert bptt._uses_cpu_kernel(cell, params, xs, carry)
+  half = lambda x: x.astype(jnp.bfloat16)
+  assert not bptt._uses_cpu_kernel(cell, {"w_hh": half(params["w_hh"])}, half(xs), LSTMState(half(carry.h), half(carry.c)))
+
+
+def test_wrong_shapes_are_refused_with_names():
+  H = _hidden_sizes()[0]
+  a = jnp.zeros((T, B, 4 * H), jnp.float32)
+  zeros = jnp.zeros((B, H), jnp.float32)
+  with pytest.raises(Exception, match=r"W_hh has shape \[%d, %d\], expected \[%d, %d\]" % (4 * H, H + 1, 4 * H, H)):
+    jax.block_until_ready(cpu_kernels.lstm_forward(a, jnp.zeros((4 * H, H + 1), jnp.float32), zeros, zeros))
+
+
+def test_failed_build_warns_and_falls_back_to_scan(tmp_path):
+  """No working compiler: a RuntimeWarning names the failure, and the LSTM still trains through lax.scan."""
+  script = textwrap.dedent("""
+      import warnings
+      import jax, jax.numpy as jnp
+      from rnn_jax import LSTM, cpu_kernels, rnn
+      with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cell = LSTM(32)
+        params = cell.init(jax.random.PRNGKey(0), 3)
+        grads = jax.grad(lambda p: jnp.sum(rnn(cell, p, jnp.ones((2, 4, 3)))[1]))(params)
+      assert not cpu_kernels.available()
+      assert "failed" in cpu_kernels.unavailable_reason()
+      assert any("kernel is unavailable" in str(w.message) for w in caught), [str(w.message) for w in caught]
+      assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree_util.tree_leaves(grads))
+      print("fell back")
+  """)
+  env = {**os.environ, "CXX": "false", "RNN_JAX_KERNEL_CACHE": str(tmp_path), "JAX_PLATFORMS": "cpu"}
+  done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "fell back" in done.stdout
