@@ -40,12 +40,13 @@ def _hidden_sizes():
   return (2 * width, 3 * width)
 
 
-def _inputs(H, dtype=jnp.float32, seed=0):
+def _inputs(H, dtype=jnp.float32, seed=0, batch=B):
   cell = LSTM(H, forget_bias=1.0)
   key_p, key_x, key_h, key_c = jax.random.split(jax.random.PRNGKey(seed), 4)
   params = jax.tree_util.tree_map(lambda p: p.astype(dtype), cell.init(key_p, F))
-  xs = jax.random.normal(key_x, (B, T, F), dtype)
-  carry = LSTMState(h=0.5 * jax.random.normal(key_h, (B, H), dtype), c=0.5 * jax.random.normal(key_c, (B, H), dtype))
+  xs = jax.random.normal(key_x, (batch, T, F), dtype)
+  carry = LSTMState(h=0.5 * jax.random.normal(key_h, (batch, H), dtype),
+                    c=0.5 * jax.random.normal(key_c, (batch, H), dtype))
   return cell, params, xs, carry
 
 
@@ -66,12 +67,13 @@ def test_kernel_is_built_and_runs_the_default_lstm_path():
   assert cpu_kernels.FORWARD_TARGET in text and cpu_kernels.BACKWARD_TARGET in text
 
 
-@pytest.mark.parametrize("which", [0, 1])
-def test_loss_and_gradients_equal_autodiff_through_scan(which):
-  cell, params, xs, carry = _inputs(_hidden_sizes()[which])
+@pytest.mark.parametrize("which, batch", [(0, B), (1, B), (1, 13)])
+def test_loss_and_gradients_equal_autodiff_through_scan(which, batch):
+  cell, params, xs, carry = _inputs(_hidden_sizes()[which], batch=batch)
+  lengths = np.resize(LENGTHS, batch)
   grad = jax.jit(jax.value_and_grad(_loss, argnums=(1, 2, 3)), static_argnums=(0, 5))
-  loss_kernel, grads_kernel = grad(cell, params, carry, xs, LENGTHS, "fused")
-  loss_scan, grads_scan = grad(cell, params, carry, xs, LENGTHS, "autodiff")
+  loss_kernel, grads_kernel = grad(cell, params, carry, xs, lengths, "fused")
+  loss_scan, grads_scan = grad(cell, params, carry, xs, lengths, "autodiff")
   np.testing.assert_allclose(loss_kernel, loss_scan, rtol=1e-6)
   for kernel_leaf, scan_leaf in zip(jax.tree_util.tree_leaves(grads_kernel), jax.tree_util.tree_leaves(grads_scan)):
     scale = float(jnp.max(jnp.abs(scan_leaf)))
@@ -93,19 +95,21 @@ def _numpy_lstm(a, w_hh, h, c, mask, reverse):
 
 
 @pytest.mark.parametrize("reverse", [False, True])
-def test_forward_equals_the_equations_in_numpy(reverse):
+@pytest.mark.parametrize("batch", [5, 13])
+def test_forward_equals_the_equations_in_numpy(reverse, batch):
+  """batch 13 = two full blocks of 6 rows and one row left over; 5 is a block of 5 rows only."""
   H = _hidden_sizes()[1]
   rng = np.random.default_rng(1)
-  a = rng.normal(size=(T, B, 4 * H)).astype(np.float32)
+  a = rng.normal(size=(T, batch, 4 * H)).astype(np.float32)
   w_hh = (0.3 * rng.normal(size=(4 * H, H))).astype(np.float32)
-  h0, c0 = rng.normal(size=(2, B, H)).astype(np.float32)
-  mask = np.arange(T)[:, None] < LENGTHS[None, :]
+  h0, c0 = rng.normal(size=(2, batch, H)).astype(np.float32)
+  mask = np.arange(T)[:, None] < np.resize(LENGTHS, batch)[None, :]
   hs, cs, gates = cpu_kernels.lstm_forward(jnp.asarray(a), jnp.asarray(w_hh), jnp.asarray(h0), jnp.asarray(c0),
                                            jnp.asarray(mask), reverse=reverse)
   hs_ref, cs_ref = _numpy_lstm(a.astype(np.float64), w_hh.astype(np.float64), h0, c0, mask, reverse)
   np.testing.assert_allclose(hs, hs_ref, atol=2e-6)
   np.testing.assert_allclose(cs, cs_ref, atol=5e-6)
-  assert gates.shape == (T, B, 4 * H)
+  assert gates.shape == (T, batch, 4 * H)
 
 
 def test_several_batch_axes_and_vmap():
