@@ -259,7 +259,7 @@ def _hidden(carry):
 
 def _uses_cpu_kernel(cell: Cell, rec: Params, a: jax.Array, carry) -> bool:
   """True if the plain float32 LSTM runs in ``cpu_kernels`` (on CPU, when it is built) instead of lax.scan."""
-  return (isinstance(cell, LSTM) and cell.dtype is None and jax.default_backend() == "cpu"
+  return (isinstance(cell, LSTM) and supports(cell) and cell.dtype is None and jax.default_backend() == "cpu"
           and cpu_kernels.applies(cell.hidden_size, a, rec["w_hh"], carry.h, carry.c))
 
 
