@@ -38,7 +38,7 @@ import time
 
 from absl import app, flags
 
-IMPLS = ("rnn_jax", "rnn_jax_autodiff", "flax", "torch", "torch_no_onednn", "jax_cudnn", "torch_cuda")
+IMPLS = ("rnn_jax", "rnn_jax_scan", "rnn_jax_autodiff", "flax", "torch", "torch_no_onednn", "jax_cudnn", "torch_cuda")
 GPU_IMPLS = ("jax_cudnn", "torch_cuda")
 CELL_NAMES = ("lstm", "gru", "elman")
 PARALLEL_MODELS = ("mingru", "minlstm", "elman_deer", "gru_deer")
@@ -146,10 +146,13 @@ def _build_jax(spec):
   key_embed, key_rnn, key_out = jax.random.split(jax.random.PRNGKey(spec["seed"]), 3)
   params = {"embed": layers.embedding_init(key_embed, V, D), "out": layers.dense_init(key_out, H, V)}
 
-  if impl in ("rnn_jax", "rnn_jax_autodiff"):
+  if impl in ("rnn_jax", "rnn_jax_scan", "rnn_jax_autodiff"):
+    from rnn_jax import cpu_kernels
+    # rnn_jax_scan: the hand-derived BPTT through lax.scan, with the fused CPU LSTM kernel off.
+    cpu_kernels.set_enabled(impl != "rnn_jax_scan")
     cell = make_cell(spec["cell"], H, dtype=compute_dtype)
     params["rnn"] = cell.init(key_rnn, D)
-    backward = "auto" if impl == "rnn_jax" else "autodiff"
+    backward = "autodiff" if impl == "rnn_jax_autodiff" else "auto"
 
     def hidden_states(params, x):
       return rnn(cell, params["rnn"], x, backward=backward, unroll=spec["unroll"],

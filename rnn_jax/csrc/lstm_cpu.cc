@@ -26,6 +26,10 @@
 // calling thread can finish every ticket alone, so late or missing helpers only
 // cost speed, never progress.
 
+#if defined(__linux__)
+#include <sched.h>
+#endif
+
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
@@ -107,13 +111,30 @@ inline void ForRowBlocks(int64_t N, Fn fn) {
   }
 }
 
-inline void Pause() {
+// Waits until counter >= target. Spins briefly (a step's chunks take tens of microseconds),
+// then yields the core, so that a participant the OS has descheduled can run and finish
+// its chunk instead of the waiter burning that core.
+inline void WaitAtLeast(const std::atomic<int64_t>& counter, int64_t target) {
+  for (int spins = 0; counter.load(std::memory_order_acquire) < target; ++spins) {
+    if (spins < 4096) {
 #if defined(__x86_64__) || defined(__i386__)
-  __builtin_ia32_pause();
+      __builtin_ia32_pause();
 #endif
+    } else {
+      std::this_thread::yield();
+    }
+  }
 }
 
 // ---- ticketed steps ------------------------------------------------------------
+
+inline int CurrentCpu() {
+#if defined(__linux__)
+  return sched_getcpu();
+#else
+  return -1;
+#endif
+}
 
 // Runs work(step, chunk) for every step in order and every chunk of a step in any
 // order, on the calling thread and on up to `helpers` pool threads.
@@ -122,9 +143,15 @@ class Steps {
   template <typename Work>
   static void Run(ffi::ThreadPool& pool, int64_t helpers, int64_t steps, int64_t chunks, Work work) {
     auto state = std::make_shared<Steps>(steps * chunks, chunks);
-    for (int64_t i = 0; i < helpers; ++i) pool.Schedule([state, work]() { state->Participate(work); });
+    state->ClaimCpu(CurrentCpu());
+    for (int64_t i = 0; i < helpers; ++i) {
+      pool.Schedule([state, work]() {
+        SpreadOut spread(*state);
+        state->Participate(work);
+      });
+    }
     state->Participate(work);
-    while (state->done_.load(std::memory_order_acquire) < state->total_) Pause();
+    WaitAtLeast(state->done_, state->total_);
   }
 
   Steps(int64_t total, int64_t chunks) : total_(total), chunks_(chunks) {}
@@ -136,21 +163,64 @@ class Steps {
       const int64_t ticket = next_.fetch_add(1, std::memory_order_relaxed);
       if (ticket >= total_) return;
       const int64_t step = ticket / chunks_;
-      while (done_.load(std::memory_order_acquire) < step * chunks_) Pause();
+      WaitAtLeast(done_, step * chunks_);
       work(step, ticket % chunks_);
       done_.fetch_add(1, std::memory_order_release);
     }
   }
 
+  // True if `cpu` was not yet claimed by a participant of this call (CPUs 0-63 are tracked).
+  bool ClaimCpu(int cpu) {
+    if (cpu < 0 || cpu >= 64) return true;
+    const uint64_t bit = uint64_t{1} << cpu;
+    return (cpus_.fetch_or(bit, std::memory_order_relaxed) & bit) == 0;
+  }
+
+  // A woken helper often starts on the caller's core (the scheduler's wake-up affinity) and
+  // the two then share it, spinning in turn at every step, until the load balancer moves
+  // one: a 7.5 ms call took 14-16 ms. SpreadOut moves a helper that finds its core
+  // taken to a free allowed core for the rest of the task, and restores its affinity mask
+  // afterwards, so XLA's pool thread leaves as it came.
+  class SpreadOut {
+   public:
+#if defined(__linux__)
+    explicit SpreadOut(Steps& steps) {
+      if (steps.ClaimCpu(CurrentCpu())) return;
+      if (sched_getaffinity(0, sizeof(original_), &original_) != 0) return;
+      for (int cpu = 0; cpu < 64 && cpu < CPU_SETSIZE; ++cpu) {
+        if (!CPU_ISSET(cpu, &original_) || !steps.ClaimCpu(cpu)) continue;
+        cpu_set_t one;
+        CPU_ZERO(&one);
+        CPU_SET(cpu, &one);
+        moved_ = sched_setaffinity(0, sizeof(one), &one) == 0;
+        return;
+      }
+    }
+    ~SpreadOut() {
+      if (moved_) sched_setaffinity(0, sizeof(original_), &original_);
+    }
+
+   private:
+    cpu_set_t original_;
+    bool moved_ = false;
+#else
+    explicit SpreadOut(Steps&) {}
+#endif
+  };
+
   const int64_t total_;
   const int64_t chunks_;
   std::atomic<int64_t> next_{0};
   std::atomic<int64_t> done_{0};
+  std::atomic<uint64_t> cpus_{0};
 };
 
+// Threads working on one call: the caller plus helpers from XLA's pool, at most one per
+// core; RNN_JAX_KERNEL_THREADS caps it (like OMP_NUM_THREADS).
 int64_t Participants(ffi::ThreadPool& pool) {
-  const int64_t cores = std::max<unsigned>(1, std::thread::hardware_concurrency());
-  return std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), cores));
+  int64_t limit = std::max<unsigned>(1, std::thread::hardware_concurrency());
+  if (const char* cap = std::getenv("RNN_JAX_KERNEL_THREADS")) limit = std::min<int64_t>(limit, std::atoll(cap));
+  return std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), limit));
 }
 
 // Hidden units are handed out in chunks of whole vectors: chunk c of `chunks`
