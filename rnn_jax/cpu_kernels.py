@@ -48,6 +48,9 @@ SOURCE = pathlib.Path(__file__).parent / "csrc" / "lstm_cpu.cc"
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 FORWARD_TARGET = "rnn_jax_lstm_forward"
 BACKWARD_TARGET = "rnn_jax_lstm_backward"
+# a, hs and dL/dhs ([T, N, ...]) are handed over batch-major ([N, T, ...] in memory): rnn()'s input
+# projection and read-out run batch-major, so XLA then needs no transpose on either side.
+BATCH_MAJOR = (1, 0, 2)
 
 _lock = threading.Lock()
 _library: Optional[ctypes.CDLL] = None
@@ -190,6 +193,7 @@ def lstm_forward(a, w_hh, h0, c0, mask=None, *, reverse: bool = False, save_gate
       FORWARD_TARGET,
       (jax.ShapeDtypeStruct((T, N, H), jnp.float32), jax.ShapeDtypeStruct((T, N, H), jnp.float32),
        jax.ShapeDtypeStruct(gates_shape, jnp.float32)),
+      input_layouts=(BATCH_MAJOR, None, None, None, None), output_layouts=(BATCH_MAJOR, None, None),
       vmap_method="sequential")
   hs, cs, gates = call(a.reshape(T, N, G), w_hh, h0.reshape(N, H), c0.reshape(N, H), mask_operand,
                        reverse=int(reverse), save_gates=int(save_gates), use_mask=use_mask)
@@ -218,6 +222,7 @@ def lstm_backward(gates, cs, c0, w_hh, d_hs, dh_last, dc_last, mask=None, *, rev
       BACKWARD_TARGET,
       (jax.ShapeDtypeStruct((T, N, 4 * H), jnp.float32), jax.ShapeDtypeStruct((N, H), jnp.float32),
        jax.ShapeDtypeStruct((N, H), jnp.float32)),
+      input_layouts=(None, None, None, None, BATCH_MAJOR, None, None, None),
       vmap_method="sequential")
   da, dh0, dc0 = call(gates.reshape(T, N, 4 * H), cs.reshape(T, N, H), c0.reshape(N, H), w_hh,
                       d_hs.reshape(T, N, H), dh_last.reshape(N, H), dc_last.reshape(N, H), mask_operand,

@@ -15,8 +15,10 @@
 //   da_o = dh tanh(c_t) o (1 - o);  dh_{t-1} = W_hh^T da_t;  dc_{t-1} = dc f
 //   on masked steps da_t = 0 and (dh, dc) pass through unchanged.
 //
-// Shapes (row-major): a, gates, da: [T, N, 4H]; hs, cs, d_hs: [T, N, H];
-// h0, c0, dh0, dc0: [N, H]; mask: [T, N]; W_hh: [4H, H].
+// Shapes: gates, da: [T, N, 4H]; cs: [T, N, H]; h0, c0, dh0, dc0: [N, H]; mask: [T, N];
+// W_hh: [4H, H]. a: [T, N, 4H] and hs, d_hs: [T, N, H] are stored batch-major ([N, T, ...]
+// in memory, the layout the caller requests through the FFI), which is how rnn_jax.rnn's
+// batch-major input projection and read-out produce and consume them: no transposes.
 //
 // Each step is split into chunks of hidden units. A chunk's matmul and its gate
 // arithmetic are fused: the accumulators for 4 batch rows x 4 gates x one vector
@@ -266,35 +268,43 @@ void PackBackward(const float* w_hh, int64_t H, float* packed) {
 }
 
 struct Forward {
-  const float* a;
+  const float* a;  // batch-major [N, T, 4H]
   const float* w_packed;
   const bool* mask;
   const float* h0;
   const float* c0;
-  float* hs;
+  float* hs;  // batch-major [N, T, H]
   float* cs;
   float* gates;  // null when the gates are not saved
   int64_t T, N, H;
   bool reverse;
 
   int64_t Time(int64_t step) const { return reverse ? T - 1 - step : step; }
+  float* HiddenRow(int64_t t, int64_t b) const { return hs + (b * T + t) * H; }
+  const float* PreviousHiddenRow(int64_t step, int64_t b) const {
+    return step == 0 ? h0 + b * H : HiddenRow(Time(step - 1), b);
+  }
+  const float* PreviousCellRow(int64_t step, int64_t b) const {
+    return step == 0 ? c0 + b * H : cs + (Time(step - 1) * N + b) * H;
+  }
 
   // Rows [b0, b0 + R) and units [u, u + kWidth) of step `step`.
   template <int R>
   void Block(int64_t step, int64_t b0, int64_t u) const {
     const int64_t t = Time(step), G = 4 * H;
-    const float* h_prev = step == 0 ? h0 : hs + Time(step - 1) * N * H;
-    const float* c_prev = step == 0 ? c0 : cs + Time(step - 1) * N * H;
-    const float* a_t = a + t * N * G;
+    const float* h_prev[R];
     Vec acc[R][4];
-    for (int r = 0; r < R; ++r)
-      for (int q = 0; q < 4; ++q) acc[r][q] = Load(a_t + (b0 + r) * G + q * H + u);
+    for (int r = 0; r < R; ++r) {
+      h_prev[r] = PreviousHiddenRow(step, b0 + r);
+      const float* a_t = a + ((b0 + r) * T + t) * G + u;
+      for (int q = 0; q < 4; ++q) acc[r][q] = Load(a_t + q * H);
+    }
     const float* panel = w_packed + (u / kWidth) * H * 4 * kWidth;
     for (int64_t k = 0; k < H; ++k) {
       const float* w = panel + k * 4 * kWidth;
       const Vec w_i = Load(w), w_f = Load(w + kWidth), w_g = Load(w + 2 * kWidth), w_o = Load(w + 3 * kWidth);
       for (int r = 0; r < R; ++r) {
-        const float h = h_prev[(b0 + r) * H + k];
+        const float h = h_prev[r][k];
         acc[r][0] += h * w_i;
         acc[r][1] += h * w_f;
         acc[r][2] += h * w_g;
@@ -305,14 +315,14 @@ struct Forward {
       const int64_t b = b0 + r;
       const Vec i = Sigmoid(acc[r][0]), f = Sigmoid(acc[r][1]), g = Tanh(acc[r][2]),
                 o = Sigmoid(acc[r][3]);
-      Vec c = Load(c_prev + b * H + u);
-      Vec h = Load(h_prev + b * H + u);
+      Vec c = Load(PreviousCellRow(step, b) + u);
+      Vec h = Load(h_prev[r] + u);
       if (mask == nullptr || mask[t * N + b]) {
         c = f * c + i * g;
         h = o * Tanh(c);
       }
       Store(cs + (t * N + b) * H + u, c);
-      Store(hs + (t * N + b) * H + u, h);
+      Store(HiddenRow(t, b) + u, h);
       if (gates != nullptr) {
         float* saved = gates + (t * N + b) * G + u;
         Store(saved, i);
@@ -336,7 +346,7 @@ struct Backward {
   const float* cs;
   const float* c0;
   const float* w_packed;
-  const float* d_hs;
+  const float* d_hs;  // batch-major [N, T, H]
   const bool* mask;
   float* da;
   float* dh;        // [N, H]: dh_{t+1 -> t} before the step, dh_{t -> t-1} after; ends as dh0
@@ -400,7 +410,7 @@ struct Backward {
       const bool valid = Valid(t, b);
       for (int64_t u = unit_begin; u < unit_end; u += kWidth) {
         const int64_t offset = b * H + u;
-        const Vec dh_t = Load(dh + offset) + Load(d_hs + t * N * H + offset);
+        const Vec dh_t = Load(dh + offset) + Load(d_hs + (b * T + t) * H + u);
         Store(dh_total + offset, dh_t);
         float* da_t = da + (t * N + b) * G + u;
         if (!valid) {
