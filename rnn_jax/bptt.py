@@ -263,6 +263,13 @@ def _uses_cpu_kernel(cell: Cell, rec: Params, a: jax.Array, carry) -> bool:
           and cpu_kernels.applies(cell.hidden_size, a, rec["w_hh"], carry.h, carry.c))
 
 
+def kernel_adds_bias(cell: Cell, params: Params, xs: jax.Array, carry) -> bool:
+  """True if ``fused_scan`` will run this layer in the CPU LSTM kernel, so that the caller can
+  leave b out of a = W_xh x + b and pass it as ``input_bias`` (plain LSTM, float32 x, W_xh, b)."""
+  return (_uses_cpu_kernel(cell, params, xs, carry)
+          and all(jnp.result_type(v) == jnp.float32 for v in (params["w_xh"], params["b"])))
+
+
 def _final_carry(carries, reverse: bool):
   return jax.tree_util.tree_map(lambda x: x[0 if reverse else -1], carries)
 
@@ -276,10 +283,12 @@ def _forward_scan(cell, reverse, unroll, rec, a, carry, mask, save: bool):
   if _uses_cpu_kernel(cell, rec, a, carry):
     if a.shape[0] == 0:
       return carry, LSTMState(h=a[..., :0], c=a[..., :0]), (a if save else None)
-    hs, cs, gates = cpu_kernels.lstm_forward(a, rec["w_hh"], carry.h, carry.c, mask, reverse=reverse,
-                                             save_gates=save)
+    hs, cs, gates = cpu_kernels.lstm_forward(a, rec["w_hh"], carry.h, carry.c, mask,
+                                             bias=rec.get("input_bias"), reverse=reverse, save_gates=save)
     carries = LSTMState(h=hs, c=cs)
     return _final_carry(carries, reverse), carries, gates
+  if "input_bias" in rec:
+    a = a + rec["input_bias"]
   forward_step = _steps(cell)[0]
   # W_hh^T is materialised once, before the loop, so the in-loop product is a plain
   # [B, H] x [H, G*H] matmul; the barrier keeps XLA from folding the transpose back into
@@ -327,8 +336,8 @@ def _fused_bwd(cell, reverse, unroll, residuals, cotangents):
   if not isinstance(saved, tuple):  # the CPU LSTM kernel's [T, ..., 4H] gates
     da, dh_0, dc_0 = cpu_kernels.lstm_backward(saved, carries.c, carry_0.c, rec["w_hh"], d_hs, d_carry_T.h,
                                                d_carry_T.c, mask, reverse=reverse)
-    d_w_hh = _sum_outer(da, previous.h, cell.dtype, rec["w_hh"].dtype)
-    return {"w_hh": d_w_hh}, da, LSTMState(h=dh_0, c=dc_0), None
+    d_rec = {"w_hh": _sum_outer(da, previous.h, cell.dtype, rec["w_hh"].dtype)}
+    return _with_input_bias_gradient(d_rec, rec, da), da, LSTMState(h=dh_0, c=dc_0), None
   backward_step = _steps(cell)[1]
   is_lstm = isinstance(cell, LSTM)
 
@@ -362,14 +371,21 @@ def _fused_bwd(cell, reverse, unroll, residuals, cotangents):
   if isinstance(cell, GRU):
     H = cell.hidden_size
     d_rec["b_hn"] = jnp.sum(du[..., 2 * H:], axis=tuple(range(du.ndim - 1))).astype(rec["b_hn"].dtype)
-  return d_rec, da, d_carry_0, None
+  return _with_input_bias_gradient(d_rec, rec, da), da, d_carry_0, None
+
+
+def _with_input_bias_gradient(d_rec, rec, da):
+  """d input_bias = sum_t da_t (over every leading axis), when the bias came in separately."""
+  if "input_bias" in rec:
+    d_rec["input_bias"] = jnp.sum(da, axis=tuple(range(da.ndim - 1))).astype(rec["input_bias"].dtype)
+  return d_rec
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
 def fused_scan(cell: Cell, params: Params, a: jax.Array, carry, mask=None, *,
-               reverse: bool = False, unroll: int = 1):
+               reverse: bool = False, unroll: int = 1, input_bias=None):
   """The cell's recurrence over a: [T, ..., G*H] with the hand-derived backward pass.
 
     carry_t, h_t = recurrence(carry_{t-1}, a_t)    where mask_t (else carry held)
@@ -384,6 +400,8 @@ def fused_scan(cell: Cell, params: Params, a: jax.Array, carry, mask=None, *,
     mask: optional [T, ...] bool, True on real steps.
     reverse: scan t = T-1, ..., 0.
     unroll: ``lax.scan`` unroll for both the forward and the backward scan.
+    input_bias: optional [G*H] added to every a_t (a then holds W_xh x alone). The CPU LSTM
+      kernel adds it while reading a_t; elsewhere it is added before the scan.
   Returns:
     (final carry, hs: [T, ..., H]) with hs_t the (held) hidden state after step t.
   """
@@ -391,4 +409,6 @@ def fused_scan(cell: Cell, params: Params, a: jax.Array, carry, mask=None, *,
   if reason is not None:
     raise ValueError(reason + "; use backward='autodiff' (or 'auto')")
   rec = {name: params[name] for name in _recurrent_param_names(cell)}
+  if input_bias is not None:
+    rec["input_bias"] = input_bias
   return _fused(cell, reverse, unroll, rec, a, carry, mask)

@@ -48,8 +48,9 @@ SOURCE = pathlib.Path(__file__).parent / "csrc" / "lstm_cpu.cc"
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 FORWARD_TARGET = "rnn_jax_lstm_forward"
 BACKWARD_TARGET = "rnn_jax_lstm_backward"
-# a, hs and dL/dhs ([T, N, ...]) are handed over batch-major ([N, T, ...] in memory): rnn()'s input
-# projection and read-out run batch-major, so XLA then needs no transpose on either side.
+# hs and dL/dhs ([T, N, H]) are handed over batch-major ([N, T, H] in memory): rnn()'s read-out runs
+# batch-major, so XLA needs no transpose there. a stays time-major: XLA transposes the small
+# inputs x before the projection, so a = W_xh x arrives time-major and goes in as it is.
 BATCH_MAJOR = (1, 0, 2)
 
 _lock = threading.Lock()
@@ -169,14 +170,15 @@ def _mask_operand(mask, T: int, N: int):
   return mask.reshape(T, N).astype(jnp.bool_), 1
 
 
-def lstm_forward(a, w_hh, h0, c0, mask=None, *, reverse: bool = False, save_gates: bool = True):
+def lstm_forward(a, w_hh, h0, c0, mask=None, *, bias=None, reverse: bool = False, save_gates: bool = True):
   """The LSTM recurrence over precomputed input projections, in one kernel call.
 
   Args:
-    a: [T, ..., 4H] float32, a_t = W_xh x_t + b (gate order i, f, g, o).
+    a: [T, ..., 4H] float32, a_t = W_xh x_t (+ b) (gate order i, f, g, o).
     w_hh: [4H, H].
     h0, c0: [..., H], the initial carry.
     mask: optional [T, ...] bool, True on real steps (the carry is held elsewhere).
+    bias: optional [4H], added to every a_t inside the kernel (sparing XLA a pass over a).
     reverse: run t = T-1, ..., 0.
     save_gates: also return the activated gates, for ``lstm_backward``.
   Returns:
@@ -188,14 +190,15 @@ def lstm_forward(a, w_hh, h0, c0, mask=None, *, reverse: bool = False, save_gate
   batch_shape = a.shape[1:-1]
   N = int(np.prod(batch_shape, dtype=np.int64))
   mask_operand, use_mask = _mask_operand(mask, T, N)
+  bias = jnp.zeros((G,), jnp.float32) if bias is None else bias
   gates_shape = (T, N, G) if save_gates else (0,)
   call = jax.ffi.ffi_call(
       FORWARD_TARGET,
       (jax.ShapeDtypeStruct((T, N, H), jnp.float32), jax.ShapeDtypeStruct((T, N, H), jnp.float32),
        jax.ShapeDtypeStruct(gates_shape, jnp.float32)),
-      input_layouts=(BATCH_MAJOR, None, None, None, None), output_layouts=(BATCH_MAJOR, None, None),
+      output_layouts=(BATCH_MAJOR, None, None),
       vmap_method="sequential")
-  hs, cs, gates = call(a.reshape(T, N, G), w_hh, h0.reshape(N, H), c0.reshape(N, H), mask_operand,
+  hs, cs, gates = call(a.reshape(T, N, G), w_hh, bias, h0.reshape(N, H), c0.reshape(N, H), mask_operand,
                        reverse=int(reverse), save_gates=int(save_gates), use_mask=use_mask)
   unflatten = lambda x: x.reshape((T,) + batch_shape + x.shape[-1:])
   return unflatten(hs), unflatten(cs), (unflatten(gates) if save_gates else None)

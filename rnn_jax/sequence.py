@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rnn_jax import bptt
-from rnn_jax.cells import Cell, Params
+from rnn_jax.cells import Cell, Params, linear
 
 
 def _mask_tree(valid, new, old):
@@ -161,6 +161,11 @@ def _project_and_scan(cell: Cell, params: Params, xs: jax.Array, carry, mask, *,
     xs = jnp.where(mask[..., None], xs, jnp.zeros((), xs.dtype))
 
   def scan_chunk(xs_chunk, carry_chunk, mask_chunk):
+    if fused and bptt.kernel_adds_bias(cell, params, xs_chunk, carry_chunk):
+      # The CPU LSTM kernel adds b while it reads a_t, which spares XLA a pass over a.
+      a = linear(xs_chunk, params["w_xh"])
+      return bptt.fused_scan(cell, params, a, carry_chunk, mask_chunk, reverse=reverse, unroll=unroll,
+                             input_bias=params["b"])
     a = cell.input_projection(params, xs_chunk)
     return _scan_steps(cell, params, a, carry_chunk, mask_chunk, reverse=reverse, unroll=unroll,
                        fused=fused)

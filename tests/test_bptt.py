@@ -175,3 +175,24 @@ def test_scan_recurrence_rejects_bad_rank():
   params = cell.init(jax.random.PRNGKey(0), F)
   with pytest.raises(ValueError, match=r"\[T, G\*H\] or \[T, B, G\*H\]"):
     scan_recurrence(cell, params, jnp.zeros((2, 3, 4, H)), cell.initial_carry(params))
+
+
+@pytest.mark.parametrize("name", ["gru", "lstm"])
+def test_input_bias_passed_separately_equals_bias_inside_a(name):
+  """fused_scan(a, input_bias=b) = fused_scan(a + b), values and gradients (b's included)."""
+  cell = CELLS[name]
+  params, xs, carry = _inputs(cell, jnp.float32)
+  a = jnp.swapaxes(xs, 0, 1) @ params["w_xh"].T  # [T, B, G*H]
+  mask = jnp.arange(T)[:, None] < LENGTHS[None, :]
+
+  def loss(a, bias, separate):
+    if separate:
+      final, hs = bptt.fused_scan(cell, params, a, carry, mask, input_bias=bias)
+    else:
+      final, hs = bptt.fused_scan(cell, params, a + bias, carry, mask)
+    return jnp.sum(jnp.sin(hs)) + sum(jnp.sum(leaf ** 2) for leaf in jax.tree_util.tree_leaves(final))
+
+  value_separate, grads_separate = jax.value_and_grad(loss, argnums=(0, 1))(a, params["b"], True)
+  value_inside, grads_inside = jax.value_and_grad(loss, argnums=(0, 1))(a, params["b"], False)
+  np.testing.assert_allclose(value_separate, value_inside, rtol=1e-6)
+  assert _max_difference(grads_separate, grads_inside) < 1e-5

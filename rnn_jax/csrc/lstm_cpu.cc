@@ -6,7 +6,7 @@
 // dW_xh stay in XLA, as single matmuls over all steps; only the recurrence is here.
 //
 // Forward, per step t (gate order i, f, g, o as in rnn_jax.cells.LSTM):
-//   (i, f, g, o) = a_t + W_hh h_{t-1}
+//   (i, f, g, o) = a_t + b + W_hh h_{t-1}     (b: the bias, added here to spare XLA a pass over a)
 //   c_t = sigma(f) c_{t-1} + sigma(i) tanh(g);   h_t = sigma(o) tanh(c_t)
 //   on masked steps the carry is held: (h_t, c_t) = (h_{t-1}, c_{t-1}).
 // Backward, per step t, with dh = dh_{t+1 -> t} + dL/dhs_t:
@@ -15,10 +15,10 @@
 //   da_o = dh tanh(c_t) o (1 - o);  dh_{t-1} = W_hh^T da_t;  dc_{t-1} = dc f
 //   on masked steps da_t = 0 and (dh, dc) pass through unchanged.
 //
-// Shapes: gates, da: [T, N, 4H]; cs: [T, N, H]; h0, c0, dh0, dc0: [N, H]; mask: [T, N];
-// W_hh: [4H, H]. a: [T, N, 4H] and hs, d_hs: [T, N, H] are stored batch-major ([N, T, ...]
-// in memory, the layout the caller requests through the FFI), which is how rnn_jax.rnn's
-// batch-major input projection and read-out produce and consume them: no transposes.
+// Shapes: a, gates, da: [T, N, 4H]; cs: [T, N, H]; h0, c0, dh0, dc0: [N, H]; mask: [T, N];
+// W_hh: [4H, H]; b: [4H]. hs and d_hs: [T, N, H] are stored batch-major ([N, T, H] in memory,
+// the layout the caller requests through the FFI), which is how rnn_jax.rnn's batch-major
+// read-out consumes and produces them: no transposes there.
 //
 // Each step is split into chunks of hidden units. A chunk's matmul and its gate
 // arithmetic are fused: the accumulators for 4 batch rows x 4 gates x one vector
@@ -268,7 +268,8 @@ void PackBackward(const float* w_hh, int64_t H, float* packed) {
 }
 
 struct Forward {
-  const float* a;  // batch-major [N, T, 4H]
+  const float* a;     // [T, N, 4H]
+  const float* bias;  // [4H], added to every a_t
   const float* w_packed;
   const bool* mask;
   const float* h0;
@@ -296,8 +297,8 @@ struct Forward {
     Vec acc[R][4];
     for (int r = 0; r < R; ++r) {
       h_prev[r] = PreviousHiddenRow(step, b0 + r);
-      const float* a_t = a + ((b0 + r) * T + t) * G + u;
-      for (int q = 0; q < 4; ++q) acc[r][q] = Load(a_t + q * H);
+      const float* a_t = a + (t * N + b0 + r) * G + u;
+      for (int q = 0; q < 4; ++q) acc[r][q] = Load(a_t + q * H) + Load(bias + q * H + u);
     }
     const float* panel = w_packed + (u / kWidth) * H * 4 * kWidth;
     for (int64_t k = 0; k < H; ++k) {
@@ -450,8 +451,8 @@ ffi::Error CheckShape(const char* name, ffi::Span<const int64_t> got, std::initi
   } while (0)
 
 ffi::Error LstmForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> w_hh,
-                           ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::PRED> mask,
-                           int64_t reverse, int64_t save_gates, int64_t use_mask,
+                           ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> c0,
+                           ffi::Buffer<ffi::PRED> mask, int64_t reverse, int64_t save_gates, int64_t use_mask,
                            ffi::ResultBuffer<ffi::F32> hs, ffi::ResultBuffer<ffi::F32> cs,
                            ffi::ResultBuffer<ffi::F32> gates) {
   auto dims = a.dimensions();
@@ -461,6 +462,7 @@ ffi::Error LstmForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::B
   if (H % kWidth != 0)
     return ffi::Error::InvalidArgument("rnn_jax lstm kernel: H must be a multiple of " + std::to_string(kWidth));
   RETURN_IF_ERROR(CheckShape("W_hh", w_hh.dimensions(), {4 * H, H}));
+  RETURN_IF_ERROR(CheckShape("b", bias.dimensions(), {4 * H}));
   RETURN_IF_ERROR(CheckShape("h0", h0.dimensions(), {N, H}));
   RETURN_IF_ERROR(CheckShape("c0", c0.dimensions(), {N, H}));
   if (use_mask) RETURN_IF_ERROR(CheckShape("mask", mask.dimensions(), {T, N}));
@@ -471,7 +473,7 @@ ffi::Error LstmForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::B
 
   AlignedFloats w_packed(4 * H * H);
   PackForward(w_hh.typed_data(), H, w_packed.data);
-  const Forward forward{a.typed_data(), w_packed.data, use_mask ? mask.typed_data() : nullptr,
+  const Forward forward{a.typed_data(), bias.typed_data(), w_packed.data, use_mask ? mask.typed_data() : nullptr,
                         h0.typed_data(), c0.typed_data(), hs->typed_data(), cs->typed_data(),
                         save_gates ? gates->typed_data() : nullptr, T, N, H, reverse != 0};
   const int64_t participants = Participants(pool);
@@ -531,6 +533,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnJaxLstmForward, LstmForwardImpl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()   // a
                                   .Arg<ffi::Buffer<ffi::F32>>()   // W_hh
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // b
                                   .Arg<ffi::Buffer<ffi::F32>>()   // h0
                                   .Arg<ffi::Buffer<ffi::F32>>()   // c0
                                   .Arg<ffi::Buffer<ffi::PRED>>()  // mask
