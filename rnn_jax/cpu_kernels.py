@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 SOURCE = pathlib.Path(__file__).parent / "csrc" / "lstm_cpu.cc"
-FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
+FLAGS = ("-O3", "-march=native", "-std=c++20", "-shared", "-fPIC", "-w")
 FORWARD_TARGET = "rnn_jax_lstm_forward"
 BACKWARD_TARGET = "rnn_jax_lstm_backward"
 # hs and dL/dhs ([T, N, H]) are handed over batch-major ([N, T, H] in memory): rnn()'s read-out runs

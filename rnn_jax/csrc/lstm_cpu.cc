@@ -113,20 +113,35 @@ inline void ForRowBlocks(int64_t N, Fn fn) {
   }
 }
 
-// Waits until counter >= target. Spins briefly (a step's chunks take tens of microseconds),
-// then yields the core, so that a participant the OS has descheduled can run and finish
-// its chunk instead of the waiter burning that core.
-inline void WaitAtLeast(const std::atomic<int64_t>& counter, int64_t target) {
-  for (int spins = 0; counter.load(std::memory_order_acquire) < target; ++spins) {
-    if (spins < 4096) {
+// A counter that participants wait on: spin briefly (a step's chunks take tens of
+// microseconds), then sleep in the kernel (futex) until the counter moves. Sleeping, not
+// yielding, matters: it leaves the core idle, so the scheduler moves a participant that
+// was preempted on another core onto it at once, instead of after a time slice.
+class Progress {
+ public:
+  int64_t Load() const { return count_.load(std::memory_order_acquire); }
+
+  void Add() {
+    count_.fetch_add(1, std::memory_order_acq_rel);
+    if (sleepers_.load(std::memory_order_acquire) > 0) count_.notify_all();
+  }
+
+  void WaitAtLeast(int64_t target) {
+    for (int spins = 0; spins < 2048; ++spins) {
+      if (Load() >= target) return;
 #if defined(__x86_64__) || defined(__i386__)
       __builtin_ia32_pause();
 #endif
-    } else {
-      std::this_thread::yield();
     }
+    sleepers_.fetch_add(1, std::memory_order_acq_rel);
+    for (int64_t seen = Load(); seen < target; seen = Load()) count_.wait(seen, std::memory_order_acquire);
+    sleepers_.fetch_sub(1, std::memory_order_acq_rel);
   }
-}
+
+ private:
+  std::atomic<int64_t> count_{0};
+  std::atomic<int> sleepers_{0};
+};
 
 // ---- ticketed steps ------------------------------------------------------------
 
@@ -153,7 +168,7 @@ class Steps {
       });
     }
     state->Participate(work);
-    WaitAtLeast(state->done_, state->total_);
+    state->done_.WaitAtLeast(state->total_);
   }
 
   Steps(int64_t total, int64_t chunks) : total_(total), chunks_(chunks) {}
@@ -165,9 +180,9 @@ class Steps {
       const int64_t ticket = next_.fetch_add(1, std::memory_order_relaxed);
       if (ticket >= total_) return;
       const int64_t step = ticket / chunks_;
-      WaitAtLeast(done_, step * chunks_);
+      done_.WaitAtLeast(step * chunks_);
       work(step, ticket % chunks_);
-      done_.fetch_add(1, std::memory_order_release);
+      done_.Add();
     }
   }
 
@@ -213,7 +228,7 @@ class Steps {
   const int64_t total_;
   const int64_t chunks_;
   std::atomic<int64_t> next_{0};
-  std::atomic<int64_t> done_{0};
+  Progress done_;
   std::atomic<uint64_t> cpus_{0};
 };
 
