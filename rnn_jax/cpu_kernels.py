@@ -6,12 +6,13 @@ arithmetic at B=32, H=256 (BUILD.md, "Speed"). The kernel runs the whole
 recurrence in one call per direction of BPTT, the CPU counterpart of a cuDNN RNN
 layer, with the same equations as ``rnn_jax.bptt``:
 
-  forward:   (i, f, g, o) = a_t + W_hh h_{t-1};  c_t = sigma(f) c_{t-1} + sigma(i) tanh(g);
+  forward:   (i, f, g, o) = a_t + b + W_hh h_{t-1};  c_t = sigma(f) c_{t-1} + sigma(i) tanh(g);
              h_t = sigma(o) tanh(c_t)
   backward:  da_t and (dh_{t-1}, dc_{t-1}) from (dh_t, dc_t) and the saved gates
 
-The input projection a = W_xh x + b and the weight gradients stay in XLA as one
-matmul each over all steps.
+The input projection a = W_xh x and the weight gradients stay in XLA as one
+matmul each over all steps. Under ``vmap`` the mapped axis joins the kernel's
+batch rows, so a vmapped cell still makes one call.
 
 The source is compiled with the system C++ compiler (``$CXX``, else ``c++``) for
 the machine it runs on (``-march=native``) into a cache directory
@@ -22,7 +23,7 @@ uses the ``lax.scan`` path. ``RNN_JAX_CPU_KERNELS=0`` (or ``set_enabled(False)``
 turns the kernel off.
 
 The kernel is float32 only, needs H to be a multiple of the vector width (16
-with AVX-512, 8 with AVX), and has no derivative of its own: ``jax.grad`` of a
+with AVX-512, 8 with AVX2), and has no derivative of its own: ``jax.grad`` of a
 ``jax.grad`` through it fails, so use ``backward="autodiff"`` for higher-order
 derivatives.
 """
@@ -30,6 +31,7 @@ derivatives.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import pathlib
@@ -170,6 +172,70 @@ def _mask_operand(mask, T: int, N: int):
   return mask.reshape(T, N).astype(jnp.bool_), 1
 
 
+def _fold_rows(x, row_axis: int, batched: bool, size: int):
+  """x with a vmapped axis at 0 (or none, then broadcast) -> that axis merged into the row axis N."""
+  x = jnp.moveaxis(x, 0, row_axis) if batched else jnp.broadcast_to(
+      jnp.expand_dims(x, row_axis), x.shape[:row_axis] + (size,) + x.shape[row_axis:])
+  return x.reshape(x.shape[:row_axis] + (-1,) + x.shape[row_axis + 2:])
+
+
+def _unfold_rows(x, row_axis: int, size: int):
+  """The inverse of _fold_rows: [..., V N, ...] at row_axis -> [V, ..., N, ...]."""
+  x = x.reshape(x.shape[:row_axis] + (size, -1) + x.shape[row_axis + 1:])
+  return jnp.moveaxis(x, row_axis, 0)
+
+
+def _rows_batched(call, in_row_axes, out_row_axes):
+  """``call`` (a kernel call on rows N) with a vmap rule: a mapped axis joins the row axis, so
+  vmap over rnn_jax's cells still makes ONE kernel call with V N rows. Operands without a row
+  axis (weights) must be unmapped for that; if one is mapped, it runs one call per element."""
+  wrapped = jax.custom_batching.custom_vmap(call)
+
+  @wrapped.def_vmap
+  def rule(axis_size, in_batched, *args):
+    if any(batched and axis is None for batched, axis in zip(in_batched, in_row_axes)):
+      mapped = [i for i, batched in enumerate(in_batched) if batched]
+
+      def one(mapped_args):
+        full = list(args)
+        for i, value in zip(mapped, mapped_args):
+          full[i] = value
+        return wrapped(*full)
+
+      outs = jax.lax.map(one, [args[i] for i in mapped])
+      return tuple(outs), (True,) * len(outs)
+    folded = [x if axis is None else _fold_rows(x, axis, batched, axis_size)
+              for x, axis, batched in zip(args, in_row_axes, in_batched)]
+    outs = wrapped(*folded)
+    return (tuple(x if axis is None else _unfold_rows(x, axis, axis_size) for x, axis in zip(outs, out_row_axes)),
+            tuple(axis is not None for axis in out_row_axes))
+
+  return wrapped
+
+
+def _forward_call(a, w_hh, bias, h0, c0, mask, **attributes):
+  """The forward FFI call on rows N: a [T, N, 4H] -> hs, cs [T, N, H], gates [T, N, 4H] (or [0])."""
+  T, N, G = a.shape
+  gates_shape = (T, N, G) if attributes["save_gates"] else (0,)
+  call = jax.ffi.ffi_call(
+      FORWARD_TARGET,
+      (jax.ShapeDtypeStruct((T, N, G // 4), jnp.float32), jax.ShapeDtypeStruct((T, N, G // 4), jnp.float32),
+       jax.ShapeDtypeStruct(gates_shape, jnp.float32)),
+      output_layouts=(BATCH_MAJOR, None, None))
+  return call(a, w_hh, bias, h0, c0, mask, **attributes)
+
+
+def _backward_call(gates, cs, c0, w_hh, d_hs, dh_last, dc_last, mask, **attributes):
+  """The backward FFI call on rows N: -> da [T, N, 4H], dL/dh0 and dL/dc0 [N, H]."""
+  T, N, H = cs.shape
+  call = jax.ffi.ffi_call(
+      BACKWARD_TARGET,
+      (jax.ShapeDtypeStruct((T, N, 4 * H), jnp.float32), jax.ShapeDtypeStruct((N, H), jnp.float32),
+       jax.ShapeDtypeStruct((N, H), jnp.float32)),
+      input_layouts=(None, None, None, None, BATCH_MAJOR, None, None, None))
+  return call(gates, cs, c0, w_hh, d_hs, dh_last, dc_last, mask, **attributes)
+
+
 def lstm_forward(a, w_hh, h0, c0, mask=None, *, bias=None, reverse: bool = False, save_gates: bool = True):
   """The LSTM recurrence over precomputed input projections, in one kernel call.
 
@@ -191,15 +257,10 @@ def lstm_forward(a, w_hh, h0, c0, mask=None, *, bias=None, reverse: bool = False
   N = int(np.prod(batch_shape, dtype=np.int64))
   mask_operand, use_mask = _mask_operand(mask, T, N)
   bias = jnp.zeros((G,), jnp.float32) if bias is None else bias
-  gates_shape = (T, N, G) if save_gates else (0,)
-  call = jax.ffi.ffi_call(
-      FORWARD_TARGET,
-      (jax.ShapeDtypeStruct((T, N, H), jnp.float32), jax.ShapeDtypeStruct((T, N, H), jnp.float32),
-       jax.ShapeDtypeStruct(gates_shape, jnp.float32)),
-      output_layouts=(BATCH_MAJOR, None, None),
-      vmap_method="sequential")
-  hs, cs, gates = call(a.reshape(T, N, G), w_hh, bias, h0.reshape(N, H), c0.reshape(N, H), mask_operand,
-                       reverse=int(reverse), save_gates=int(save_gates), use_mask=use_mask)
+  kernel = functools.partial(_forward_call, reverse=int(reverse), save_gates=int(save_gates), use_mask=use_mask)
+  kernel = _rows_batched(kernel, (1, None, None, 0, 0, 1 if use_mask else None),
+                         (1, 1, 1 if save_gates else None))
+  hs, cs, gates = kernel(a.reshape(T, N, G), w_hh, bias, h0.reshape(N, H), c0.reshape(N, H), mask_operand)
   unflatten = lambda x: x.reshape((T,) + batch_shape + x.shape[-1:])
   return unflatten(hs), unflatten(cs), (unflatten(gates) if save_gates else None)
 
@@ -221,14 +282,9 @@ def lstm_backward(gates, cs, c0, w_hh, d_hs, dh_last, dc_last, mask=None, *, rev
   batch_shape = cs.shape[1:-1]
   N = int(np.prod(batch_shape, dtype=np.int64))
   mask_operand, use_mask = _mask_operand(mask, T, N)
-  call = jax.ffi.ffi_call(
-      BACKWARD_TARGET,
-      (jax.ShapeDtypeStruct((T, N, 4 * H), jnp.float32), jax.ShapeDtypeStruct((N, H), jnp.float32),
-       jax.ShapeDtypeStruct((N, H), jnp.float32)),
-      input_layouts=(None, None, None, None, BATCH_MAJOR, None, None, None),
-      vmap_method="sequential")
-  da, dh0, dc0 = call(gates.reshape(T, N, 4 * H), cs.reshape(T, N, H), c0.reshape(N, H), w_hh,
-                      d_hs.reshape(T, N, H), dh_last.reshape(N, H), dc_last.reshape(N, H), mask_operand,
-                      reverse=int(reverse), use_mask=use_mask)
+  kernel = functools.partial(_backward_call, reverse=int(reverse), use_mask=use_mask)
+  kernel = _rows_batched(kernel, (1, 1, 0, None, 1, 0, 0, 1 if use_mask else None), (1, 0, 0))
+  da, dh0, dc0 = kernel(gates.reshape(T, N, 4 * H), cs.reshape(T, N, H), c0.reshape(N, H), w_hh,
+                        d_hs.reshape(T, N, H), dh_last.reshape(N, H), dc_last.reshape(N, H), mask_operand)
   return (da.reshape((T,) + batch_shape + (4 * H,)), dh0.reshape(batch_shape + (H,)),
           dc0.reshape(batch_shape + (H,)))

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rnn_jax import LSTM, StackedRNN, bptt, cpu_kernels, rnn
+from rnn_jax import LSTM, StackedRNN, bptt, cpu_kernels, rnn, run_cell
 from rnn_jax.cells import LSTMState
 
 pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None,
@@ -133,6 +133,32 @@ def test_several_batch_axes_and_vmap():
     for m, l in zip(jax.tree_util.tree_leaves(mapped), jax.tree_util.tree_leaves(looped)):
       np.testing.assert_allclose(m[g], l, atol=1e-5)
   assert np.isfinite(float(per_group(xs[0])))
+
+
+def test_vmap_of_run_cell_is_one_kernel_call_and_equals_scan():
+  """vmap folds the mapped axis into the kernel's rows (one call, not one per example); with the
+  weights mapped too (an ensemble), it runs one call per member. Both equal the scan path."""
+  H = _hidden_sizes()[0]
+  cell = LSTM(H)
+  params = cell.init(jax.random.PRNGKey(0), F)
+  xs = jax.random.normal(jax.random.PRNGKey(1), (B, T, F))
+
+  def loss(p, x, length):
+    carry, ys = run_cell(cell, p, x, length)
+    return jnp.sum(ys ** 2) + jnp.sum(carry.c ** 2)
+
+  batch_loss = lambda p: jax.vmap(loss, (None, 0, 0))(p, xs, LENGTHS).sum()
+  text = jax.jit(jax.grad(batch_loss)).lower(params).as_text()
+  assert text.count(cpu_kernels.FORWARD_TARGET) == 1 and text.count(cpu_kernels.BACKWARD_TARGET) == 1
+  grads_kernel = jax.grad(batch_loss)(params)
+  ensemble = jax.vmap(lambda key: cell.init(key, F))(jax.random.split(jax.random.PRNGKey(2), 3))
+  ensemble_kernel = jax.vmap(lambda p: rnn(cell, p, xs, LENGTHS)[1])(ensemble)
+  cpu_kernels.set_enabled(False)
+  grads_scan = jax.grad(batch_loss)(params)
+  ensemble_scan = jax.vmap(lambda p: rnn(cell, p, xs, LENGTHS)[1])(ensemble)
+  for k, s in zip(jax.tree_util.tree_leaves(grads_kernel), jax.tree_util.tree_leaves(grads_scan)):
+    np.testing.assert_allclose(k, s, atol=1e-5)
+  np.testing.assert_allclose(ensemble_kernel, ensemble_scan, atol=1e-5)
 
 
 def test_stacked_bidirectional_lstm_uses_the_kernel_and_matches_scan():
