@@ -16,7 +16,8 @@ batch rows, so a vmapped cell still makes one call.
 
 The source is compiled with the system C++ compiler (``$CXX``, else ``c++``) for
 the machine it runs on (``-march=native``) into a cache directory
-(``$RNN_JAX_KERNEL_CACHE``, else ``~/.cache/rnn_jax/kernels``), keyed by the
+(``$RNN_JAX_KERNEL_CACHE``, else ``~/.cache/rnn_jax/kernels``; the temp directory if
+neither can be written), keyed by the
 source, the flags, the jaxlib version and the CPU. If there is no compiler or the
 build fails, ``available()`` is False, a warning says why once, and every caller
 uses the ``lax.scan`` path. ``RNN_JAX_CPU_KERNELS=0`` (or ``set_enabled(False)``)
@@ -117,7 +118,12 @@ def _load() -> Optional[ctypes.CDLL]:
     try:
       path = _library_path(compiler)
       if not path.exists():
-        _build(path, compiler)
+        try:
+          _build(path, compiler)
+        except OSError:  # an unwritable cache directory: build in the temp directory instead
+          path = pathlib.Path(tempfile.gettempdir()) / "rnn_jax_kernels" / path.parent.name / path.name
+          if not path.exists():
+            _build(path, compiler)
       library = ctypes.CDLL(str(path))
       jax.ffi.register_ffi_target(FORWARD_TARGET, jax.ffi.pycapsule(library.RnnJaxLstmForward), platform="cpu")
       jax.ffi.register_ffi_target(BACKWARD_TARGET, jax.ffi.pycapsule(library.RnnJaxLstmBackward), platform="cpu")
