@@ -16,8 +16,8 @@ batch rows, so a vmapped cell still makes one call.
 
 The source is compiled with the system C++ compiler (``$CXX``, else ``c++``) for
 the machine it runs on (``-march=native``) into a cache directory
-(``$RNN_JAX_KERNEL_CACHE``, else ``~/.cache/rnn_jax/kernels``; the temp directory if
-neither can be written), keyed by the
+(``$RNN_JAX_KERNEL_CACHE``, else ``~/.cache/rnn_jax/kernels``; the temp directory if that
+cannot be written), keyed by the
 source, the flags, the jaxlib version and the CPU. If there is no compiler or the
 build fails, ``available()`` is False, a warning says why once, and every caller
 uses the ``lax.scan`` path. ``RNN_JAX_CPU_KERNELS=0`` (or ``set_enabled(False)``)
