@@ -76,12 +76,8 @@ def _times_weight(v: jax.Array, rec: Params, compute_dtype, rows=None) -> jax.Ar
   if "w_hh_t" not in rec:
     w = rec["w_hh"] if rows is None else rec["w_hh"][rows]
     return linear(v, w, compute_dtype)
-  w_t = rec["w_hh_t"] if rows is None else rec["w_hh_t"][:, rows]
-  accumulate = None
-  if compute_dtype is not None:
-    accumulate = w_t.dtype
-    v, w_t = v.astype(compute_dtype), w_t.astype(compute_dtype)
-  return jax.lax.dot_general(v, w_t, (((v.ndim - 1,), (0,)), ((), ())), preferred_element_type=accumulate)
+  # v W_hh^T contracts v with W_hh^T's first axis: the same product as _back_through_weight's.
+  return _back_through_weight(v, rec["w_hh_t"] if rows is None else rec["w_hh_t"][:, rows], compute_dtype)
 
 
 def _sum_outer(delta: jax.Array, v: jax.Array, compute_dtype, out_dtype) -> jax.Array:
@@ -258,8 +254,12 @@ def _hidden(carry):
 
 
 def _uses_cpu_kernel(cell: Cell, rec: Params, a: jax.Array, carry) -> bool:
-  """True if the plain float32 LSTM runs in ``cpu_kernels`` (on CPU, when it is built) instead of lax.scan."""
-  return (isinstance(cell, LSTM) and supports(cell) and cell.dtype is None and jax.default_backend() == "cpu"
+  """True if the plain float32 LSTM runs in ``cpu_kernels`` (on CPU, when it is built) instead of lax.scan.
+
+  An empty sequence (T = 0) stays on lax.scan, which returns the carry unchanged and hs [0, ..., H].
+  """
+  return (isinstance(cell, LSTM) and supports(cell) and cell.dtype is None and a.shape[0] > 0
+          and jax.default_backend() == "cpu"
           and cpu_kernels.applies(cell.hidden_size, a, rec["w_hh"], carry.h, carry.c))
 
 
@@ -267,7 +267,7 @@ def kernel_adds_bias(cell: Cell, params: Params, xs: jax.Array, carry) -> bool:
   """True if ``fused_scan`` will run this layer in the CPU LSTM kernel, so that the caller can
   leave b out of a = W_xh x + b and pass it as ``input_bias`` (plain LSTM, float32 x, W_xh, b)."""
   return (_uses_cpu_kernel(cell, params, xs, carry)
-          and all(jnp.result_type(v) == jnp.float32 for v in (params["w_xh"], params["b"])))
+          and cpu_kernels.applies(cell.hidden_size, params["w_xh"], params["b"]))
 
 
 def _final_carry(carries, reverse: bool):
@@ -281,8 +281,6 @@ def _forward_scan(cell, reverse, unroll, rec, a, carry, mask, save: bool):
   array from the CPU LSTM kernel.
   """
   if _uses_cpu_kernel(cell, rec, a, carry):
-    if a.shape[0] == 0:
-      return carry, LSTMState(h=a[..., :0], c=a[..., :0]), (a if save else None)
     hs, cs, gates = cpu_kernels.lstm_forward(a, rec["w_hh"], carry.h, carry.c, mask,
                                              bias=rec.get("input_bias"), reverse=reverse, save_gates=save)
     carries = LSTMState(h=hs, c=cs)

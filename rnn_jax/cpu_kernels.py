@@ -167,10 +167,6 @@ def applies(hidden_size: int, *arrays) -> bool:
   return all(jnp.result_type(x) == jnp.float32 for x in arrays)
 
 
-def _rows(x, lead):
-  return x.reshape((-1,) + x.shape[lead:])
-
-
 def _mask_operand(mask, T: int, N: int):
   """(mask as [T, N] bool, use_mask flag); a [1, 1] placeholder when there is no mask."""
   if mask is None:

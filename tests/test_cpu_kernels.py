@@ -219,3 +219,13 @@ def test_failed_build_warns_and_falls_back_to_scan(tmp_path):
   done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr[-3000:]
   assert "fell back" in done.stdout
+
+
+def test_empty_sequence_keeps_the_carry():
+  """T = 0 stays on lax.scan: hs is [0, B, H] and the final carry is the initial one."""
+  H = _hidden_sizes()[0]
+  cell, params, _, carry = _inputs(H)
+  final, hs = bptt.fused_scan(cell, params, jnp.zeros((0, B, 4 * H), jnp.float32), carry)
+  assert hs.shape == (0, B, H)
+  np.testing.assert_array_equal(final.h, carry.h)
+  np.testing.assert_array_equal(final.c, carry.c)

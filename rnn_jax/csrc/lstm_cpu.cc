@@ -2,8 +2,8 @@
 //
 // Two handlers, one per direction of BPTT, each running the whole sequence in
 // one call (the CPU counterpart of a cuDNN RNN layer). The input projection
-// a = W_xh x + b and the weight gradients dW_hh = sum_t da_t h_{t-1}^T and
-// dW_xh stay in XLA, as single matmuls over all steps; only the recurrence is here.
+// a = W_xh x and the weight gradients dW_hh = sum_t da_t h_{t-1}^T and dW_xh stay
+// in XLA, as single matmuls over all steps; only the recurrence (and b) is here.
 //
 // Forward, per step t (gate order i, f, g, o as in rnn_jax.cells.LSTM):
 //   (i, f, g, o) = a_t + b + W_hh h_{t-1}     (b: the bias, added here to spare XLA a pass over a)
@@ -21,8 +21,8 @@
 // read-out consumes and produces them: no transposes there.
 //
 // Each step is split into chunks of hidden units. A chunk's matmul and its gate
-// arithmetic are fused: the accumulators for 4 batch rows x 4 gates x one vector
-// of units stay in registers and the gates are applied there. Chunks are handed
+// arithmetic are fused: the accumulators for kRows batch rows x 4 gates x one
+// vector of units stay in registers and the gates are applied there. Chunks are handed
 // out by ticket to the calling thread and to helpers on XLA's intra-op thread
 // pool; a ticket of step s waits until every chunk of step s - 1 is done. The
 // calling thread can finish every ticket alone, so late or missing helpers only
