@@ -259,11 +259,25 @@ Chunking MakeChunking(int64_t hidden, int64_t participants) {
 // W_hh [4H, H] repacked so that a block's loads are one contiguous stream.
 //   forward:  [H / kWidth][H][4][kWidth]: unit vector, k, gate, lane = W_hh[q H + u + lane, k]
 //   backward: [H / kWidth][4H][kWidth]:   unit vector, n, lane       = W_hh[n, u + lane]
-struct AlignedFloats {
-  explicit AlignedFloats(int64_t n)
-      : data(static_cast<float*>(std::aligned_alloc(64, ((n * sizeof(float) + 63) / 64) * 64))) {}
-  ~AlignedFloats() { std::free(data); }
-  float* data;
+//
+// Scratch buffers (the packed W_hh, dh_total) belong to the calling thread and only grow, so
+// steady-state calls make no 1-4 MB allocation twice per train step. Helpers only touch them
+// while the caller waits for every ticket, so the next call cannot overwrite them early.
+class Scratch {
+ public:
+  float* Get(int64_t n) {
+    if (n > size_) {
+      std::free(data_);
+      data_ = static_cast<float*>(std::aligned_alloc(64, ((n * sizeof(float) + 63) / 64) * 64));
+      size_ = n;
+    }
+    return data_;
+  }
+  ~Scratch() { std::free(data_); }
+
+ private:
+  float* data_ = nullptr;
+  int64_t size_ = 0;
 };
 
 void PackForward(const float* w_hh, int64_t H, float* packed) {
@@ -486,9 +500,10 @@ ffi::Error LstmForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::B
   if (save_gates) RETURN_IF_ERROR(CheckShape("gates", gates->dimensions(), {T, N, 4 * H}));
   if (T == 0 || N == 0) return ffi::Error::Success();
 
-  AlignedFloats w_packed(4 * H * H);
-  PackForward(w_hh.typed_data(), H, w_packed.data);
-  const Forward forward{a.typed_data(), bias.typed_data(), w_packed.data, use_mask ? mask.typed_data() : nullptr,
+  thread_local Scratch packed;
+  float* w_packed = packed.Get(4 * H * H);
+  PackForward(w_hh.typed_data(), H, w_packed);
+  const Forward forward{a.typed_data(), bias.typed_data(), w_packed, use_mask ? mask.typed_data() : nullptr,
                         h0.typed_data(), c0.typed_data(), hs->typed_data(), cs->typed_data(),
                         save_gates ? gates->typed_data() : nullptr, T, N, H, reverse != 0};
   const int64_t participants = Participants(pool);
@@ -522,12 +537,13 @@ ffi::Error LstmBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> gates, f
   std::memcpy(dc0->typed_data(), dc_last.typed_data(), N * H * sizeof(float));
   if (T == 0 || N == 0) return ffi::Error::Success();
 
-  auto dh_total = std::make_unique<float[]>(N * H);
-  AlignedFloats w_packed(4 * H * H);
-  PackBackward(w_hh.typed_data(), H, w_packed.data);
-  const Backward backward{gates.typed_data(), cs.typed_data(), c0.typed_data(), w_packed.data,
+  thread_local Scratch packed, held;
+  float* w_packed = packed.Get(4 * H * H);
+  float* dh_total = held.Get(N * H);
+  PackBackward(w_hh.typed_data(), H, w_packed);
+  const Backward backward{gates.typed_data(), cs.typed_data(), c0.typed_data(), w_packed,
                           d_hs.typed_data(), use_mask ? mask.typed_data() : nullptr, da->typed_data(),
-                          dh0->typed_data(), dc0->typed_data(), dh_total.get(), T, N, H, reverse != 0};
+                          dh0->typed_data(), dc0->typed_data(), dh_total, T, N, H, reverse != 0};
   const int64_t participants = Participants(pool);
   const Chunking chunking = MakeChunking(H, participants);
   // Ticket step k handles forward step T - 1 - k: first dh for it from the da of
