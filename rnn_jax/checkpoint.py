@@ -177,17 +177,17 @@ class CheckpointManager:
     except Exception as error:  # orbax raises several types for unreadable metadata
       raise CorruptCheckpointError(
           f"checkpoint {step_dir} is unreadable ({type(error).__name__}: {error}); delete it to fall "
-          f"back to an earlier checkpoint, or start a fresh --workdir") from error
+          f"back to an earlier checkpoint, or start a fresh workdir") from error
     if metadata is None:
       raise CorruptCheckpointError(f"checkpoint {step_dir} has no readable 'state' item; delete it to "
-                                   f"fall back to an earlier checkpoint, or start a fresh --workdir")
+                                   f"fall back to an earlier checkpoint, or start a fresh workdir")
     tree = getattr(metadata, "tree", metadata)
     differences = tree_differences(_metadata_signature(tree), describe_tree(target))
     if differences:
       raise CheckpointMismatchError(
           f"checkpoint {step_dir} does not match the model being restored (different architecture or "
-          f"flags?):\n" + "\n".join(differences) +
-          "\nUse the flags the checkpoint was trained with, or a fresh --workdir.")
+          f"settings?):\n" + "\n".join(differences) +
+          "\nUse the settings the checkpoint was trained with, or a fresh workdir.")
 
   def restore(self, target, step: Optional[int] = None) -> tuple[Any, dict]:
     """Restore (state, extra) from ``step`` (default: the latest complete checkpoint).
@@ -210,10 +210,30 @@ class CheckpointManager:
       raise CorruptCheckpointError(
           f"checkpoint {os.path.join(self.directory, str(step))} could not be read "
           f"({type(error).__name__}: {error}); delete it to fall back to an earlier checkpoint, "
-          f"or start a fresh --workdir") from error
+          f"or start a fresh workdir") from error
     state = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(target),
                                          jax.tree_util.tree_leaves(restored["state"]))
     return state, dict(restored["extra"] or {})
+
+  def restore_raw(self, step: int) -> tuple[Any, dict]:
+    """(state, extra) of ``step`` as saved, as nested dicts of arrays, with no target tree."""
+    step_dir = os.path.join(self.directory, str(step))
+    try:
+      restored = self._manager.restore(int(step), args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(), extra=ocp.args.JsonRestore()))
+    except Exception as error:
+      raise CorruptCheckpointError(
+          f"checkpoint {step_dir} could not be read ({type(error).__name__}: {error}); delete it to fall "
+          f"back to an earlier checkpoint") from error
+    return restored["state"], dict(restored["extra"] or {})
+
+  def check_tree(self, step: int, tree, target) -> None:
+    """Raise CheckpointMismatchError if ``tree`` (restored from ``step``) differs from ``target``."""
+    differences = tree_differences(describe_tree(tree), describe_tree(target))
+    if differences:
+      raise CheckpointMismatchError(
+          f"checkpoint {os.path.join(self.directory, str(step))} does not match the model:\n"
+          + "\n".join(differences))
 
   def close(self) -> None:
     self._manager.close()

@@ -22,9 +22,8 @@ import numpy as np
 
 from rnn_jax import initializers, layers
 from rnn_jax.cells import Cell
-from rnn_jax.losses import cross_entropy, token_nll
+from rnn_jax.losses import cross_entropy, recurrent_penalty, token_nll
 from rnn_jax.sequence import StackedRNN, dropout as apply_dropout
-from rnn_jax.train import recurrent_penalty
 
 
 @dataclasses.dataclass(frozen=True)

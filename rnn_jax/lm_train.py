@@ -1,116 +1,61 @@
-"""Train and evaluate a language model on a token stream: the shared body of char_lm and word_lm.
+"""Language-model training on a token stream: the body shared by the char and word LM experiments.
 
-    config = LMConfig(dataset="ptb_char", cell="lstm", hidden=256, ...)
-    corpus = data.load_corpus(config.dataset)
-    outcome = train_lm(config, corpus, workdir, resume=False)
-    outcome.results["test_bpc"], outcome.model, outcome.params
+    config = LMConfig(dataset="ptb_char", cell="lstm", hidden_size=256, steps=8000)
+    outcome = train_lm(config, workdir, RunOptions(), experiment="char_lm")
+    outcome.results["test_bpc"]
 
-What happens: the train split is laid out as B parallel streams cut into windows of T
-(``data.StreamBatches``) and trained with truncated BPTT (k1 = k2 = T, the carry flows
-across windows under stop_gradient and is reset each epoch; ``train.make_tbptt_step``).
-Validation runs every ``eval_every`` steps over the whole valid stream (``lm.evaluate_stream``).
-Checkpoints (``<workdir>/checkpoints``) keep the last ``keep`` plus the best on valid nats and
-hold the params, optimiser state, step, RNG key, TBPTT carry and data position, so
-``resume=True`` continues the exact trajectory of an uninterrupted run. At the end the final
-params are evaluated on valid and test and results.json, metrics.jsonl and curves.png are written.
+The train split is laid out as B parallel streams cut into windows of T (``data.StreamBatches``)
+and trained with truncated BPTT (k1 = k2 = T; the carry flows across windows under
+stop_gradient and is reset each epoch) through the one training recipe,
+``train.train_and_test``. Validation runs every ``eval_every`` steps over the whole valid
+stream (``lm.evaluate_stream``), the best checkpoint on validation loss is tested, and the
+run directory receives model.json and vocab.json so that ``rnn_jax.load_run`` and
+``sample_from_run`` work from the workdir alone.
+
+Metrics: ``loss`` is the mean cross-entropy in nats per token; characters also report bits
+per character (bpc = nats / ln 2), words the perplexity exp(nats).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
-import os
-import time
 from typing import Any, Optional
 
 import jax
 import numpy as np
 from absl import logging
 
-from rnn_jax import cells
-from rnn_jax.checkpoint import CheckpointManager
-from rnn_jax.data import Corpus, StreamBatches, eval_windows
+from rnn_jax import cells, plots
+from rnn_jax.config import TrainingConfig, field
+from rnn_jax.data import Corpus, StreamBatches, eval_windows, load_corpus
 from rnn_jax.data.batching import check_stream
-from rnn_jax.lm import LanguageModel, evaluate_stream, make_loss_fn
+from rnn_jax.lm import LanguageModel, evaluate_stream, make_loss_fn, sample
 from rnn_jax.losses import bits_per_char, perplexity
-from rnn_jax.train import (RunDir, create_train_state, fit, make_eval_step, make_optimizer, make_schedule,
-                           make_tbptt_step, make_train_step)
-
-# Flags that change the shapes or meaning of a checkpoint: a resume must use the same values.
-ARCHITECTURE_FIELDS = ("dataset", "cell", "hidden", "embed", "layers", "batch", "seq_len", "optimizer")
+from rnn_jax.rundir import LoadedRun, RunDir, RunOptions, load_run
+from rnn_jax.train import make_eval_step, train_and_test
 
 
-@dataclasses.dataclass
-class LMConfig:
-  """Every setting of a language-model run (the experiments' flags map onto these fields).
-
-  steps: total training steps (windows); 0 means ``epochs`` full passes over the train stream.
-  eval_every: steps between validations (0: once per epoch). checkpoint_every: 0 = at evals.
-  reduction: "sum" (loss summed over the T steps, averaged over B; Zaremba et al.) or "mean".
-  schedule: "constant", "step" (decay_rate per epoch after decay_start_epoch) or "cosine".
-  eval_batch: B used for valid/test (0: the training B). eval_tokens: if > 0, evaluate only the
-  first eval_tokens tokens of valid/test (smoke runs only).
-  """
-  dataset: str = "ptb_char"
-  level: Optional[str] = None
-  cell: str = "lstm"
-  hidden: int = 256
-  embed: int = 0
-  layers: int = 1
-  dropout: float = 0.0
-  init_scale: Optional[float] = None
-  optimizer: str = "adam"
-  lr: float = 2e-3
-  schedule: str = "constant"
-  decay_start_epoch: int = 0
-  decay_rate: float = 1.0
-  warmup_steps: int = 0
-  clip: Optional[float] = 1.0
-  clip_mode: str = "norm"
-  weight_decay: float = 0.0
-  l1: float = 0.0
-  l2: float = 0.0
-  reduction: str = "mean"
-  batch: int = 32
-  seq_len: int = 100
-  steps: int = 0
-  epochs: float = 1.0
-  eval_every: int = 0
-  eval_batch: int = 0
-  eval_tokens: int = 0
-  checkpoint_every: int = 0
-  keep: int = 2
-  log_every: int = 50
-  seed: int = 0
-  unroll: int = 1
-
-  def validate(self) -> None:
-    """Raise ValueError naming the flag and the accepted values."""
-    if self.cell not in cells.CELLS:
-      raise ValueError(f"--cell={self.cell!r} is unknown; expected one of {tuple(cells.CELLS)}")
-    positive = {"hidden": self.hidden, "layers": self.layers, "batch": self.batch, "seq_len": self.seq_len,
-                "log_every": self.log_every, "keep": self.keep, "unroll": self.unroll}
-    for name, value in positive.items():
-      if not isinstance(value, int) or value < 1:
-        raise ValueError(f"--{name} must be a positive integer, got {value!r}")
-    for name in ("steps", "eval_every", "eval_batch", "eval_tokens", "checkpoint_every", "embed",
-                 "warmup_steps"):
-      if getattr(self, name) < 0:
-        raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
-    if not 0.0 <= self.dropout < 1.0:
-      raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
-    if not (self.lr > 0 and math.isfinite(self.lr)):
-      raise ValueError(f"--lr must be a positive number, got {self.lr}")
-    if self.clip is not None and not self.clip > 0:
-      raise ValueError(f"--clip must be > 0 (or 0 for no clipping), got {self.clip}")
-    if self.steps == 0 and not self.epochs > 0:
-      raise ValueError(f"--epochs must be > 0 when --steps=0, got {self.epochs}")
-    if self.reduction not in ("sum", "mean"):
-      raise ValueError(f"--reduction must be 'sum' or 'mean', got {self.reduction!r}")
-
-  def to_dict(self) -> dict:
-    return dataclasses.asdict(self)
+@dataclasses.dataclass(frozen=True)
+class LMConfig(TrainingConfig):
+  """Every setting of a language-model run."""
+  dataset: str = field("ptb_char", "Corpus: ptb_char, ptb_word, shakespeare or file:PATH.", fixed=True)
+  cell: str = field("lstm", "Recurrent cell.", choices=tuple(cells.CELLS), fixed=True)
+  hidden_size: int = field(256, "Hidden size H of each layer.", minimum=1, fixed=True)
+  embed_size: int = field(0, "Embedding size D; 0 uses D = H.", minimum=0, fixed=True)
+  num_layers: int = field(1, "Stacked recurrent layers L.", minimum=1, fixed=True)
+  dropout: float = field(0.0, "Dropout on embeddings, between layers and before the read-out.",
+                         minimum=0.0, maximum=0.99)
+  init_scale: float = field(0.0, "If > 0, every parameter ~ U(-init_scale, init_scale); 0 keeps each "
+                            "layer's own initialiser.", minimum=0.0, fixed=True)
+  seq_len: int = field(100, "T, the truncated-BPTT window (k1 = k2 = T).", minimum=1, fixed=True)
+  eval_batch_size: int = field(0, "Parallel streams for validation and test; 0 uses batch_size.", minimum=0)
+  eval_tokens: int = field(0, "If > 0, evaluate only the first eval_tokens tokens of valid and test.",
+                           minimum=0)
+  reduction: str = field("mean", "Loss over the T steps: mean, or sum (Zaremba et al. 2014).",
+                         choices=("mean", "sum"))
+  l1: float = field(0.0, "L1 penalty on the recurrent weights W_hh only.", minimum=0.0)
+  l2: float = field(0.0, "L2 penalty on the recurrent weights W_hh only.", minimum=0.0)
+  unroll: int = field(1, "lax.scan unroll of the recurrence.", minimum=1)
 
 
 @dataclasses.dataclass
@@ -120,164 +65,95 @@ class LMOutcome:
   model: LanguageModel
   params: Any
   corpus: Corpus
+  run: RunDir
 
 
 def build_model(config: LMConfig, vocab_size: int) -> LanguageModel:
-  cell = cells.make_cell(config.cell, config.hidden)
-  return LanguageModel(cell, vocab_size, config.embed or config.hidden, num_layers=config.layers,
-                       dropout=config.dropout, init_scale=config.init_scale, unroll=config.unroll)
+  cell = cells.make_cell(config.cell, config.hidden_size)
+  return LanguageModel(cell, vocab_size, config.embed_size or config.hidden_size,
+                       num_layers=config.num_layers, dropout=config.dropout,
+                       init_scale=config.init_scale or None, unroll=config.unroll)
 
 
-def _named_metrics(nats: float, level: str, prefix: str = "") -> dict:
-  """{nats, bpc} for characters, {nats, perplexity} for words."""
-  out = {f"{prefix}nats": nats}
+def named_metrics(nats: float, level: str) -> dict:
+  """{loss, bpc} for characters, {loss, perplexity} for words (loss in nats per token)."""
   if level == "char":
-    out[f"{prefix}bpc"] = float(bits_per_char(nats))
-  else:
-    out[f"{prefix}perplexity"] = float(perplexity(min(nats, 700.0)))
-  return out
+    return {"loss": nats, "bpc": float(bits_per_char(nats))}
+  return {"loss": nats, "perplexity": float(perplexity(min(nats, 700.0)))}
 
 
-def _eval_split(corpus: Corpus, split: str, config: LMConfig) -> np.ndarray:
+def _split_ids(corpus: Corpus, split: str, config: LMConfig) -> np.ndarray:
   ids = corpus.splits[split]
-  if config.eval_tokens:
-    ids = ids[: config.eval_tokens]
-  return ids
+  return ids[: config.eval_tokens] if config.eval_tokens else ids
 
 
-@dataclasses.dataclass
-class TrainingSetup:
-  """The pieces of a run before training: model, train stream, schedule, optimiser, loop state."""
-  model: LanguageModel
-  stream: StreamBatches
-  schedule: Any
-  optimizer: Any
-  loop_state: dict
-  steps_per_epoch: int
-  num_steps: int
+def train_lm(config: LMConfig, workdir: str, options: RunOptions = RunOptions(), *,
+             experiment: str = "lm", corpus: Optional[Corpus] = None,
+             reference: Optional[dict] = None) -> LMOutcome:
+  """Train ``config`` into ``workdir`` through the one recipe; see the module docstring.
 
-
-def build_training(config: LMConfig, corpus: Corpus) -> TrainingSetup:
-  """Validate config and data, then build the model, stream, optimiser and initial loop state
-  {"train": TrainState, "carry": per-layer zero carries [B, ...]} (all from ``config.seed``)."""
-  config.validate()
-  vocab_size = len(corpus.vocab)
-  stream = StreamBatches(corpus.splits["train"], config.batch, config.seq_len, vocab_size,
-                         name=f"{corpus.name} train")
-  eval_batch = config.eval_batch or config.batch
-  for split in ("valid", "test"):
-    check_stream(_eval_split(corpus, split, config), eval_batch, config.seq_len, vocab_size,
-                 name=f"{corpus.name} {split}")
-  steps_per_epoch = stream.windows_per_epoch
-  num_steps = config.steps or max(1, int(round(config.epochs * steps_per_epoch)))
-  model = build_model(config, vocab_size)
-  init_key, train_key = jax.random.split(jax.random.PRNGKey(config.seed))
-  params = model.init(init_key)
-  schedule = make_schedule(config.schedule, config.lr, steps_per_epoch=steps_per_epoch,
-                           decay_start_epoch=config.decay_start_epoch, decay_rate=config.decay_rate,
-                           warmup_steps=config.warmup_steps, total_steps=num_steps)
-  optimizer = make_optimizer(config.optimizer, schedule, clip=config.clip, clip_mode=config.clip_mode,
-                             weight_decay=config.weight_decay)
-  loop_state = {"train": create_train_state(params, optimizer, train_key),
-                "carry": model.initial_carries(params, config.batch)}
-  return TrainingSetup(model, stream, schedule, optimizer, loop_state, steps_per_epoch, num_steps)
-
-
-
-def train_lm(config: LMConfig, corpus: Corpus, workdir: str, *, resume: bool = False,
-             progress: bool = True, extra_config: Optional[dict] = None) -> LMOutcome:
-  """Train ``config`` on ``corpus`` into ``workdir``; see the module docstring.
-
-  Raises ValueError for bad settings or data (too short for --batch x --seq_len, ...), and
-  refuses to overwrite an existing run's checkpoints unless ``resume`` is set.
+  reference: published figures {metric: (value, label)} drawn on the curves. Raises
+  ValueError for bad settings or data (too short for batch_size x seq_len, ...) and
+  ``RunExistsError`` for a workdir that holds a run, unless resuming or overwriting.
   """
-  setup = build_training(config, corpus)
-  model, stream, loop_state, schedule, optimizer = (setup.model, setup.stream, setup.loop_state,
-                                                    setup.schedule, setup.optimizer)
-  vocab_size, steps_per_epoch, num_steps = len(corpus.vocab), setup.steps_per_epoch, setup.num_steps
-  eval_batch = config.eval_batch or config.batch
-  eval_every = config.eval_every or steps_per_epoch
-  params = loop_state["train"].params
-  train_step = make_tbptt_step(make_train_step(
-      make_loss_fn(model, train=True, reduction=config.reduction, l1=config.l1, l2=config.l2),
-      optimizer, schedule))
+  corpus = corpus or load_corpus(config.dataset)
+  vocab_size = len(corpus.vocab)
+  stream = StreamBatches(corpus.splits["train"], config.batch_size, config.seq_len, vocab_size,
+                         name=f"{corpus.name} train")
+  eval_batch = config.eval_batch_size or config.batch_size
+  for split in ("valid", "test"):
+    check_stream(_split_ids(corpus, split, config), eval_batch, config.seq_len, vocab_size,
+                 name=f"{corpus.name} {split}")
+  model = build_model(config, vocab_size)
+  label = f"{experiment} {config.cell}"
+  run = RunDir(workdir, experiment, config, options, label=label)
+  run.save_model(model, corpus.vocab, best_metric="loss", best_mode="min", level=corpus.level,
+                 corpus=corpus.summary())
+  params = model.init(jax.random.PRNGKey(config.seed))
   eval_step = make_eval_step(make_loss_fn(model, train=False))
 
-  full_config = {**config.to_dict(), **(extra_config or {}), "corpus": corpus.summary(),
-                 "num_params": model.num_params(params), "steps_per_epoch": steps_per_epoch,
-                 "num_steps": num_steps}
-  run = RunDir(workdir, full_config)
-  checkpoints = CheckpointManager(run.path("checkpoints"), keep=config.keep, best_metric="valid_nats")
-  start_step = 0
-  latest = checkpoints.latest_step()
-  if latest is not None and not resume:
-    raise ValueError(f"{run.workdir} already holds checkpoints (latest step {latest}); pass --resume to "
-                     f"continue that run, or choose a fresh --workdir")
-  if resume and latest is not None:
-    loop_state, extra = checkpoints.restore(loop_state)
-    saved_config = extra.get("config", {})
-    changed = {k: (saved_config.get(k), full_config.get(k)) for k in ARCHITECTURE_FIELDS
-               if k in saved_config and saved_config.get(k) != full_config.get(k)}
-    if changed:
-      raise ValueError(f"--resume: the checkpoint in {checkpoints.directory} was made with other settings "
-                       f"(saved, now): {changed}; use the original flags or a fresh --workdir")
-    stream.seek(extra["data"])
-    start_step = int(extra["step"])
-    run.truncate_after(start_step)
-    logging.info("resumed from step %d (epoch %d, window %d)", start_step, stream.epoch, stream.window)
-  elif resume:
-    logging.info("--resume: no checkpoint in %s, starting from scratch", checkpoints.directory)
-  with open(run.path("config.json"), "w") as f:
-    json.dump(full_config, f, indent=2, default=str)
+  def evaluate(params, split):
+    windows = eval_windows(_split_ids(corpus, split, config), eval_batch, config.seq_len, vocab_size)
+    return named_metrics(evaluate_stream(model, eval_step, params, windows)["nats"], corpus.level)
 
-  def validate(state):
-    nats = evaluate_stream(model, eval_step, state["train"].params,
-                           eval_windows(_eval_split(corpus, "valid", config), eval_batch, config.seq_len,
-                                        vocab_size))["nats"]
-    return _named_metrics(nats, corpus.level, "valid_")
+  def train_summary(metrics):
+    """The optimised loss plus bpc or perplexity of the window's mean nats per token."""
+    shown = {k: v for k, v in metrics.items() if k not in ("nats", "nll_sum", "tokens")}
+    derived = named_metrics(metrics["nats"], corpus.level)
+    del derived["loss"]
+    return {**shown, **derived}
 
-  class _Saver:
-    """Adds the config to every checkpoint's extra JSON."""
-    def save(self, step, state, extra, metrics):
-      checkpoints.save(step, state, extra={**extra, "config": full_config}, metrics=metrics)
-
-  logging.info("training %s on %s: %d params, %d steps (%d per epoch), B=%d T=%d",
-               config.cell, corpus.name, full_config["num_params"], num_steps, steps_per_epoch,
-               config.batch, config.seq_len)
-  started = time.time()
-  outcome = fit(loop_state, train_step, stream, num_steps=num_steps, run=run, start_step=start_step,
-                evaluate=validate, eval_every=eval_every, checkpoints=_Saver(),
-                checkpoint_every=config.checkpoint_every, best_metric="valid_nats",
-                log_every=config.log_every, tokens_per_step=stream.tokens_per_window,
-                train_summary=lambda m: {**m, **_named_metrics(m["nats"], corpus.level)},
-                progress=progress)
-  train_seconds = time.time() - started
-  params = outcome.state["train"].params
-  final = {}
-  for split in ("valid", "test"):
-    nats = evaluate_stream(model, eval_step, params,
-                           eval_windows(_eval_split(corpus, split, config), eval_batch, config.seq_len,
-                                        vocab_size))["nats"]
-    final.update(_named_metrics(nats, corpus.level, f"{split}_"))
-  run.log(outcome.step, "test", **{k: v for k, v in final.items() if k.startswith("test_")})
-  best_step = checkpoints.best_step()
-  results = {**final, "steps": outcome.step, "epochs": outcome.step / steps_per_epoch,
-             "best_checkpoint_step": best_step, "train_seconds_this_process": train_seconds,
-             "resumed_from_step": start_step, "final_train": outcome.train}
-  run.finish(results)
-  return LMOutcome(results=results, model=model, params=params, corpus=corpus)
+  logging.info("%s: %s on %s, %d params, B=%d T=%d, %d windows per epoch", label, config.cell, corpus.name,
+               model.num_params(params), config.batch_size, config.seq_len, stream.windows_per_epoch)
+  outcome = train_and_test(
+      run, config, params=params, loss_fn=make_loss_fn(model, train=True, reduction=config.reduction,
+                                                       l1=config.l1, l2=config.l2),
+      stream=stream, steps_per_epoch=stream.windows_per_epoch, evaluate=evaluate, best_metric="loss",
+      carry=model.initial_carries(params, config.batch_size), tokens_per_step=stream.tokens_per_window,
+      train_summary=train_summary, progress=options.progress)
+  results = {**outcome.results, "num_params": model.num_params(params), "corpus": corpus.summary()}
+  metric = "bpc" if corpus.level == "char" else "perplexity"
+  plots.plot_run(run.workdir, f"{experiment}: {config.num_layers}x{config.hidden_size} {config.cell} on "
+                 f"{corpus.name}", metrics=["loss", metric, "grad_norm"], reference=reference,
+                 labels={"loss": "nats per token", "bpc": "bits per character", "perplexity": "perplexity",
+                         "grad_norm": "gradient norm ||g||"},
+                 final={f"test {metric}": results[f"test_{metric}"]})
+  return LMOutcome(results=results, model=model, params=outcome.params, corpus=corpus, run=run)
 
 
-def load_params_for_sampling(config: LMConfig, corpus: Corpus, workdir: str, which: str = "best"):
-  """(model, params, step) from ``workdir``'s best (or latest) checkpoint, for sampling only.
+def sample_from_run(loaded: LoadedRun, prime: str, *, length: int, key, temperature: float = 1.0,
+                    top_k: int = 0) -> str:
+  """A sample from a trained LM run (``rnn_jax.load_run``): the prime and ``length`` drawn tokens.
 
-  ``config`` must hold the training run's flags (the checkpoint tree is checked against them).
+  Characters are joined as they are; words with spaces.
   """
-  setup = build_training(config, corpus)
-  checkpoints = CheckpointManager(os.path.join(workdir, "checkpoints"), keep=config.keep,
-                                  best_metric="valid_nats")
-  step = checkpoints.best_step() if which == "best" else checkpoints.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint in {checkpoints.directory}; train first with the same --workdir")
-  state, _ = checkpoints.restore(setup.loop_state, step=step)
-  return setup.model, state["train"].params, step
+  level = loaded.extra.get("level", "char")
+  vocab = loaded.vocab
+  if level == "char":
+    prime_ids = vocab.encode(list(prime), allow_unk=False)
+  else:
+    prime_ids = vocab.encode(prime.split())
+  ids = sample(loaded.model, loaded.params, prime_ids, length, key, temperature=temperature, top_k=top_k)
+  if level == "char":
+    return prime + vocab.decode(ids)
+  return prime + " " + vocab.decode(ids, sep=" ")

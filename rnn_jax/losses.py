@@ -109,3 +109,24 @@ def accuracy(logits: jax.Array, targets: jax.Array, mask=None) -> jax.Array:
   correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
   weights = jnp.ones_like(correct) if mask is None else mask.astype(jnp.float32)
   return jnp.sum(correct * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def recurrent_penalty(params, l1: float = 0.0, l2: float = 0.0) -> jax.Array:
+  """Omega = lambda1 sum |W_hh| + lambda2 sum W_hh^2 over every leaf whose key is "w_hh".
+
+  Only recurrent weights are penalised (input, output and embedding weights are not).
+  Add it to the data loss inside a loss function.
+  """
+  total = jnp.zeros((), jnp.float32)
+  if not l1 and not l2:
+    return total
+  found = False
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    last = path[-1]
+    key = getattr(last, "key", getattr(last, "name", None))
+    if key == "w_hh":
+      found = True
+      total = total + l1 * jnp.sum(jnp.abs(leaf)) + l2 * jnp.sum(jnp.square(leaf))
+  if not found:
+    raise ValueError("recurrent_penalty: params hold no 'w_hh' leaf; nothing to penalise")
+  return total

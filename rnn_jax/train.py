@@ -1,184 +1,51 @@
-"""Training engine: optax chains, schedules, recurrent penalties, jitted steps and a thin run loop.
+"""Training: jitted steps, truncated BPTT, the fit loop and the one training recipe.
 
-The pieces, in the order an experiment uses them::
+The recipe every gradient-trained experiment runs (``train_and_test``)::
 
-  schedule  = make_schedule("step", 1.0, steps_per_epoch=n, decay_start_epoch=4, decay_rate=0.5)
-  optimizer = make_optimizer("sgd", schedule, clip=5.0)               # clipping inside the chain
-  state     = create_train_state(params, optimizer, key)              # params, opt_state, step, rng
-  train_step = make_train_step(loss_fn, optimizer)         # jitted (state, batch) -> (state, metrics)
-  run = RunDir(workdir, config)                                       # metrics.jsonl, results.json, curves
-  state, summary = fit(state, train_step, stream, num_steps=..., run=run, evaluate=..., checkpoints=...)
+  run = RunDir(workdir, "char_lm", config, resume=resume)            # rnn_jax.rundir
+  outcome = train_and_test(run, config, params=model.init(key), loss_fn=loss_fn, stream=stream,
+                           steps_per_epoch=stream.windows_per_epoch, evaluate=evaluate,
+                           best_metric="loss")
+  run.finish({**outcome.results, ...})
 
-``loss_fn(params, batch, rng) -> (loss, aux)`` is the only model-specific code.
-``aux`` is a dict: scalar entries become metrics; other entries (e.g. the
-truncated-BPTT carry, see ``make_tbptt_step``) are passed through untouched.
+It resumes from the run's latest checkpoint (or starts fresh), builds the optax chain and the
+schedule from the config (``rnn_jax.optim``), fits with logging, evaluation and checkpoints,
+restores the best checkpoint and evaluates it on every split.
 
-Truncated BPTT (Williams & Peng 1990): every k1 steps, back-propagate k2 steps.
-Here k1 = k2 = T (the window length): a window of T tokens is one forward and one
-backward pass; its final carry starts the next window under ``stop_gradient``, so
-the state flows across windows but gradients stop at the window boundary. The
-carry is reset to zeros at the start of every epoch (the batch's ``reset`` flag).
+``loss_fn(params, batch, rng) -> (loss, aux)`` is the only model-specific code. ``aux`` is a
+dict: scalar entries become metrics; other entries (e.g. the truncated-BPTT carry, see
+``make_tbptt_step``) are passed through untouched.
+
+Truncated BPTT (Williams & Peng 1990): every k1 steps, back-propagate k2 steps. Here
+k1 = k2 = T (the window length): a window of T tokens is one forward and one backward pass;
+its final carry starts the next window under ``stop_gradient``, so the state flows across
+windows but gradients stop at the window boundary. The carry is reset to zeros at the start
+of every epoch (the batch's ``reset`` flag).
+
+Interrupts: SIGINT and SIGTERM during ``fit`` finish the current step, save a checkpoint at
+it and raise ``Interrupted``; the run continues from there when resumed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
 import math
-import os
-import platform
+import signal
 import sys
+import threading
 import time
-from typing import Any, Callable, NamedTuple, Optional, Protocol
+from typing import Any, Callable, NamedTuple, Optional, Protocol, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import flags, logging
+from absl import logging
 
-SCHEDULES = ("constant", "step", "cosine")
-OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "rmsprop")
-CLIP_MODES = ("norm", "value")
-
-
-# ---------------------------------------------------------------------------
-# Schedules and optimisers
-# ---------------------------------------------------------------------------
-
-def make_schedule(kind: str, learning_rate: float, *, steps_per_epoch: Optional[int] = None,
-                  decay_start_epoch: Optional[int] = None, decay_rate: Optional[float] = None,
-                  warmup_steps: int = 0, total_steps: Optional[int] = None) -> optax.Schedule:
-  """A learning-rate schedule eta(step).
-
-  constant: eta(s) = lr.
-  step:     Zaremba et al. (2014): the rate is constant for the first ``decay_start_epoch``
-            epochs, then multiplied by ``decay_rate`` after every further epoch:
-              epoch e = s // steps_per_epoch (0-based),
-              eta(s) = lr * decay_rate ** max(0, e + 1 - decay_start_epoch).
-            (small: lr 1, decay_start_epoch 4, decay_rate 0.5 -> epochs 1-4 at 1, epoch 5 at 0.5, ...)
-  cosine:   linear warmup from 0 to lr over ``warmup_steps``, then cosine decay to 0 at
-            ``total_steps``: eta(s) = lr/2 (1 + cos(pi (s - w) / (S - w))).
-  """
-  if learning_rate <= 0 or not math.isfinite(learning_rate):
-    raise ValueError(f"make_schedule: learning_rate must be a positive number, got {learning_rate}")
-  if kind == "constant":
-    return optax.constant_schedule(learning_rate)
-  if kind == "step":
-    if not steps_per_epoch or steps_per_epoch <= 0:
-      raise ValueError(f"make_schedule('step'): steps_per_epoch must be a positive int, "
-                       f"got {steps_per_epoch}")
-    if decay_start_epoch is None or decay_start_epoch < 0:
-      raise ValueError(f"make_schedule('step'): decay_start_epoch must be >= 0, got {decay_start_epoch}")
-    if decay_rate is None or not 0.0 < decay_rate <= 1.0:
-      raise ValueError(f"make_schedule('step'): decay_rate must be in (0, 1], got {decay_rate}")
-
-    def step_schedule(step):
-      epoch = jnp.asarray(step) // steps_per_epoch
-      exponent = jnp.maximum(0, epoch + 1 - decay_start_epoch)
-      return learning_rate * jnp.power(decay_rate, exponent.astype(jnp.float32))
-    return step_schedule
-  if kind == "cosine":
-    if not total_steps or total_steps <= warmup_steps:
-      raise ValueError(f"make_schedule('cosine'): total_steps must exceed warmup_steps={warmup_steps}, "
-                       f"got {total_steps}")
-    if warmup_steps < 0:
-      raise ValueError(f"make_schedule('cosine'): warmup_steps must be >= 0, got {warmup_steps}")
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=learning_rate, warmup_steps=warmup_steps,
-        decay_steps=total_steps, end_value=0.0)
-  raise ValueError(f"unknown schedule {kind!r}; expected one of {SCHEDULES}")
-
-
-def make_optimizer(name: str, learning_rate, *, clip: Optional[float] = None, clip_mode: str = "norm",
-                   momentum: float = 0.9, weight_decay: float = 0.0) -> optax.GradientTransformation:
-  """An optax chain: [clip] -> optimiser (with ``learning_rate`` a float or a schedule).
-
-  clip_mode "norm":  g <- g * min(1, clip / ||g||_2), ||g|| the global norm over all leaves
-                     (Pascanu et al. 2013; Zaremba et al. 2014 use clip = 5).
-  clip_mode "value": g <- clamp(g, -clip, clip) elementwise.
-  Optimisers: sgd, momentum (heavy ball, ``momentum``), adam, adamw (decoupled ``weight_decay``),
-  rmsprop. ``weight_decay`` > 0 with other optimisers adds the coupled L2 term wd * theta to g.
-  """
-  if name not in OPTIMIZERS:
-    raise ValueError(f"unknown optimizer {name!r}; expected one of {OPTIMIZERS}")
-  if clip_mode not in CLIP_MODES:
-    raise ValueError(f"unknown clip_mode {clip_mode!r}; expected one of {CLIP_MODES}")
-  if clip is not None and not clip > 0:
-    raise ValueError(f"clip must be a positive number or None (no clipping), got {clip}")
-  if weight_decay < 0:
-    raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-  if isinstance(learning_rate, (int, float)) and not learning_rate > 0:
-    raise ValueError(f"learning_rate must be positive, got {learning_rate}")
-  chain = []
-  if clip is not None:
-    chain.append(optax.clip_by_global_norm(clip) if clip_mode == "norm" else optax.clip(clip))
-  if weight_decay and name != "adamw":
-    chain.append(optax.add_decayed_weights(weight_decay))
-  if name == "sgd":
-    chain.append(optax.sgd(learning_rate))
-  elif name == "momentum":
-    chain.append(optax.sgd(learning_rate, momentum=momentum))
-  elif name == "adam":
-    chain.append(optax.adam(learning_rate))
-  elif name == "adamw":
-    chain.append(optax.adamw(learning_rate, weight_decay=weight_decay))
-  elif name == "rmsprop":
-    chain.append(optax.rmsprop(learning_rate))
-  return optax.chain(*chain)
-
-
-
-def _calling_module_name(depth: int = 2) -> str:
-  """The module name absl files a flag under: the caller's, with __main__ as sys.argv[0]."""
-  name = sys._getframe(depth).f_globals.get("__name__", "")
-  return sys.argv[0] if name == "__main__" else name
-
-
-def define_optimizer_flags(*, learning_rate: float, clip: float, optimizer: str = "adam") -> None:
-  """Define the --optimizer, --learning_rate, --clip and --clip_mode flags of a training script.
-
-  The defaults are the script's own; ``optimizer_from_flags`` builds the chain they describe.
-  The flags are filed under the calling script, so ``script_flag_values`` records them.
-  """
-  module = _calling_module_name()
-  flags.DEFINE_enum("optimizer", optimizer, OPTIMIZERS, "Optimiser.", module_name=module)
-  flags.DEFINE_float("learning_rate", learning_rate, "Learning rate.", module_name=module)
-  flags.DEFINE_float("clip", clip, "Gradient clipping threshold (0 disables).", module_name=module)
-  flags.DEFINE_enum("clip_mode", "norm", CLIP_MODES, "Clip the global norm or each value.", module_name=module)
-
-
-def script_flag_values() -> dict:
-  """{name: value} of every flag the running script (sys.argv[0]) defines: the config of results.json."""
-  return {flag.name: flag.value for flag in flags.FLAGS.get_key_flags_for_module(sys.argv[0])}
-
-
-def optimizer_from_flags() -> optax.GradientTransformation:
-  """``make_optimizer`` from the flags ``define_optimizer_flags`` defined (--clip=0: no clipping)."""
-  values = flags.FLAGS
-  return make_optimizer(values.optimizer, values.learning_rate, clip=values.clip or None,
-                        clip_mode=values.clip_mode)
-
-
-def recurrent_penalty(params, l1: float = 0.0, l2: float = 0.0) -> jax.Array:
-  """Omega = lambda1 sum |W_hh| + lambda2 sum W_hh^2 over every leaf whose key is "w_hh".
-
-  Only recurrent weights are penalised (input, output and embedding weights are not).
-  Add it to the data loss inside ``loss_fn``.
-  """
-  total = jnp.zeros((), jnp.float32)
-  if not l1 and not l2:
-    return total
-  found = False
-  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-    last = path[-1]
-    key = getattr(last, "key", getattr(last, "name", None))
-    if key == "w_hh":
-      found = True
-      total = total + l1 * jnp.sum(jnp.abs(leaf)) + l2 * jnp.sum(jnp.square(leaf))
-  if not found:
-    raise ValueError("recurrent_penalty: params hold no 'w_hh' leaf; nothing to penalise")
-  return total
+from rnn_jax import optim
+from rnn_jax.checkpoint import CheckpointManager
+from rnn_jax.rundir import RunDir
 
 
 # ---------------------------------------------------------------------------
@@ -266,222 +133,6 @@ def make_tbptt_step(train_step):
   return jax.jit(tbptt_step)
 
 
-# ---------------------------------------------------------------------------
-# Run directory: metrics.jsonl, results.json, curves
-# ---------------------------------------------------------------------------
-
-def device_info() -> dict:
-  """The JAX backend and devices this process runs on, for results.json."""
-  devices = jax.devices()
-  return {
-      "backend": jax.default_backend(),
-      "devices": [str(d.device_kind) for d in devices],
-      "device_count": len(devices),
-      "host": platform.node(),
-      "platform": platform.platform(),
-      "cpu_count": os.cpu_count(),
-      "jax_version": jax.__version__,
-  }
-
-
-def _to_python(value):
-  """JSON-able python scalars/lists from numpy/jax values (NaN and inf become strings)."""
-  if isinstance(value, dict):
-    return {str(k): _to_python(v) for k, v in value.items()}
-  if isinstance(value, (list, tuple)):
-    return [_to_python(v) for v in value]
-  if isinstance(value, (jax.Array, np.ndarray, np.generic)):
-    array = np.asarray(value)
-    value = array.item() if array.ndim == 0 else array.tolist()
-  if isinstance(value, float) and not math.isfinite(value):
-    return str(value)
-  return value
-
-
-def write_results(workdir: str, metrics: dict, config: dict, wall_time: float) -> str:
-  """Write <workdir>/results.json = {metrics..., "config", "wall_time_s", "device"}; returns its path.
-
-  Written to a temporary file and renamed, so a crash never leaves a half-written results.json.
-  """
-  os.makedirs(workdir, exist_ok=True)
-  payload = {**_to_python(metrics), "config": _to_python(config), "wall_time_s": float(wall_time),
-             "device": device_info()}
-  path = os.path.join(workdir, "results.json")
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(payload, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
-  return path
-
-
-def read_metrics(workdir: str) -> list[dict]:
-  """The records of <workdir>/metrics.jsonl (a torn last line from a killed run is skipped)."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  records = []
-  if not os.path.exists(path):
-    return records
-  with open(path) as f:
-    for line in f:
-      try:
-        records.append(json.loads(line))
-      except json.JSONDecodeError:
-        continue
-  return records
-
-
-def save_figure(fig, path: str, dpi: int = 100) -> str:
-  """Lay out, save as PNG, close, and return ``path`` (the experiments' one way to write a plot)."""
-  import matplotlib.pyplot as plt
-  fig.tight_layout()
-  fig.savefig(path, dpi=dpi)
-  plt.close(fig)
-  return path
-
-
-def plot_curves(workdir: str, keys: Optional[list[str]] = None, filename: str = "curves.png") -> str:
-  """Plot metrics.jsonl as one panel per metric, one line per split (train, valid, ...), vs step.
-
-  A "<split>_" prefix is dropped (valid_bpc in a "valid" record is plotted as bpc), so the
-  train and valid curves of one metric share a panel. keys: the metrics to plot; default
-  every metric that appears in at least one non-train record, or all train metrics if
-  there is no evaluation. Returns the PNG's path.
-  """
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  records = read_metrics(workdir)
-  if not records:
-    raise ValueError(f"plot_curves: {workdir}/metrics.jsonl has no records to plot")
-  skip = {"step", "split", "time_s", "epoch"}
-
-  def metrics_of(record):
-    """{metric: value} with a "<split>_" prefix removed, so valid_bpc and train bpc share a panel."""
-    split = record.get("split", "train")
-    out = {}
-    for k, v in record.items():
-      if k not in skip and isinstance(v, (int, float)) and not isinstance(v, bool):
-        out[k[len(split) + 1:] if k.startswith(split + "_") else k] = v
-    return out
-
-  points_of = [(r.get("split", "train"), r["step"], metrics_of(r)) for r in records]
-  if keys is None:
-    eval_keys = set().union(*[m.keys() for split, _, m in points_of if split != "train"])
-    keys = sorted(eval_keys or set().union(*[m.keys() for _, _, m in points_of]))
-  if not keys:
-    raise ValueError(f"plot_curves: no numeric metrics in {workdir}/metrics.jsonl")
-  fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.5), squeeze=False)
-  splits = sorted({split for split, _, _ in points_of}, key=lambda name: (name != "train", name))
-  for axis, key in zip(axes[0], keys):
-    for split in splits:
-      points = [(step, m[key]) for name, step, m in points_of if name == split and key in m]
-      if points:
-        steps, values = zip(*points)
-        axis.plot(steps, values, marker="." if len(points) < 30 else None, label=split)
-    axis.set_xlabel("step")
-    axis.set_title(key)
-    axis.legend()
-  return save_figure(fig, os.path.join(workdir, filename))
-
-
-def merge_run_metrics(workdir: str, runs: list[str], path: str) -> str:
-  """Concatenate <workdir>/<run>/metrics.jsonl of several runs into ``path``, each record
-  tagged {"run": name}; written through a temporary file and renamed. Returns ``path``."""
-  tmp = path + ".tmp"
-  with open(tmp, "w") as handle:
-    for name in runs:
-      for record in read_metrics(os.path.join(workdir, name)):
-        handle.write(json.dumps({"run": name, **record}) + "\n")
-  os.replace(tmp, path)
-  return path
-
-
-def plot_runs(workdir: str, runs: list[str], metric: str, *, ylabel: str, title: str,
-              split: str = "valid", filename: str = "comparison.png") -> str:
-  """One line per run of ``metric`` from <workdir>/<run>/metrics.jsonl records of ``split``,
-  against step, saved as <workdir>/<filename>. Returns the PNG's path."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, axis = plt.subplots(figsize=(5.5, 3.8))
-  for name in runs:
-    points = [(r["step"], r[metric]) for r in read_metrics(os.path.join(workdir, name))
-              if r.get("split") == split and metric in r]
-    if points:
-      axis.plot(*zip(*points), marker="o", label=name)
-  axis.set_xlabel("step")
-  axis.set_ylabel(ylabel)
-  axis.set_title(title)
-  axis.legend()
-  return save_figure(fig, os.path.join(workdir, filename))
-
-
-class RunDir:
-  """An experiment's output directory: metrics.jsonl, results.json, curves.png, texts.
-
-  Usage::
-
-    run = RunDir(workdir, config=flags_dict)    # creates the directory
-    run.log(step, "train", loss=..., bpc=...)   # one JSON line + an absl log line
-    run.write_text("samples.txt", text)
-    run.finish({"test_bpc": ...})               # results.json (+ wall time, device) and curves.png
-
-  A resumed run appends to the same metrics.jsonl; ``truncate_after(step)`` drops records
-  logged after the checkpoint being resumed so the file matches the restored trajectory.
-  """
-
-  def __init__(self, workdir: str, config: Optional[dict] = None):
-    if not workdir:
-      raise ValueError("RunDir: workdir must be a non-empty path")
-    self.workdir = os.path.abspath(workdir)
-    os.makedirs(self.workdir, exist_ok=True)
-    self.config = dict(config or {})
-    self.metrics_path = os.path.join(self.workdir, "metrics.jsonl")
-    self.start_time = time.time()
-
-  def path(self, name: str) -> str:
-    return os.path.join(self.workdir, name)
-
-  def log(self, step: int, split: str, **metrics) -> dict:
-    """Append {"step", "split", "time_s", **metrics} to metrics.jsonl and log it with absl."""
-    record = {"step": int(step), "split": split, "time_s": round(time.time() - self.start_time, 3),
-              **_to_python(metrics)}
-    with open(self.metrics_path, "a") as f:
-      f.write(json.dumps(record) + "\n")
-    shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                     for k, v in record.items() if k not in ("step", "split", "time_s"))
-    logging.info("step %d [%s] %s", step, split, shown)
-    return record
-
-  def truncate_after(self, step: int) -> None:
-    """Keep only metrics.jsonl records with step <= ``step`` (before resuming from ``step``)."""
-    records = [r for r in read_metrics(self.workdir) if r.get("step", 0) <= step]
-    tmp = self.metrics_path + ".tmp"
-    with open(tmp, "w") as f:
-      for r in records:
-        f.write(json.dumps(r) + "\n")
-    os.replace(tmp, self.metrics_path)
-
-  def write_text(self, name: str, text: str) -> str:
-    path = self.path(name)
-    with open(path, "w") as f:
-      f.write(text)
-    return path
-
-  def finish(self, metrics: dict, plot: bool = True, wall_time: Optional[float] = None) -> str:
-    """results.json (metrics, config, wall time since construction, device) and curves.png."""
-    wall = time.time() - self.start_time if wall_time is None else wall_time
-    path = write_results(self.workdir, metrics, self.config, wall)
-    if plot and read_metrics(self.workdir):
-      plot_curves(self.workdir)
-    return path
-
-
-# ---------------------------------------------------------------------------
-# The run loop
-# ---------------------------------------------------------------------------
-
 class Stream(Protocol):
   """A resumable batch source: ``next(stream)`` gives a batch; ``position()`` is JSON-able
   and ``seek(position)`` returns to it (used for exact resume)."""
@@ -507,56 +158,112 @@ class FitResult:
   eval: dict
 
 
-def resume_or_refuse(checkpoints, state, run: "RunDir", resume: bool, stream=None, label: str = ""):
-  """Continue from the latest checkpoint with --resume; refuse to overwrite one without it.
+# ---------------------------------------------------------------------------
+# Console: a progress bar that log lines never share
+# ---------------------------------------------------------------------------
 
-  Returns (state, start_step): the restored state and its step (the data stream is moved to
-  its saved position and metrics.jsonl cut after that step), or (state, 0) with no checkpoint.
-  Raises FileExistsError when checkpoints exist and ``resume`` is False; nothing is touched.
+class _BarStream:
+  """A file-like stream that prints through ``tqdm.write``, so log lines go above the bar."""
+
+  def __init__(self, stream):
+    self.stream = stream
+
+  def write(self, text: str) -> None:
+    from tqdm import tqdm
+    text = text.rstrip("\n")
+    if text:
+      tqdm.write(text, file=self.stream)
+
+  def flush(self) -> None:
+    self.stream.flush()
+
+
+@contextlib.contextmanager
+def progress_bar(total: int, initial: int = 0, *, enabled: bool = True, desc: str = ""):
+  """A tqdm bar on stderr while absl log lines are routed through ``tqdm.write``.
+
+  Every log line is printed on its own line above the bar and the bar is redrawn below it,
+  so the two never share a terminal line. When stderr is not a terminal (a log file, a
+  pipe) there is no bar: the log lines alone show the progress.
   """
-  if checkpoints.latest_step() is None:
-    return state, 0
-  if not resume:
-    raise FileExistsError(f"{checkpoints.directory} already holds checkpoints; pass --resume to continue "
-                          "them or choose a fresh --workdir (nothing was overwritten)")
-  state, extra = checkpoints.restore(state)
-  start_step = int(extra["step"])
-  if stream is not None:
-    stream.seek(extra["data"])
-  run.truncate_after(start_step)
-  logging.info("%sresumed from step %d", f"{label}: " if label else "", start_step)
-  return state, start_step
+  from tqdm import tqdm
+  enabled = enabled and sys.stderr.isatty()
+  handler = logging.get_absl_handler().python_handler
+  previous = handler.stream
+  handler.stream = _BarStream(previous if previous is not None else sys.stderr)
+  bar = tqdm(total=total, initial=initial, disable=not enabled, dynamic_ncols=True, mininterval=1.0,
+             desc=desc, file=sys.stderr, leave=False)
+  try:
+    yield bar
+  finally:
+    bar.close()
+    handler.stream = previous
+
+
+# ---------------------------------------------------------------------------
+# Interrupts
+# ---------------------------------------------------------------------------
+
+class Interrupted(Exception):
+  """Training stopped by SIGINT or SIGTERM after saving a checkpoint at ``step``."""
+
+  def __init__(self, signal_number: int, step: int, workdir: str):
+    self.signal_number, self.step, self.workdir = signal_number, step, workdir
+    name = signal.Signals(signal_number).name
+    super().__init__(f"{name} at step {step}: checkpoint saved in {workdir}")
+
+
+@contextlib.contextmanager
+def _catch_signals():
+  """Record SIGINT / SIGTERM instead of dying; a second signal gets the previous handler."""
+  caught: list[int] = []
+  if threading.current_thread() is not threading.main_thread():
+    yield caught
+    return
+  previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+  def handler(number, frame):
+    caught.append(number)
+    for s, h in previous.items():
+      signal.signal(s, h)
+
+  for s in previous:
+    signal.signal(s, handler)
+  try:
+    yield caught
+  finally:
+    for s, h in previous.items():
+      signal.signal(s, h)
+
+
+# ---------------------------------------------------------------------------
+# The fit loop
+# ---------------------------------------------------------------------------
 
 def fit(state, step_fn, stream: Stream, *, num_steps: int, run: RunDir, start_step: int = 0,
         evaluate: Optional[Callable[[Any], dict]] = None, eval_every: int = 0,
-        checkpoints=None, checkpoint_every: int = 0, best_metric: Optional[str] = None,
-        log_every: int = 50, tokens_per_step: Optional[int] = None,
-        train_summary: Optional[Callable[[dict], dict]] = None,
-        progress: bool = True, stop_when: Optional[Callable[[dict], bool]] = None) -> FitResult:
+        checkpoints: Optional[CheckpointManager] = None, checkpoint_every: int = 0,
+        best_metric: Optional[str] = None, log_every: int = 50, tokens_per_step: Optional[int] = None,
+        train_summary: Optional[Callable[[dict], dict]] = None, progress: bool = True,
+        stop_when: Optional[Callable[[dict], bool]] = None) -> FitResult:
   """Run ``step_fn`` from ``start_step`` to ``num_steps`` with logging, evaluation and checkpoints.
 
   Each step: ``state, metrics = step_fn(state, next(stream))``. Every ``log_every`` steps the
   mean of the scalar metrics (optionally mapped by ``train_summary``, e.g. to add bpc) is
-  logged to metrics.jsonl as split "train" and shown on the tqdm bar with tokens/s
+  logged to metrics.jsonl as split "train" and shown on the progress bar with tokens/s
   (``tokens_per_step`` tokens per step). Every ``eval_every`` steps and at the end,
-  ``evaluate(state)`` returns a dict logged as split "valid". Every ``checkpoint_every`` steps
-  and at the end, ``checkpoints.save(step, state, extra={"data": stream.position()},
-  metrics=eval metrics)`` keeps the last N and the best on ``best_metric``; a checkpoint is also
-  saved after every evaluation and at the end.
+  ``evaluate(state)`` returns a dict logged as split "valid". A checkpoint (the state and the
+  stream position) is saved every ``checkpoint_every`` steps, after every evaluation (ranked
+  on ``best_metric``) and at the end.
 
   Early stop: ``stop_when(eval_metrics)`` is asked after every evaluation; if it returns True
-  the run stops there (after that step's checkpoint) and ``FitResult.step`` is that step
-  (e.g. the step at which a task counts as solved).
+  the run stops there (after that step's checkpoint) and ``FitResult.step`` is that step.
 
-  Resume: restore ``state`` and ``data`` with ``checkpoints.restore`` first, ``stream.seek`` to
-  the saved position and pass ``start_step``; the trajectory is then the uninterrupted one.
+  SIGINT / SIGTERM: the current step finishes, a checkpoint is saved at it and ``Interrupted``
+  is raised.
   """
   if num_steps < start_step:
     raise ValueError(f"fit: num_steps={num_steps} is before the resumed step {start_step}")
-  from tqdm import tqdm
-
-  bar = tqdm(total=num_steps, initial=start_step, disable=not progress, dynamic_ncols=True,
-             mininterval=1.0)
   history: list[dict] = []
   last_train, last_eval = {}, {}
   tick, tick_step = time.time(), start_step
@@ -568,36 +275,150 @@ def fit(state, step_fn, stream: Stream, *, num_steps: int, run: RunDir, start_st
                  if best_metric and best_metric in eval_metrics else None)
       checkpoints.save(step, state, extra={"data": stream.position(), "step": step}, metrics=metrics)
 
-  while step < num_steps:
-    state, metrics = step_fn(state, next(stream))
-    step += 1
-    history.append(metrics)
-    bar.update(1)
-    if step % max(log_every, 1) == 0 or step == num_steps:
-      summary = _mean_metrics(history)
-      history = []
-      if train_summary is not None:
-        summary = train_summary(summary)
-      elapsed = max(time.time() - tick, 1e-9)
-      if tokens_per_step:
-        summary["tokens_per_s"] = tokens_per_step * (step - tick_step) / elapsed
-      tick, tick_step = time.time(), step
-      if not all(math.isfinite(v) for v in summary.values()):
-        run.log(step, "train", **summary)
-        raise FloatingPointError(f"fit: non-finite training metrics at step {step}: {summary}; "
-                                 f"lower the learning rate or enable clipping")
-      last_train = run.log(step, "train", **summary)
-      postfix = {"loss": f"{summary['loss']:.4g}"}
-      if tokens_per_step:
-        postfix["tok/s"] = f"{summary['tokens_per_s']:.0f}"
-      bar.set_postfix(postfix)
-    evaluated = False
-    if evaluate is not None and ((eval_every and step % eval_every == 0) or step == num_steps):
-      last_eval = run.log(step, "valid", **evaluate(state))
-      evaluated = True
-    if (checkpoint_every and step % checkpoint_every == 0) or evaluated or step == num_steps:
-      checkpoint(step, last_eval if evaluated else {})
-    if evaluated and stop_when is not None and stop_when(last_eval):
-      break
-  bar.close()
+  with _catch_signals() as caught, progress_bar(num_steps, start_step, enabled=progress,
+                                                desc=run.label) as bar:
+    while step < num_steps:
+      state, metrics = step_fn(state, next(stream))
+      step += 1
+      history.append(metrics)
+      bar.update(1)
+      if step % max(log_every, 1) == 0 or step == num_steps:
+        summary = _mean_metrics(history)
+        history = []
+        if train_summary is not None:
+          summary = train_summary(summary)
+        elapsed = max(time.time() - tick, 1e-9)
+        if tokens_per_step:
+          summary["tokens_per_s"] = tokens_per_step * (step - tick_step) / elapsed
+        tick, tick_step = time.time(), step
+        if not all(math.isfinite(v) for v in summary.values()):
+          run.log(step, "train", **summary)
+          raise FloatingPointError(f"{run.label}: non-finite training metrics at step {step}: {summary}; "
+                                   f"lower the learning rate or enable clipping")
+        last_train = run.log(step, "train", **summary)
+        postfix = {"loss": f"{summary['loss']:.4g}"}
+        if tokens_per_step:
+          postfix["tokens/s"] = f"{summary['tokens_per_s']:.0f}"
+        bar.set_postfix(postfix, refresh=False)
+      evaluated = False
+      if evaluate is not None and ((eval_every and step % eval_every == 0) or step == num_steps):
+        last_eval = run.log(step, "valid", **evaluate(state))
+        evaluated = True
+      if (checkpoint_every and step % checkpoint_every == 0) or evaluated or step == num_steps:
+        checkpoint(step, last_eval if evaluated else {})
+      if caught:
+        checkpoint(step, {})
+        raise Interrupted(caught[0], step, run.workdir)
+      if evaluated and stop_when is not None and stop_when(last_eval):
+        break
   return FitResult(state=state, step=step, train=last_train, eval=last_eval)
+
+
+# ---------------------------------------------------------------------------
+# The training recipe
+# ---------------------------------------------------------------------------
+
+def planned_steps(config, steps_per_epoch: int) -> int:
+  """config.steps, or config.epochs full passes of ``steps_per_epoch`` steps when steps is 0."""
+  if steps_per_epoch < 1:
+    raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
+  return config.steps or max(1, int(round(config.epochs * steps_per_epoch)))
+
+
+@dataclasses.dataclass
+class TrainOutcome:
+  """What ``train_and_test`` returns.
+
+  results: {"<split>_<metric>": value} of the best checkpoint on every split, plus "steps",
+  "epochs", "best_step", "resumed_from_step" and "final_train" (the last train log record).
+  """
+  params: Any
+  state: Any
+  results: dict
+  step: int
+  best_step: Optional[int]
+  start_step: int
+  num_steps: int
+
+
+def _params_of(state):
+  return state["train"].params if isinstance(state, dict) else state.params
+
+
+def train_and_test(run: RunDir, config, *, params, loss_fn: LossFn, stream: Stream, steps_per_epoch: int,
+                   evaluate: Callable[[Any, str], dict], best_metric: str, best_mode: str = "min",
+                   carry=None, splits: Sequence[str] = ("valid", "test"),
+                   tokens_per_step: Optional[int] = None,
+                   train_summary: Optional[Callable[[dict], dict]] = None,
+                   stop_when: Optional[Callable[[dict], bool]] = None,
+                   progress: bool = True) -> TrainOutcome:
+  """The one training recipe: resume or start -> fit -> restore the best -> evaluate every split.
+
+  config: a ``rnn_jax.config.TrainingConfig`` (optimiser, schedule, clip, steps or epochs,
+  eval_every, checkpoint_every, keep, log_every, seed). params: the initial params.
+  evaluate(params, split) -> {metric: value} for "valid" during training and for every split
+  of ``splits`` at the end; ``best_metric`` of its "valid" result ranks checkpoints
+  (``best_mode`` "min" or "max"). carry: the initial truncated-BPTT carry, for a stream of
+  windows (see ``make_tbptt_step``); None for independent batches.
+
+  Resuming (``run.resuming``): the latest checkpoint's state and stream position are
+  restored, so the trajectory is the uninterrupted one. If the planned number of steps
+  changed, training is extended (or shortened) with a logged note, and a cosine schedule
+  decays from its value at the resume step to 0 at the new end instead of jumping.
+  """
+  num_steps = planned_steps(config, steps_per_epoch)
+  checkpoints = CheckpointManager(run.path("checkpoints"), keep=config.keep, best_metric=best_metric,
+                                  best_mode=best_mode)
+  start_step = (checkpoints.latest_step() or 0) if run.resuming else 0
+  if num_steps < start_step:
+    raise ValueError(f"steps: the run is already at step {start_step}, after the {num_steps} now asked for")
+  meta = run.meta
+  notes = []
+  planned = meta.get("planned_steps") or num_steps
+  horizons = [list(h) for h in meta.get("schedule_horizons", [])]
+  last_total = horizons[-1][1] if horizons else planned
+  if start_step and num_steps != last_total:
+    notes.append(f"training {'extended' if num_steps > last_total else 'shortened'} from {last_total} "
+                 f"to {num_steps} steps")
+    if config.schedule == "cosine":
+      horizons.append([start_step, num_steps])
+      notes.append(f"the cosine schedule decays from its step-{start_step} rate to 0 at step {num_steps}")
+      if start_step >= last_total:
+        logging.warning("%s: the cosine schedule reached 0 at step %d, so the added steps train with "
+                        "learning rate 0; start a new run with more steps instead", run.label, last_total)
+  run.meta.update(planned_steps=planned, schedule_horizons=horizons, num_steps=num_steps,
+                  steps_per_epoch=steps_per_epoch)
+  run.write_meta()
+  schedule, optimizer = optim.from_config(config, steps_per_epoch=steps_per_epoch, total_steps=planned,
+                                          horizons=horizons)
+  train_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
+  state = create_train_state(params, optimizer, train_key)
+  step_fn = make_train_step(loss_fn, optimizer, schedule)
+  if carry is not None:
+    state, step_fn = {"train": state, "carry": carry}, make_tbptt_step(step_fn)
+  if start_step:
+    state, extra = checkpoints.restore(state)
+    stream.seek(extra["data"])
+    run.mark_resume(start_step, notes)
+  eval_every = config.eval_every or steps_per_epoch
+  outcome = fit(state, step_fn, stream, num_steps=num_steps, run=run, start_step=start_step,
+                evaluate=lambda s: evaluate(_params_of(s), "valid"), eval_every=eval_every,
+                checkpoints=checkpoints, checkpoint_every=config.checkpoint_every, best_metric=best_metric,
+                log_every=min(config.log_every, num_steps), tokens_per_step=tokens_per_step,
+                train_summary=train_summary, progress=progress, stop_when=stop_when)
+  best_step = checkpoints.best_step()
+  best_state = outcome.state
+  if best_step is not None and best_step != outcome.step:
+    best_state, _ = checkpoints.restore(outcome.state, step=best_step)
+  best_params = _params_of(best_state)
+  results = {}
+  for split in splits:
+    metrics = evaluate(best_params, split)
+    results.update({f"{split}_{k}": v for k, v in metrics.items()})
+    if split != "valid":
+      run.log(outcome.step, split, **metrics)
+  results.update(steps=outcome.step, epochs=outcome.step / steps_per_epoch, best_step=best_step,
+                 resumed_from_step=start_step, final_train=outcome.train)
+  checkpoints.close()
+  return TrainOutcome(params=best_params, state=outcome.state, results=results, step=outcome.step,
+                      best_step=best_step, start_step=start_step, num_steps=num_steps)

@@ -1,0 +1,398 @@
+"""The run directory: one self-contained folder per training run.
+
+  <workdir>/config.json     the experiment, its resolved config, preset, smoke, resumes
+  <workdir>/metrics.jsonl   one JSON record per log line: {"step", "split", "time_s", metrics...}
+  <workdir>/results.json    final metrics + the same config + wall time + devices
+  <workdir>/model.json      the model's hyper-parameters (``describe``), for ``load_run``
+  <workdir>/vocab.json      the vocabulary, if the model reads tokens
+  <workdir>/checkpoints/    orbax checkpoints (``rnn_jax.checkpoint``)
+  <workdir>/*.png           plots (``rnn_jax.plots``)
+
+Opening a directory that already holds a run raises ``RunExistsError`` unless ``resume`` (continue
+it, keeping its architecture and data) or ``overwrite`` (delete it and start again) is given.
+Every file is written to a temporary name and renamed, so a crash never leaves a torn
+config.json or results.json; a torn last line of metrics.jsonl is skipped when read.
+
+``load_run(workdir)`` rebuilds the trained model, its best params and its vocabulary from
+these files alone, so inference needs neither the training data nor the experiment's code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import math
+import os
+import platform
+import shutil
+import time
+from typing import Any, Optional
+
+import jax
+import numpy as np
+from absl import logging
+
+from rnn_jax import config as config_lib
+
+
+class RunExistsError(ValueError):
+  """The workdir holds a run and neither resume nor overwrite was asked for."""
+
+
+def device_info() -> dict:
+  """The JAX backend and devices this process runs on, for results.json."""
+  devices = jax.devices()
+  return {
+      "backend": jax.default_backend(),
+      "devices": [str(d.device_kind) for d in devices],
+      "device_count": len(devices),
+      "process_count": jax.process_count(),
+      "host": platform.node(),
+      "platform": platform.platform(),
+      "cpu_count": os.cpu_count(),
+      "jax_version": jax.__version__,
+  }
+
+
+def to_python(value):
+  """JSON-able python scalars/lists from numpy/jax values (NaN and inf become strings)."""
+  if dataclasses.is_dataclass(value) and not isinstance(value, type):
+    return to_python(config_lib.to_dict(value))
+  if isinstance(value, dict):
+    return {str(k): to_python(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [to_python(v) for v in value]
+  if isinstance(value, (jax.Array, np.ndarray, np.generic)):
+    array = np.asarray(value)
+    value = array.item() if array.ndim == 0 else array.tolist()
+  if isinstance(value, float) and not math.isfinite(value):
+    return str(value)
+  return value
+
+
+def write_json(path: str, payload) -> str:
+  """Write ``payload`` as indented JSON through a temporary file and a rename; returns ``path``."""
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as handle:
+    json.dump(to_python(payload), handle, indent=2, sort_keys=True)
+    handle.write("\n")
+  os.replace(tmp, path)
+  return path
+
+
+def read_json(path: str) -> dict:
+  with open(path) as handle:
+    return json.load(handle)
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """The records of <workdir>/metrics.jsonl (a torn last line from a killed run is skipped)."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  records = []
+  if not os.path.exists(path):
+    return records
+  with open(path) as handle:
+    for line in handle:
+      try:
+        records.append(json.loads(line))
+      except json.JSONDecodeError:
+        continue
+  return records
+
+
+def holds_run(workdir: str) -> bool:
+  """True if ``workdir`` holds a run's config, metrics, results or checkpoints."""
+  if not os.path.isdir(workdir):
+    return False
+  names = set(os.listdir(workdir))
+  return bool(names & {"config.json", "metrics.jsonl", "results.json", "checkpoints"})
+
+
+def latest_checkpoint_step(workdir: str) -> Optional[int]:
+  """The step of the newest complete checkpoint under <workdir>/checkpoints, without orbax."""
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):
+    return None
+  steps = [int(name) for name in os.listdir(directory) if name.isdigit()]
+  return max(steps) if steps else None
+
+
+def _format(value) -> str:
+  if isinstance(value, float):
+    return f"{value:.4g}"
+  return str(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+  """How to open a run directory and how to show the run, apart from its config.
+
+  resume: continue the run in the workdir (its architecture and data are kept);
+  overwrite: delete the run in the workdir and start again; progress: show a progress bar;
+  tensorboard: also write TensorBoard event files; preset, smoke: recorded in config.json.
+  """
+  resume: bool = False
+  overwrite: bool = False
+  progress: bool = True
+  tensorboard: bool = False
+  preset: Optional[str] = None
+  smoke: bool = False
+
+
+class RunDir:
+  """An experiment's run directory (see the module docstring).
+
+    run = RunDir(workdir, "char_lm", config, RunOptions(resume=True), label="char_lm lstm")
+    run.log(step, "train", loss=1.2, bpc=1.7)       # metrics.jsonl + one console line
+    run.finish({"test_bpc": 1.57})                  # results.json
+
+  ``label`` names the run in every console line. ``tensorboard=True`` also writes TensorBoard
+  event files under <workdir>/tensorboard (needs ``tensorboardX``).
+  """
+
+  def __init__(self, workdir: str, experiment: str, config=None, options: RunOptions = RunOptions(), *,
+               label: Optional[str] = None):
+    resume, overwrite = options.resume, options.overwrite
+    self.options = options
+    if not workdir:
+      raise ValueError("workdir must be a non-empty path")
+    if resume and overwrite:
+      raise ValueError("resume and overwrite exclude each other: continue the run, or replace it")
+    self.workdir = os.path.abspath(workdir)
+    self.experiment = experiment
+    self.label = label or experiment
+    self.config = config
+    self.start_time = time.time()
+    self.metrics_path = os.path.join(self.workdir, "metrics.jsonl")
+    self.resuming = False
+    self.meta = {"experiment": experiment, "config": to_python(config) if config is not None else {},
+                 "preset": options.preset, "smoke": options.smoke, "schedule_horizons": [], "resumes": []}
+    existing = holds_run(self.workdir)
+    if existing and overwrite:
+      self._remove_old_run()
+      existing = False
+    if existing and not resume:
+      step = latest_checkpoint_step(self.workdir)
+      at = f", latest checkpoint at step {step}" if step is not None else ""
+      raise RunExistsError(f"{self.workdir} already holds a run{at}; continue it with resume=True or "
+                           f"replace it with overwrite=True (nothing was changed)")
+    try:
+      os.makedirs(self.workdir, exist_ok=True)
+    except OSError as error:
+      raise OSError(f"cannot create the workdir {self.workdir}: {error.strerror}") from None
+    if not os.access(self.workdir, os.W_OK):
+      raise PermissionError(f"the workdir {self.workdir} is not writable; choose another workdir")
+    config_path = self.path("config.json")
+    if existing and os.path.exists(config_path):
+      saved = read_json(config_path)
+      if saved.get("experiment") not in (None, experiment):
+        raise RunExistsError(f"{self.workdir} holds a run of {saved['experiment']!r}, not {experiment!r}; "
+                             f"choose another workdir")
+      if config is not None:
+        config_lib.resumed(type(config), saved.get("config", {}), {
+            k: v for k, v in config_lib.to_dict(config).items()
+            if to_python(v) != saved.get("config", {}).get(k)})
+      self.meta = {**self.meta, **{k: v for k, v in saved.items() if k not in ("experiment", "config")}}
+    self.resuming = bool(existing and resume)
+    if resume and not existing:
+      logging.info("%s: nothing to resume in %s; starting a new run", self.label, self.workdir)
+    self._tensorboard = None
+    if options.tensorboard:
+      try:
+        from tensorboardX import SummaryWriter
+      except ImportError:
+        raise ImportError("tensorboard=True needs tensorboardX: pip install tensorboardX") from None
+      self._tensorboard = SummaryWriter(self.path("tensorboard"))
+    self.write_meta()
+
+  # ---- files -------------------------------------------------------------------
+  def _remove_old_run(self) -> None:
+    """Delete an earlier run's files (only a directory that holds a run is ever emptied)."""
+    if not os.path.exists(self.path("config.json")) and latest_checkpoint_step(self.workdir) is None:
+      raise RunExistsError(f"{self.workdir} has files but no config.json of a run; refusing to delete "
+                           f"them to overwrite it: choose another workdir")
+    for name in os.listdir(self.workdir):
+      target = self.path(name)
+      if os.path.isdir(target) and not os.path.islink(target):
+        shutil.rmtree(target)
+      else:
+        os.remove(target)
+    logging.info("%s: overwrite removed the earlier run in %s", self.label, self.workdir)
+
+  def path(self, name: str) -> str:
+    return os.path.join(self.workdir, name)
+
+  def write_meta(self) -> str:
+    """config.json: the experiment, its resolved config, preset, smoke, schedule horizons, resumes."""
+    return write_json(self.path("config.json"), self.meta)
+
+  def write_text(self, name: str, text: str) -> str:
+    path = self.path(name)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as handle:
+      handle.write(text)
+    os.replace(tmp, path)
+    return path
+
+  def write_json(self, name: str, payload) -> str:
+    return write_json(self.path(name), payload)
+
+  def child(self, name: str, config=None, label: Optional[str] = None) -> "RunDir":
+    """A run directory <workdir>/<name> for one of several runs of this experiment (one per cell)."""
+    options = dataclasses.replace(self.options, resume=self.resuming, overwrite=False)
+    return RunDir(self.path(name), self.experiment, config if config is not None else self.config, options,
+                  label=label or f"{self.label} {name}")
+
+  # ---- metrics -------------------------------------------------------------------
+  def log(self, step: int, split: str, **metrics) -> dict:
+    """Append {"step", "split", "time_s", **metrics} to metrics.jsonl and log one line naming the run."""
+    record = {"step": int(step), "split": split, "time_s": round(time.time() - self.start_time, 3),
+              **to_python(metrics)}
+    with open(self.metrics_path, "a") as handle:
+      handle.write(json.dumps(record) + "\n")
+    shown = " ".join(f"{k}={_format(v)}" for k, v in record.items() if k not in ("step", "split", "time_s"))
+    logging.info("%s step %d [%s] %s", self.label, step, split, shown)
+    if self._tensorboard is not None:
+      for key, value in metrics.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+          self._tensorboard.add_scalar(f"{split}/{key}", value, step)
+      self._tensorboard.flush()
+    return record
+
+  def mark_resume(self, step: int, notes: Optional[list] = None) -> None:
+    """Before continuing from the checkpoint at ``step``: drop the records logged after it and
+    append a {"split": "resume"} record (plots draw it as a marker)."""
+    records = [r for r in read_metrics(self.workdir) if r.get("step", 0) <= step]
+    tmp = f"{self.metrics_path}.tmp{os.getpid()}"
+    with open(tmp, "w") as handle:
+      for record in records:
+        handle.write(json.dumps(record) + "\n")
+      handle.write(json.dumps({"step": int(step), "split": "resume", "time_s": 0.0}) + "\n")
+    os.replace(tmp, self.metrics_path)
+    self.meta["resumes"] = [*self.meta["resumes"], {"step": int(step), "changes": list(notes or [])}]
+    self.write_meta()
+    logging.info("%s: resumed from step %d%s", self.label, step,
+                 f" ({'; '.join(notes)})" if notes else "")
+
+  def finish(self, results: dict, wall_time: Optional[float] = None) -> dict:
+    """results.json = {results..., "experiment", "config", "wall_time_s", "device"}; returns it."""
+    wall = time.time() - self.start_time if wall_time is None else wall_time
+    payload = {**to_python(results), "experiment": self.experiment, "config": self.meta["config"],
+               "wall_time_s": float(wall), "device": device_info()}
+    write_json(self.path("results.json"), payload)
+    if self._tensorboard is not None:
+      self._tensorboard.close()
+    return payload
+
+  # ---- what inference needs ----------------------------------------------------------
+  def save_model(self, model, vocab=None, **extra) -> None:
+    """model.json (the model's hyper-parameters) and vocab.json (its tokens), for ``load_run``."""
+    self.write_json("model.json", {"model": describe(model), **extra})
+    if vocab is not None:
+      tokens = list(getattr(vocab, "tokens", vocab))
+      self.write_json("vocab.json", {"tokens": tokens})
+
+
+# ---------------------------------------------------------------------------
+# Model descriptions: frozen dataclasses of rnn_jax <-> JSON
+# ---------------------------------------------------------------------------
+
+def describe(value):
+  """A JSON-able description of a model: rnn_jax dataclasses become {"type": "module.Class", fields}."""
+  if dataclasses.is_dataclass(value) and not isinstance(value, type):
+    cls = type(value)
+    return {"type": f"{cls.__module__}.{cls.__qualname__}",
+            "fields": {f.name: describe(getattr(value, f.name)) for f in dataclasses.fields(value)
+                       if f.init}}
+  if isinstance(value, (list, tuple)):
+    return [describe(v) for v in value]
+  if isinstance(value, dict):
+    return {str(k): describe(v) for k, v in value.items()}
+  if isinstance(value, (np.generic,)):
+    return value.item()
+  if value is None or isinstance(value, (bool, int, float, str)):
+    return value
+  raise TypeError(f"describe: cannot describe {type(value).__name__} {value!r} as JSON")
+
+
+def build(description):
+  """The object ``describe`` described; only classes defined inside rnn_jax are built."""
+  if isinstance(description, dict) and set(description) == {"type", "fields"}:
+    module_name, _, class_name = description["type"].rpartition(".")
+    if not (module_name == "rnn_jax" or module_name.startswith("rnn_jax.")):
+      raise ValueError(f"model.json names {description['type']!r}; only rnn_jax classes are loaded")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for name, value in description["fields"].items():
+      built = build(value)
+      if isinstance(built, list) and "tuple" in str(fields[name].type).lower():
+        built = tuple(built)
+      values[name] = built
+    return cls(**values)
+  if isinstance(description, list):
+    return [build(v) for v in description]
+  if isinstance(description, dict):
+    return {k: build(v) for k, v in description.items()}
+  return description
+
+
+@dataclasses.dataclass
+class LoadedRun:
+  """What ``load_run`` returns."""
+  model: Any
+  params: Any
+  vocab: Any
+  config: dict
+  step: int
+  workdir: str
+  extra: dict
+
+
+def _find_params(state):
+  """The params of a restored train state ({"params"} or {"train": {"params"}})."""
+  if isinstance(state, dict):
+    if "params" in state:
+      return state["params"]
+    if "train" in state:
+      return _find_params(state["train"])
+  raise ValueError("the checkpoint holds no params")
+
+
+def load_run(workdir: str, which: str = "best") -> LoadedRun:
+  """The trained model of a run directory: (model, params, vocab, config, step).
+
+  which: "best" (the best checkpoint on the validation metric) or "latest". The params are
+  checked against the shapes ``model.init`` gives, so a mismatched checkpoint fails clearly.
+  """
+  from rnn_jax.checkpoint import CheckpointManager
+  from rnn_jax.data.vocab import Vocabulary
+
+  if which not in ("best", "latest"):
+    raise ValueError(f"which must be 'best' or 'latest', got {which!r}")
+  workdir = os.path.abspath(workdir)
+  model_path = os.path.join(workdir, "model.json")
+  if not os.path.exists(model_path):
+    raise FileNotFoundError(f"{model_path} not found: {workdir} holds no trained model "
+                            f"(train into it first)")
+  saved = read_json(model_path)
+  model = build(saved["model"])
+  vocab = None
+  vocab_path = os.path.join(workdir, "vocab.json")
+  if os.path.exists(vocab_path):
+    vocab = Vocabulary(read_json(vocab_path)["tokens"])
+  meta = read_json(os.path.join(workdir, "config.json")) if os.path.exists(
+      os.path.join(workdir, "config.json")) else {}
+  checkpoints = CheckpointManager(os.path.join(workdir, "checkpoints"), best_metric=saved.get("best_metric"),
+                                  best_mode=saved.get("best_mode", "min"))
+  step = checkpoints.best_step() if which == "best" else checkpoints.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint in {checkpoints.directory}; train into {workdir} first")
+  state, _ = checkpoints.restore_raw(step)
+  params = _find_params(state)
+  expected = jax.eval_shape(model.init, jax.random.PRNGKey(0))
+  checkpoints.check_tree(step, params, expected)
+  params = jax.tree_util.tree_map(lambda x, e: jax.numpy.asarray(x, e.dtype), params, expected)
+  return LoadedRun(model=model, params=params, vocab=vocab, config=meta.get("config", {}), step=step,
+                   workdir=workdir, extra={k: v for k, v in saved.items() if k != "model"})
