@@ -25,7 +25,6 @@ if __package__:
 else:  # run as a script: experiments/ is on sys.path
   import common
 from rnn_jax import load_run
-from rnn_jax.config import field
 from rnn_jax.lm_train import LMConfig, sample_from_run, train_lm
 
 REFERENCE = {"bpc": (1.41, "Elman RNN, Mikolov et al. 2012 (1.41)")}
@@ -42,7 +41,6 @@ class Config(LMConfig):
   seq_len: int = 50
   steps: int = 8000
   eval_every: int = 2000
-  sample_length: int = field(400, "Characters per sample written after training.", minimum=1)
 
 
 PRESETS = {
@@ -52,7 +50,7 @@ PRESETS = {
                      batch_size=64, seq_len=150, steps=40000, warmup_steps=1000),
 }
 SMOKE = dict(hidden_size=32, embed_size=16, batch_size=8, seq_len=32, steps=20, eval_every=10, log_every=5,
-             eval_tokens=3000, warmup_steps=2, sample_length=40)
+             eval_tokens=3000, warmup_steps=2)
 
 
 def define_sampling_flags(flag_values):
@@ -63,6 +61,7 @@ def define_sampling_flags(flag_values):
   flags.DEFINE_float("temperature", 0.8, "Sampling temperature (> 0).", flag_values=flag_values)
   flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0: all).", flag_values=flag_values)
   flags.DEFINE_integer("num_samples", 2, "Samples to draw.", flag_values=flag_values)
+  flags.DEFINE_integer("sample_length", 400, "Tokens drawn per sample.", flag_values=flag_values)
 
 
 def write_samples(workdir: str, prime: str, length: int, *, temperature: float, top_k: int,
@@ -98,7 +97,7 @@ def train_and_evaluate(config: Config, workdir: str, options=None) -> dict:
                      reference=REFERENCE if config.dataset == "ptb_char" else None)
   results = outcome.run.finish({**outcome.results, "published_test_bpc": REFERENCE["bpc"][0],
                                 "published_source": REFERENCE["bpc"][1]})
-  write_samples(workdir, "the ", config.sample_length, temperature=0.8, top_k=0, num_samples=2,
+  write_samples(workdir, "the ", 400, temperature=0.8, top_k=0, num_samples=2,
                 seed=config.seed)
   print(f"char_lm {config.cell} on {config.dataset}: valid {results['valid_bpc']:.3f} bpc, test "
         f"{results['test_bpc']:.3f} bpc (best step {results['best_step']} of {results['steps']})")

@@ -212,8 +212,6 @@ def _resume_command(experiment: Experiment, workdir: str) -> str:
 
 def execute(experiment: Experiment, parsed: Parsed) -> int:
   """Run the inference mode or ``train_and_evaluate``; returns the exit code (0, 2, or 128 + signal)."""
-  from rnn_jax import runtime
-  runtime.retain_freed_memory()  # before the first JAX computation (rnn_jax/runtime.py)
   quiet_jax_logs()
   try:
     if experiment.infer is not None and experiment.infer(parsed.flag_values, parsed.workdir):
@@ -269,4 +267,9 @@ def main(experiment: Experiment) -> None:
       sys.exit(2)
     return argv[:1]
 
-  app.run(lambda argv: sys.exit(execute(experiment, state["parsed"])), flags_parser=parser)
+  def run_parsed(argv):
+    from rnn_jax import runtime
+    runtime.retain_freed_memory()  # before the first JAX computation (rnn_jax/runtime.py)
+    sys.exit(execute(experiment, state["parsed"]))
+
+  app.run(run_parsed, flags_parser=parser)

@@ -1,79 +1,94 @@
 """Word-level Penn Treebank language model: Zaremba, Sutskever & Vinyals (2014), "small" and friends.
 
-  python experiments/word_lm.py --workdir=/tmp/word_lm_small            # the "small" run (CPU: hours)
-  python experiments/word_lm.py --preset=medium --workdir=...            # accelerators
-  python experiments/word_lm.py --workdir=/tmp/word_lm_small --resume    # continue a killed run
-  python experiments/word_lm.py --smoke --workdir=/tmp/smoke             # seconds, same code path
+  python experiments/word_lm.py                              # the "small" run (CPU: hours)
+  python experiments/word_lm.py --preset=medium              # accelerators
+  python experiments/word_lm.py --resume                     # continue a stopped run exactly
+  python experiments/word_lm.py --smoke                      # seconds, same code path
+  python experiments/word_lm.py --sample --prime="the company"
 
 Presets (Zaremba et al. 2014, Table 1; valid / test perplexity):
   small : 2x200 LSTM, T 20, B 20, SGD lr 1, clip 5, 13 epochs, lr x0.5 after epoch 4, U(+-0.1), no dropout
           -> 120.7 / 114.5
   medium: 2x650, T 35, dropout 0.5, 39 epochs, lr x0.8 after epoch 6, U(+-0.05)   -> 86.2 / 82.7
   large : 2x1500, T 35, dropout 0.65, clip 10, 55 epochs, lr /1.15 after epoch 14, U(+-0.04) -> 82.2 / 78.4
-The loss is summed over the T steps and averaged over the batch, as in their code.
-Writes results.json (test_perplexity, valid_perplexity, ...), metrics.jsonl, curves.png, checkpoints/.
+The default config is "small". The loss is summed over the T steps and averaged over the batch, as
+in their code. Writes results.json (valid_perplexity, test_perplexity, the published pair),
+metrics.jsonl, curves.png, model.json, vocab.json and checkpoints/ under --workdir.
 """
 
-from absl import app, flags, logging
+import dataclasses
 
-from rnn_jax import runtime
-from rnn_jax.data import load_corpus
+if __package__:
+  from experiments import char_lm, common
+else:  # run as a script: experiments/ is on sys.path
+  import char_lm
+  import common
 from rnn_jax.lm_train import LMConfig, train_lm
 
-PRESETS = {
-    "small": dict(hidden=200, layers=2, seq_len=20, batch=20, lr=1.0, clip=5.0, epochs=13,
-                  decay_start_epoch=4, decay_rate=0.5, init_scale=0.1, dropout=0.0),
-    "medium": dict(hidden=650, layers=2, seq_len=35, batch=20, lr=1.0, clip=5.0, epochs=39,
-                   decay_start_epoch=6, decay_rate=0.8, init_scale=0.05, dropout=0.5),
-    "large": dict(hidden=1500, layers=2, seq_len=35, batch=20, lr=1.0, clip=10.0, epochs=55,
-                  decay_start_epoch=14, decay_rate=1 / 1.15, init_scale=0.04, dropout=0.65),
-}
 PUBLISHED = {"small": (120.7, 114.5), "medium": (86.2, 82.7), "large": (82.2, 78.4)}
 
-FLAGS = flags.FLAGS
-flags.DEFINE_enum("preset", "small", list(PRESETS), "Zaremba et al. (2014) configuration.")
-flags.DEFINE_string("workdir", None, "Output directory (checkpoints, metrics.jsonl, results.json).")
-flags.DEFINE_bool("resume", False, "Continue from the latest checkpoint in --workdir.")
-flags.DEFINE_bool("smoke", False, "A seconds-long run of the same code path (tiny model, 30 steps).")
-flags.DEFINE_integer("seed", 0, "Random seed (init, dropout).")
-flags.DEFINE_float("epochs", None, "Override the preset's number of epochs.")
-flags.DEFINE_integer("steps", 0, "If > 0, train this many steps instead of --epochs.")
-flags.DEFINE_integer("eval_every", 0, "Steps between validations (0: once per epoch).")
-flags.DEFINE_integer("log_every", 100, "Steps between train-metric log lines.")
-flags.DEFINE_bool("progress", True, "Show the tqdm progress bar.")
+
+@dataclasses.dataclass(frozen=True)
+class Config(LMConfig):
+  """word_lm: Zaremba et al.'s "small" 2x200 LSTM on PTB words, SGD with a step schedule."""
+  dataset: str = "ptb_word"
+  hidden_size: int = 200
+  num_layers: int = 2
+  seq_len: int = 20
+  batch_size: int = 20
+  optimizer: str = "sgd"
+  learning_rate: float = 1.0
+  schedule: str = "step"
+  decay_start_epoch: int = 4
+  decay_rate: float = 0.5
+  clip: float = 5.0
+  epochs: float = 13.0
+  init_scale: float = 0.1
+  reduction: str = "sum"
+  checkpoint_every: int = 500
+  log_every: int = 100
 
 
-def make_config() -> LMConfig:
-  preset = dict(PRESETS[FLAGS.preset])
-  if FLAGS.epochs is not None:
-    preset["epochs"] = FLAGS.epochs
-  config = LMConfig(dataset="ptb_word", cell="lstm", optimizer="sgd", schedule="step", reduction="sum",
-                    clip_mode="norm", steps=FLAGS.steps, eval_every=FLAGS.eval_every, checkpoint_every=500,
-                    log_every=FLAGS.log_every, seed=FLAGS.seed, **preset)
-  if FLAGS.smoke:
-    config.hidden, config.steps, config.eval_every, config.log_every = 16, 30, 15, 10
-    config.eval_tokens = 2000
-  return config
+PRESETS = {
+    "small": {},
+    "medium": dict(hidden_size=650, seq_len=35, epochs=39.0, decay_start_epoch=6, decay_rate=0.8,
+                   init_scale=0.05, dropout=0.5),
+    "large": dict(hidden_size=1500, seq_len=35, clip=10.0, epochs=55.0, decay_start_epoch=14,
+                  decay_rate=1 / 1.15, init_scale=0.04, dropout=0.65),
+}
+SMOKE = dict(hidden_size=16, steps=30, eval_every=15, log_every=10, eval_tokens=2000)
 
 
-def main(argv):
-  del argv
-  runtime.retain_freed_memory()  # before any JAX computation (rnn_jax/runtime.py)
-  if not FLAGS.workdir:
-    raise app.UsageError("--workdir is required (e.g. --workdir=/tmp/word_lm_small)")
-  config = make_config()
-  corpus = load_corpus("ptb_word")
-  logging.info("corpus: %s", corpus.summary())
-  published = PUBLISHED[FLAGS.preset]
-  outcome = train_lm(config, corpus, FLAGS.workdir, resume=FLAGS.resume, progress=FLAGS.progress,
-                     extra_config={"experiment": "word_lm", "preset": FLAGS.preset, "smoke": FLAGS.smoke,
-                                   "published_valid_perplexity": published[0],
-                                   "published_test_perplexity": published[1]})
-  results = outcome.results
-  print(f"word_lm {FLAGS.preset}: valid perplexity {results['valid_perplexity']:.1f}, "
-        f"test perplexity {results['test_perplexity']:.1f} "
-        f"(published {published[0]} / {published[1]}) after {results['epochs']:.2f} epochs")
+def published_for(config: Config) -> tuple:
+  """(name, valid, test) of the Zaremba et al. row with this config's sizes, or None."""
+  for name, values in PRESETS.items():
+    merged = dataclasses.replace(Config(), **values)
+    if (merged.hidden_size, merged.dropout, merged.seq_len) == (config.hidden_size, config.dropout,
+                                                                config.seq_len):
+      return (name, *PUBLISHED[name])
+  return None
 
+
+def train_and_evaluate(config: Config, workdir: str, options=None) -> dict:
+  """Train the word LM into ``workdir`` and return results.json's content."""
+  published = published_for(config)
+  reference = ({"perplexity": (published[1], f"Zaremba et al. 2014 {published[0]}, valid {published[1]}")}
+               if published else None)
+  outcome = train_lm(config, workdir, options or common.RunOptions(), experiment="word_lm",
+                     reference=reference)
+  extra = {}
+  if published:
+    extra = {"published_row": published[0], "published_valid_perplexity": published[1],
+             "published_test_perplexity": published[2], "published_source": "Zaremba et al. 2014, Table 1"}
+  results = outcome.run.finish({**outcome.results, **extra})
+  against = f" (published {published[1]} / {published[2]})" if published else ""
+  print(f"word_lm: valid perplexity {results['valid_perplexity']:.1f}, test perplexity "
+        f"{results['test_perplexity']:.1f}{against} after {results['epochs']:.2f} epochs")
+  return results
+
+
+EXPERIMENT = common.Experiment("word_lm", Config, train_and_evaluate, PRESETS, SMOKE, __doc__,
+                               define_flags=char_lm.define_sampling_flags, infer=char_lm.sample_mode)
 
 if __name__ == "__main__":
-  app.run(main)
+  common.main(EXPERIMENT)

@@ -119,8 +119,8 @@ def _check_value(cls, name: str, value, annotation) -> None:
     else:
       ok = True
     if not ok:
-      raise ValueError(f"{name} must be {'a finite ' if expected is float else 'a '}{expected.__name__}"
-                       f"{' (each element)' if inner is not None else ''}, got {item!r}")
+      kind = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}[expected]
+      raise ValueError(f"{name} must be {kind}{' (each element)' if inner is not None else ''}, got {item!r}")
     if info["choices"] is not None and item not in info["choices"]:
       raise ValueError(f"{name}={item!r} is not one of {list(info['choices'])}")
     if info["minimum"] is not None and item < info["minimum"]:

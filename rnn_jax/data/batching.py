@@ -26,9 +26,9 @@ def check_stream(ids, batch_size: int, seq_len: int, vocab_size: int, name: str 
   least T + 1 tokens (one window plus its shifted target).
   """
   if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-    raise ValueError(f"{name}: batch size must be a positive integer (--batch), got {batch_size!r}")
+    raise ValueError(f"{name}: batch_size must be a positive integer, got {batch_size!r}")
   if not isinstance(seq_len, (int, np.integer)) or seq_len < 1:
-    raise ValueError(f"{name}: sequence length must be a positive integer (--seq_len), got {seq_len!r}")
+    raise ValueError(f"{name}: seq_len must be a positive integer, got {seq_len!r}")
   ids = np.asarray(ids)
   if ids.ndim != 1:
     raise ValueError(f"{name}: token stream must be 1-D [N], got shape {ids.shape}")
@@ -37,8 +37,8 @@ def check_stream(ids, batch_size: int, seq_len: int, vocab_size: int, name: str 
   check_token_ids(ids, vocab_size, f"{name}: token ids")
   needed = batch_size * (seq_len + 1)
   if ids.size < needed:
-    raise ValueError(f"{name}: {ids.size} tokens are too few for --batch={batch_size} rows of "
-                     f"--seq_len={seq_len} (+1 target) = {needed} tokens; lower --batch or --seq_len, "
+    raise ValueError(f"{name}: {ids.size} tokens are too few for batch_size={batch_size} rows of "
+                     f"seq_len={seq_len} (+1 target) = {needed} tokens; lower batch_size or seq_len, "
                      f"or use a longer corpus")
   return ids.astype(np.int32)
 
@@ -98,7 +98,7 @@ class StreamBatches:
     if epoch < 0 or not 0 <= window < self.windows_per_epoch:
       raise ValueError(f"StreamBatches.seek: position {position} is outside this stream "
                        f"({self.windows_per_epoch} windows per epoch); was the checkpoint made with "
-                       f"other --batch/--seq_len or another dataset?")
+                       f"another batch_size or seq_len, or another dataset?")
     self.epoch, self.window = epoch, window
 
 
