@@ -214,3 +214,6 @@ class TrainingConfig:
       raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
     if self.steps == 0 and self.epochs <= 0:
       raise ValueError(f"epochs must be > 0 when steps is 0, got {self.epochs}")
+    if self.schedule == "cosine" and self.steps and self.steps <= self.warmup_steps:
+      raise ValueError(f"steps={self.steps} must exceed warmup_steps={self.warmup_steps} for the cosine "
+                       f"schedule")
