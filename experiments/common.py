@@ -221,7 +221,7 @@ def execute(experiment: Experiment, parsed: Parsed) -> int:
     experiment.train_and_evaluate(parsed.config, parsed.workdir, parsed.options)
     return 0
   except Interrupted as interrupt:
-    print(f"{experiment.name}: stopped by {interrupt} ; continue with: "
+    print(f"{experiment.name}: stopped by {interrupt}; continue with: "
           f"{_resume_command(experiment, parsed.workdir)}", file=sys.stderr)
     return 128 + interrupt.signal_number
   except USER_ERRORS as error:

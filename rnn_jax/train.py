@@ -191,7 +191,7 @@ def progress_bar(total: int, initial: int = 0, *, enabled: bool = True, desc: st
   handler = logging.get_absl_handler().python_handler
   previous = handler.stream
   handler.stream = _BarStream(previous if previous is not None else sys.stderr)
-  bar = tqdm(total=total, initial=initial, disable=not enabled, dynamic_ncols=True, mininterval=1.0,
+  bar = tqdm(total=total, initial=initial, disable=not enabled, dynamic_ncols=True, mininterval=0.5, miniters=1,
              desc=desc, file=sys.stderr, leave=False)
   try:
     yield bar

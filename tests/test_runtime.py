@@ -21,7 +21,7 @@ retain = sys.argv[1] == "1"
 from rnn_jax import runtime
 applied = runtime.retain_freed_memory() if retain else False
 import jax, jax.numpy as jnp
-from rnn_jax import layers, losses, train
+from rnn_jax import layers, losses, optim, train
 from rnn_jax.cells import make_cell
 from rnn_jax.sequence import rnn
 cell = make_cell("lstm", 256)
@@ -31,7 +31,7 @@ ids = jax.random.randint(k1, (32, 129), 0, 65)
 def loss(p):
   hs = rnn(cell, p["rnn"], layers.embed(p["embed"], ids[:, :-1]))[1]
   return losses.cross_entropy(layers.dense(p["out"], hs), ids[:, 1:], reduction="mean")
-opt = train.make_optimizer("adam", 1e-3, clip=1.0)
+opt = optim.make_optimizer("adam", 1e-3, clip=1.0)
 @jax.jit
 def step(p, s):
   g = jax.grad(loss)(p)
