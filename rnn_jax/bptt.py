@@ -1,86 +1,105 @@
-"""Hand-derived backpropagation through time (``jax.custom_vjp``) for Elman, LSTM and GRU.
+"""Hand-derived backpropagation through time (``jax.custom_vjp``), with backward rules registered per cell.
 
-``fused_scan`` runs the same recurrence as ``sequence.scan_recurrence`` over
-precomputed input projections a_t = W_xh x_t + b, and replaces JAX's automatic
-transpose of the scan by the seeds' backward equations, written out below:
+``manual_scan`` runs a cell's recurrence over precomputed input projections a_t = W_xh x_t + b,
+as ``sequence.scan_recurrence`` does, and replaces JAX's automatic transpose of the scan by the
+cell's own backward equations:
 
-* the forward scan saves the activated gates (not the pre-activations);
-* the backward scan carries ONLY the state gradients (dh, and dc for the LSTM)
-  and emits the gate-pre-activation gradients da_t;
-* after the scan, dW_hh = sum_t du_t h_{t-1}^T is ONE matmul over all T (and B)
-  steps, and da (all t) is returned as the cotangent of a, so the caller's
-  autodiff of the hoisted input projection computes dW_xh = sum_t da_t x_t^T
-  as one matmul too.
+* the forward scan runs the cell's ``recurrence_saving`` and keeps what its rule reads (the
+  activated gates, not the pre-activations);
+* the backward scan carries ONLY the state gradients (dh, and dc for the LSTM) and emits the
+  gate-pre-activation gradients da_t;
+* after the scan, dW_hh = sum_t du_t h_{t-1}^T is ONE matmul over all T (and B) steps, and da
+  (all t) is returned as the cotangent of a, so the caller's autodiff of the hoisted input
+  projection computes dW_xh = sum_t da_t x_t^T as one matmul too.
 
-Shapes: a: [T, ..., G*H] with any leading batch axes after time (usually
-time-major [T, B, G*H]); the carry has the same batch axes ([..., H], or an
-``LSTMState`` of two); mask: [T, ...] bool, True on real steps. On masked steps the
-carry is held (carry_t = carry_{t-1}) and hs_t is the held hidden state.
+Shapes: a: [T, ..., G*H] with any leading batch axes after time (usually time-major
+[T, B, G*H]); the carry has the same batch axes ([..., H], or an ``LSTMState`` of two); mask:
+[T, ...] bool, True on real steps. On masked steps the carry is held (carry_t = carry_{t-1}) and
+hs_t is the held hidden state.
 
-Supported cells: Elman (every activation), plain LSTM (no peephole, no layer norm,
-no projection) and GRU (both ``reset_after`` variants). ``supports(cell)`` says
-whether a cell is covered; the other LSTM options use ``jax.grad`` through
-``lax.scan`` instead (``backward="auto"`` in ``rnn_jax.sequence`` does that).
+Adding a cell's backward pass is one ``register(CellType, BackwardRule(...))`` call: the rule
+names the params the recurrence reads besides a_t, derives one step backward, and forms the
+weight gradients after the scan. Registered here: Elman (every activation), the plain LSTM, the
+LSTM with peepholes, and the GRU (both ``reset_after`` variants). ``supports(cell)`` is a lookup.
+
+Fused kernels. ``kernel_choice`` decides ONCE, at trace time, whether a fused C++ kernel runs
+the recurrence (the plain float32 LSTM on CPU: ``rnn_jax.lstm_kernel``) and says why not when it
+does not; the decision travels as a static argument of the custom VJP.
+
+Forward mode. ``jax.jvp`` cannot pass a ``custom_vjp``, and the kernel has no derivative of its
+own: under forward-mode differentiation (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``) the scan
+falls back to the autodiff path and the kernel to the scan, so every derivative works.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 
-from rnn_jax import cpu_kernels
-from rnn_jax.cells import ACTIVATIONS, GRU, LSTM, Cell, Elman, LSTMState, Params, linear
+from rnn_jax import lstm_kernel
+from rnn_jax.cells import (ACTIVATIONS, GRU, LSTM, Cell, Elman, LSTMState, Params, TransposedWeight,
+                           linear_transposed)
 
 
-def supports(cell: Cell) -> bool:
-  """True if ``fused_scan`` has a hand-derived backward pass for this cell's options."""
-  if isinstance(cell, LSTM):
-    return not (cell.peephole or cell.layer_norm or cell.proj_size is not None)
-  return isinstance(cell, (Elman, GRU))
+# ---------------------------------------------------------------------------
+# Backward rules, registered per cell type
+# ---------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class BackwardRule:
+  """The hand-derived backward pass of one cell type.
+
+  recurrent_params(cell) -> names of the params the recurrence reads besides a_t (W_hh, ...).
+  applies(cell) -> None if the rule covers this cell's options, else the reason it does not.
+  step(cell, weights, dcarry_t, saved_t, carry_{t-1}, carry_t) -> (dcarry_{t-1}, da_t, extra_t):
+    one step backward; dcarry_t already includes dL/dh_t of this step's output; extra_t is any
+    per-step value the weight gradients need besides da_t (None if none), stacked by the scan.
+  weight_gradients(cell, weights, da, extra, previous, carries, saved) -> {name: gradient}:
+    the gradients of ``recurrent_params`` after the scan (da, extra, saved stacked over T;
+    previous = carry_{t-1} and carries = carry_t for every t).
+  """
+  recurrent_params: Callable[[Cell], tuple]
+  applies: Callable[[Cell], Optional[str]]
+  step: Callable[..., tuple]
+  weight_gradients: Callable[..., dict]
+
+
+_RULES: dict[type, BackwardRule] = {}
+
+
+def register(cell_type: type, rule: BackwardRule) -> None:
+  """Give ``cell_type`` (and its subclasses without a rule of their own) a hand-derived backward pass."""
+  _RULES[cell_type] = rule
+
+
+def rule_for(cell: Cell) -> Optional[BackwardRule]:
+  """The registered rule of the cell's type (or nearest base type), or None."""
+  for klass in type(cell).__mro__:
+    if klass in _RULES:
+      return _RULES[klass]
+  return None
 
 
 def unsupported_reason(cell: Cell) -> Optional[str]:
-  """None if supported, else a sentence naming the option that has no fused backward."""
-  if supports(cell):
-    return None
-  if isinstance(cell, LSTM):
-    options = [name for name, on in (("peephole", cell.peephole), ("layer_norm", cell.layer_norm),
-                                     ("proj_size", cell.proj_size is not None)) if on]
-    return f"lstm: the fused backward covers the plain LSTM only, got options {options}"
-  return f"{cell.name}: no fused backward for cell type {type(cell).__name__}"
+  """None if ``manual_scan`` has a hand-derived backward for this cell, else a sentence saying why not."""
+  rule = rule_for(cell)
+  if rule is None:
+    return f"{cell.name}: no hand-derived backward rule is registered for {type(cell).__name__}"
+  return rule.applies(cell)
 
 
-def _recurrent_param_names(cell: Cell) -> tuple[str, ...]:
-  """The params the recurrence reads besides a_t: W_hh (and the GRU's b_hn)."""
-  return ("w_hh", "b_hn") if isinstance(cell, GRU) else ("w_hh",)
+def supports(cell: Cell) -> bool:
+  """True if a registered rule covers this cell's options."""
+  return unsupported_reason(cell) is None
 
 
 # ---- matmul helpers (math layout W: [out, in]) --------------------------------
 
-def _back_through_weight(delta: jax.Array, w: jax.Array, compute_dtype) -> jax.Array:
-  """W^T delta: delta [..., out], w [out, in] -> [..., in] (the gradient of v in W v)."""
-  accumulate = None
-  if compute_dtype is not None:
-    accumulate = w.dtype
-    delta, w = delta.astype(compute_dtype), w.astype(compute_dtype)
-  return jax.lax.dot_general(delta, w, (((delta.ndim - 1,), (0,)), ((), ())),
-                             preferred_element_type=accumulate)
-
-
-def _times_weight(v: jax.Array, rec: Params, compute_dtype, rows=None) -> jax.Array:
-  """W_hh[rows] v: v [..., H] -> [..., len(rows)], from rec["w_hh_t"] = W_hh^T [H, G*H]
-  when the forward scan materialised it, else from W_hh itself."""
-  if "w_hh_t" not in rec:
-    w = rec["w_hh"] if rows is None else rec["w_hh"][rows]
-    return linear(v, w, compute_dtype)
-  # v W_hh^T contracts v with W_hh^T's first axis: the same product as _back_through_weight's.
-  return _back_through_weight(v, rec["w_hh_t"] if rows is None else rec["w_hh_t"][:, rows], compute_dtype)
-
-
-def _sum_outer(delta: jax.Array, v: jax.Array, compute_dtype, out_dtype) -> jax.Array:
+def sum_outer(delta: jax.Array, v: jax.Array, compute_dtype, out_dtype) -> jax.Array:
   """sum over all leading (time and batch) axes of delta v^T: [..., out], [..., in] -> [out, in].
 
   This is the single matmul that gives dW = sum_t delta_t v_t^T after the scan.
@@ -92,64 +111,16 @@ def _sum_outer(delta: jax.Array, v: jax.Array, compute_dtype, out_dtype) -> jax.
                              preferred_element_type=out_dtype).astype(out_dtype)
 
 
+def _sum_leading(x: jax.Array, dtype) -> jax.Array:
+  return jnp.sum(x, axis=tuple(range(x.ndim - 1))).astype(dtype)
+
+
 def _hold(valid, new, old):
   """where(valid, new, old) leaf by leaf; valid: [...] broadcast over the feature axis."""
   if valid is None:
     return new
   return jax.tree_util.tree_map(lambda n, o: jnp.where(valid[..., None], n, o), new, old)
 
-
-# ---- forward steps: (recurrent params, carry_{t-1}, a_t) -> (carry_t, saved_t) --------------
-
-def _elman_forward(cell: Elman, rec: Params, h_prev, a_t):
-  """h_t = f(a_t + W_hh h_{t-1}); nothing beyond h_t is saved (f' is a function of h_t)."""
-  h_t = ACTIVATIONS[cell.activation](a_t + _times_weight(h_prev, rec, cell.dtype))
-  return h_t, ()
-
-
-def _lstm_forward(cell: LSTM, rec: Params, carry, a_t):
-  """(i, f, g, o) = a_t + W_hh h_{t-1}; c_t = sigma(f) c_{t-1} + sigma(i) tanh(g); h_t = sigma(o) tanh(c_t).
-
-  Saves the activated gates (sigma(i), sigma(f), tanh(g), sigma(o)), each [..., H].
-  """
-  h_prev, c_prev = carry
-  recurrent = jnp.split(_times_weight(h_prev, rec, cell.dtype), 4, axis=-1)
-  i, f, g, o = (a + u for a, u in zip(jnp.split(a_t, 4, axis=-1), recurrent))
-  i, f, g, o = jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)
-  c_t = f * c_prev + i * g
-  h_t = o * jnp.tanh(c_t)
-  return LSTMState(h=h_t, c=c_t), (i, f, g, o)
-
-
-def gru_forward_step(cell: GRU, rec: Params, h_prev, a_t):
-  """GRU step; saves r, z, n and, with reset_after, s = W_hn h_{t-1} + b_hn (each [..., H]).
-
-    reset_after:  n = tanh(a_n + r * s)            s = W_hn h_{t-1} + b_hn
-    otherwise:    n = tanh(a_n + W_hn (r * h_{t-1}) + b_hn)
-    h_t = (1 - z) * n + z * h_{t-1}
-  """
-  H = cell.hidden_size
-  a_r, a_z, a_n = jnp.split(a_t, 3, axis=-1)
-  if cell.reset_after:
-    u_r, u_z, u_n = jnp.split(_times_weight(h_prev, rec, cell.dtype), 3, axis=-1)
-    r, z = jax.nn.sigmoid(a_r + u_r), jax.nn.sigmoid(a_z + u_z)
-    s = u_n + rec["b_hn"]
-    n = jnp.tanh(a_n + r * s)
-    saved = (r, z, n, s)
-  else:
-    u_r, u_z = jnp.split(_times_weight(h_prev, rec, cell.dtype, slice(0, 2 * H)), 2, axis=-1)
-    r, z = jax.nn.sigmoid(a_r + u_r), jax.nn.sigmoid(a_z + u_z)
-    n = jnp.tanh(a_n + _times_weight(r * h_prev, rec, cell.dtype, slice(2 * H, 3 * H)) + rec["b_hn"])
-    saved = (r, z, n)
-  h_t = (1.0 - z) * n + z * h_prev
-  return h_t, saved
-
-
-# ---- backward steps: (dcarry_t, saved_t, carry_{t-1}, carry_t) -> (dcarry_{t-1}, da_t, du_n_t) -------
-# da_t is the cotangent of a_t. The cotangent du_t of the recurrent pre-activation
-# u_t = W_hh h_{t-1} equals da_t except in the n block of the reset_after GRU, which is
-# returned alone (du_n_t = da_n r, [..., H]; None for the other cells) so the scan
-# stacks [G*H + H] instead of [2 G*H] per step.
 
 def activation_derivative(activation: str, h: jax.Array) -> jax.Array:
   """f'(z) written as a function of h = f(z)."""
@@ -162,32 +133,85 @@ def activation_derivative(activation: str, h: jax.Array) -> jax.Array:
   return jnp.ones_like(h)
 
 
-def _elman_backward(cell: Elman, rec: Params, dh, saved, h_prev, h_t):
+def _w_hh_gradient(cell, weights, da, extra, previous, carries, saved) -> dict:
+  """dW_hh = sum_t da_t h_{t-1}^T (Elman, plain LSTM)."""
+  del extra, carries, saved
+  w_hh = weights["w_hh"]
+  return {"w_hh": sum_outer(da, cell.hidden(previous), cell.dtype, w_hh.dtype)}
+
+
+# ---- Elman ------------------------------------------------------------------------
+
+def _elman_step(cell: Elman, weights: Params, dh, saved, h_prev, h_t):
   """dz_t = dh_t * f'(z_t);  dh_{t-1} = W_hh^T dz_t."""
   del saved, h_prev
   dz = dh * activation_derivative(cell.activation, h_t)
-  return _back_through_weight(dz, rec["w_hh"], cell.dtype), dz, None
+  return linear_transposed(dz, weights["w_hh"], cell.dtype), dz, None
 
 
-def _lstm_backward(cell: LSTM, rec: Params, dcarry, saved, carry_prev, carry_t):
-  """LSTM step backward (Graves 2012, ch. 4.6, with the torch gate order).
+register(Elman, BackwardRule(recurrent_params=lambda cell: ("w_hh",), applies=lambda cell: None,
+                             step=_elman_step, weight_gradients=_w_hh_gradient))
 
-    dc = dc_{t+1 -> t} + dh * o * (1 - tanh^2(c_t))
-    da_i = dc * g * i (1 - i);   da_f = dc * c_{t-1} * f (1 - f)
-    da_g = dc * i * (1 - g^2);   da_o = dh * tanh(c_t) * o (1 - o)
-    dh_{t-1} = W_hh^T da_t;      dc_{t-1} = dc * f
+
+# ---- LSTM, plain and with peepholes -------------------------------------------------
+
+def _lstm_options(cell: LSTM) -> list[str]:
+  return [name for name, on in (("layer_norm", cell.layer_norm), ("proj_size", cell.proj_size is not None))
+          if on]
+
+
+def _lstm_applies(cell: LSTM) -> Optional[str]:
+  options = _lstm_options(cell)
+  if options:
+    return f"lstm: the hand-derived backward covers the plain and the peephole LSTM, got options {options}"
+  return None
+
+
+def _lstm_step(cell: LSTM, weights: Params, dcarry, saved, carry_prev, carry_t):
+  """LSTM step backward (Graves 2012, ch. 4.6, with the torch gate order), peepholes included.
+
+    da_o = dh * tanh(c_t) * o (1 - o)
+    dc   = dc_{t+1 -> t} + dh * o * (1 - tanh^2(c_t)) + da_o p_o
+    da_i = dc * g * i (1 - i);   da_f = dc * c_{t-1} * f (1 - f);   da_g = dc * i * (1 - g^2)
+    dh_{t-1} = W_hh^T da_t;      dc_{t-1} = dc * f + da_i p_i + da_f p_f
+  (p = 0 without peepholes.)
   """
   dh, dc = dcarry
   i, f, g, o = saved
   tanh_c = jnp.tanh(carry_t.c)
+  da_o = dh * tanh_c * o * (1.0 - o)
   dc = dc + dh * o * (1.0 - tanh_c * tanh_c)
-  da = jnp.concatenate([dc * g * i * (1.0 - i), dc * carry_prev.c * f * (1.0 - f),
-                        dc * i * (1.0 - g * g), dh * tanh_c * o * (1.0 - o)], axis=-1)
-  dh_prev = _back_through_weight(da, rec["w_hh"], cell.dtype)
-  return LSTMState(h=dh_prev, c=dc * f), da, None
+  if cell.peephole:
+    dc = dc + da_o * weights["p_o"]
+  da_i, da_f, da_g = dc * g * i * (1.0 - i), dc * carry_prev.c * f * (1.0 - f), dc * i * (1.0 - g * g)
+  da = jnp.concatenate([da_i, da_f, da_g, da_o], axis=-1)
+  dh_prev = linear_transposed(da, weights["w_hh"], cell.dtype)
+  dc_prev = dc * f
+  if cell.peephole:
+    dc_prev = dc_prev + da_i * weights["p_i"] + da_f * weights["p_f"]
+  return LSTMState(h=dh_prev, c=dc_prev), da, None
 
 
-def _gru_backward(cell: GRU, rec: Params, dh, saved, h_prev, h_t):
+def _lstm_gradients(cell: LSTM, weights, da, extra, previous, carries, saved) -> dict:
+  """dW_hh = sum_t da_t h_{t-1}^T; with peepholes dp_i = sum da_i c_{t-1}, dp_f = sum da_f c_{t-1},
+  dp_o = sum da_o c_t (sums over every leading axis)."""
+  gradients = _w_hh_gradient(cell, weights, da, extra, previous, carries, saved)
+  if cell.peephole:
+    da_i, da_f, _, da_o = jnp.split(da, 4, axis=-1)
+    dtype = weights["p_i"].dtype
+    gradients.update(p_i=_sum_leading(da_i * previous.c, dtype), p_f=_sum_leading(da_f * previous.c, dtype),
+                     p_o=_sum_leading(da_o * carries.c, dtype))
+  return gradients
+
+
+register(LSTM, BackwardRule(
+    recurrent_params=lambda cell: ("w_hh", "p_i", "p_f", "p_o") if cell.peephole else ("w_hh",),
+    applies=_lstm_applies, step=_lstm_step, weight_gradients=_lstm_gradients))
+
+
+# ---- GRU ------------------------------------------------------------------------------
+
+def _gru_step(cell: GRU, weights: Params, dh, saved, h_prev, h_t):
   """GRU step backward.
 
     dn = dh (1 - z);  dz = dh (h_{t-1} - n);  da_n = dn (1 - n^2);  da_z = dz z (1 - z)
@@ -195,6 +219,8 @@ def _gru_backward(cell: GRU, rec: Params, dh, saved, h_prev, h_t):
                   dh_{t-1} = z dh + W_hh^T du
     otherwise:    e = W_hn^T da_n;  da_r = e h_{t-1} r (1 - r);  du = (da_r, da_z, da_n)
                   dh_{t-1} = z dh + r e + W_h[rz]^T (da_r, da_z)
+  The cotangent du_t of u_t = W_hh h_{t-1} equals da_t except in the n block of the
+  reset_after GRU, which is returned alone as the extra (du_n = da_n r, [..., H]).
   """
   del h_t
   H = cell.hidden_size
@@ -202,32 +228,87 @@ def _gru_backward(cell: GRU, rec: Params, dh, saved, h_prev, h_t):
   dn = dh * (1.0 - z)
   da_z = dh * (h_prev - n) * z * (1.0 - z)
   da_n = dn * (1.0 - n * n)
-  w_hh = rec["w_hh"]
+  w_hh = weights["w_hh"]
   if cell.reset_after:
     s = saved[3]
     da_r = da_n * s * r * (1.0 - r)
     du_n = da_n * r
     du = jnp.concatenate([da_r, da_z, du_n], axis=-1)
-    dh_prev = dh * z + _back_through_weight(du, w_hh, cell.dtype)
+    dh_prev = dh * z + linear_transposed(du, w_hh, cell.dtype)
   else:
-    e = _back_through_weight(da_n, w_hh[2 * H:], cell.dtype)
+    e = linear_transposed(da_n, w_hh[2 * H:], cell.dtype)
     da_r = e * h_prev * r * (1.0 - r)
     du_n = None
     dh_prev = (dh * z + r * e
-               + _back_through_weight(jnp.concatenate([da_r, da_z], axis=-1), w_hh[:2 * H], cell.dtype))
+               + linear_transposed(jnp.concatenate([da_r, da_z], axis=-1), w_hh[:2 * H], cell.dtype))
   da = jnp.concatenate([da_r, da_z, da_n], axis=-1)
   return dh_prev, da, du_n
 
 
-def _steps(cell: Cell):
-  if isinstance(cell, LSTM):
-    return _lstm_forward, _lstm_backward
-  if isinstance(cell, GRU):
-    return gru_forward_step, _gru_backward
-  return _elman_forward, _elman_backward
+def _gru_gradients(cell: GRU, weights, da, du_n, previous, carries, saved) -> dict:
+  """dW_hh = sum_t du_t h_{t-1}^T (reset-before: the n block pairs with r h_{t-1}); db_hn = sum du_n."""
+  del carries
+  H = cell.hidden_size
+  du = da if du_n is None else jnp.concatenate([da[..., :2 * H], du_n], axis=-1)
+  h_prev, w_hh = previous, weights["w_hh"]
+  if cell.reset_after:
+    d_w_hh = sum_outer(du, h_prev, cell.dtype, w_hh.dtype)
+  else:
+    r = saved[0]
+    d_w_hh = jnp.concatenate([sum_outer(du[..., :2 * H], h_prev, cell.dtype, w_hh.dtype),
+                              sum_outer(du[..., 2 * H:], r * h_prev, cell.dtype, w_hh.dtype)], axis=0)
+  return {"w_hh": d_w_hh, "b_hn": _sum_leading(du[..., 2 * H:], weights["b_hn"].dtype)}
 
 
-# ---- the scans ------------------------------------------------------------------
+register(GRU, BackwardRule(recurrent_params=lambda cell: ("w_hh", "b_hn"), applies=lambda cell: None,
+                           step=_gru_step, weight_gradients=_gru_gradients))
+
+
+# ---------------------------------------------------------------------------
+# The kernel decision
+# ---------------------------------------------------------------------------
+
+class KernelChoice(NamedTuple):
+  """Whether a fused kernel runs a recurrence: ``kernel`` its name (None: lax.scan), and why not."""
+  kernel: Optional[str]
+  reason: str
+
+
+def kernel_choice(cell: Cell, params: Params, a: jax.Array, carry) -> KernelChoice:
+  """The ONE decision, at trace time, of whether a fused kernel runs this recurrence.
+
+  a: [T, ..., G*H] the input projections (or the inputs, for the dtype check); carry: the
+  initial carry with a's batch axes. Today one kernel exists: ``lstm_cpu`` for the plain
+  float32 LSTM on CPU (``rnn_jax.lstm_kernel``).
+  """
+  if not isinstance(cell, LSTM):
+    return KernelChoice(None, f"{cell.name}: no fused kernel for {type(cell).__name__}")
+  if cell.peephole or _lstm_options(cell):
+    return KernelChoice(None, "lstm: the fused kernel runs the plain LSTM only (no peephole, layer_norm "
+                        "or proj_size)")
+  if cell.dtype is not None:
+    return KernelChoice(None, f"lstm: the fused kernel computes in float32, not dtype={cell.dtype!r}")
+  if a.shape[0] == 0:
+    return KernelChoice(None, "lstm: an empty sequence (T = 0) stays on lax.scan")
+  if jax.default_backend() != "cpu":
+    return KernelChoice(None, f"lstm: the fused kernel is for CPU, the backend is {jax.default_backend()}")
+  reason = lstm_kernel.why_not(cell.hidden_size, a, params["w_hh"], carry.h, carry.c)
+  if reason is not None:
+    return KernelChoice(None, reason)
+  return KernelChoice("lstm_cpu", "plain float32 LSTM on CPU")
+
+
+def kernel_adds_bias(cell: Cell, params: Params, xs: jax.Array, carry) -> bool:
+  """True if the fused kernel will run this layer and can add b while it reads a_t, so that the
+  caller leaves b out of a = W_xh x + b and passes it as ``input_bias``."""
+  if kernel_choice(cell, params, xs, carry).kernel is None:
+    return False
+  return lstm_kernel.applies(cell.hidden_size, params["w_xh"], cell.projection_bias(params))
+
+
+# ---------------------------------------------------------------------------
+# The scans
+# ---------------------------------------------------------------------------
 
 def split_gates(a: jax.Array, hidden_size: int):
   """[T, ..., G*H] -> a tuple of G gate blocks [T, ..., H] (a itself when G = 1).
@@ -249,62 +330,59 @@ def join_gates(a_t):
   return jnp.concatenate(a_t, axis=-1) if isinstance(a_t, tuple) else a_t
 
 
-def _hidden(carry):
-  return carry.h if isinstance(carry, LSTMState) else carry
-
-
-def _uses_cpu_kernel(cell: Cell, rec: Params, a: jax.Array, carry) -> bool:
-  """True if the plain float32 LSTM runs in ``cpu_kernels`` (on CPU, when it is built) instead of lax.scan.
-
-  An empty sequence (T = 0) stays on lax.scan, which returns the carry unchanged and hs [0, ..., H].
-  """
-  return (isinstance(cell, LSTM) and supports(cell) and cell.dtype is None and a.shape[0] > 0
-          and jax.default_backend() == "cpu"
-          and cpu_kernels.applies(cell.hidden_size, a, rec["w_hh"], carry.h, carry.c))
-
-
-def kernel_adds_bias(cell: Cell, params: Params, xs: jax.Array, carry) -> bool:
-  """True if ``fused_scan`` will run this layer in the CPU LSTM kernel, so that the caller can
-  leave b out of a = W_xh x + b and pass it as ``input_bias`` (plain LSTM, float32 x, W_xh, b)."""
-  return (_uses_cpu_kernel(cell, params, xs, carry)
-          and cpu_kernels.applies(cell.hidden_size, params["w_xh"], params["b"]))
+class Operands(NamedTuple):
+  """What the recurrence reads besides a and the carry: the cell's recurrent weights by name and
+  an optional input bias [G*H] that is added to every a_t."""
+  weights: dict
+  input_bias: Any
 
 
 def _final_carry(carries, reverse: bool):
   return jax.tree_util.tree_map(lambda x: x[0 if reverse else -1], carries)
 
 
-def _forward_scan(cell, reverse, unroll, rec, a, carry, mask, save: bool):
-  """Scan the forward steps; returns (final carry, carries [T, ...], saved gates [T, ...] or None).
+def _is_forward_mode_error(error: Exception) -> bool:
+  text = str(error)
+  return "forward-mode" in text or "Differentiation rule" in text or "jvp" in text
 
-  The saved gates are a tuple of G blocks [T, ..., H] from the scan, or one [T, ..., 4H]
-  array from the CPU LSTM kernel.
-  """
-  if _uses_cpu_kernel(cell, rec, a, carry):
-    hs, cs, gates = cpu_kernels.lstm_forward(a, rec["w_hh"], carry.h, carry.c, mask,
-                                             bias=rec.get("input_bias"), reverse=reverse, save_gates=save)
-    carries = LSTMState(h=hs, c=cs)
-    return _final_carry(carries, reverse), carries, gates
-  if "input_bias" in rec:
-    a = a + rec["input_bias"]
-  forward_step = _steps(cell)[0]
+
+def _kernel_forward(operands: Operands, a, carry, mask, reverse: bool, save: bool):
+  hs, cs, gates = lstm_kernel.lstm_forward(a, operands.weights["w_hh"], carry.h, carry.c, mask,
+                                           bias=operands.input_bias, reverse=reverse, save_gates=save)
+  carries = LSTMState(h=hs, c=cs)
+  return _final_carry(carries, reverse), carries, gates  # gates: [T, ..., 4H] (or None), as the kernel reads them
+
+
+def _scan_forward(cell, reverse, unroll, operands: Operands, a, carry, mask, save: bool):
+  """The forward steps in lax.scan; returns (final carry, carries [T, ...], saved [T, ...] or None)."""
+  if operands.input_bias is not None:
+    a = a + operands.input_bias
   # W_hh^T is materialised once, before the loop, so the in-loop product is a plain
   # [B, H] x [H, G*H] matmul; the barrier keeps XLA from folding the transpose back into
   # the dot. XLA:CPU runs that form 25-35% faster than W_hh with its last axis contracted
   # at these shapes (train step, B=32 T=128: LSTM -4-5%, GRU -6-10%, Elman -10-17%).
-  rec = {**rec, "w_hh_t": jax.lax.optimization_barrier(rec["w_hh"].T)}
+  weights = {**operands.weights, "w_hh": TransposedWeight(jax.lax.optimization_barrier(operands.weights["w_hh"].T))}
 
   def body(carry_prev, inputs):
     a_t, valid_t = inputs
-    carry_t, saved_t = forward_step(cell, rec, carry_prev, join_gates(a_t))
+    carry_t, _, saved_t = cell.recurrence_saving(weights, carry_prev, join_gates(a_t))
     carry_t = _hold(valid_t, carry_t, carry_prev)
     return carry_t, ((carry_t, saved_t) if save else carry_t)
 
-  carry, stacked = jax.lax.scan(body, carry, (split_gates(a, cell.hidden_size), mask),
-                                reverse=reverse, unroll=unroll)
-  if save:
-    return carry, stacked[0], stacked[1]
-  return carry, stacked, None
+  final, stacked = jax.lax.scan(body, carry, (split_gates(a, cell.hidden_size), mask), reverse=reverse,
+                                unroll=unroll)
+  return (final, *stacked) if save else (final, stacked, None)
+
+
+def _forward(cell, reverse, unroll, kernel, operands, a, carry, mask, save: bool):
+  """(final carry, carries [T, ...], saved or None) from the chosen kernel, or from lax.scan."""
+  if kernel == "lstm_cpu":
+    try:
+      return _kernel_forward(operands, a, carry, mask, reverse, save)
+    except (NotImplementedError, TypeError) as error:  # forward-mode differentiation of the kernel
+      if not _is_forward_mode_error(error):
+        raise
+  return _scan_forward(cell, reverse, unroll, operands, a, carry, mask, save)
 
 
 def _shift_previous(initial, stacked, reverse: bool):
@@ -316,83 +394,84 @@ def _shift_previous(initial, stacked, reverse: bool):
   return jax.tree_util.tree_map(shift, initial, stacked)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _fused(cell, reverse, unroll, rec, a, carry, mask):
-  carry_T, carries, _ = _forward_scan(cell, reverse, unroll, rec, a, carry, mask, save=False)
-  return carry_T, _hidden(carries)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _manual(cell, reverse, unroll, kernel, operands, a, carry, mask):
+  final, carries, _ = _forward(cell, reverse, unroll, kernel, operands, a, carry, mask, save=False)
+  return final, cell.hidden(carries)
 
 
-def _fused_fwd(cell, reverse, unroll, rec, a, carry, mask):
-  carry_T, carries, saved = _forward_scan(cell, reverse, unroll, rec, a, carry, mask, save=True)
-  return (carry_T, _hidden(carries)), (rec, carry, mask, carries, saved)
+def _manual_fwd(cell, reverse, unroll, kernel, operands, a, carry, mask):
+  final, carries, saved = _forward(cell, reverse, unroll, kernel, operands, a, carry, mask, save=True)
+  return (final, cell.hidden(carries)), (operands, carry, mask, carries, saved)
 
 
-def _fused_bwd(cell, reverse, unroll, residuals, cotangents):
-  rec, carry_0, mask, carries, saved = residuals
-  d_carry_T, d_hs = cotangents
-  previous = _shift_previous(carry_0, carries, reverse)
-  if not isinstance(saved, tuple):  # the CPU LSTM kernel's [T, ..., 4H] gates
-    da, dh_0, dc_0 = cpu_kernels.lstm_backward(saved, carries.c, carry_0.c, rec["w_hh"], d_hs, d_carry_T.h,
-                                               d_carry_T.c, mask, reverse=reverse)
-    d_rec = {"w_hh": _sum_outer(da, previous.h, cell.dtype, rec["w_hh"].dtype)}
-    return _with_input_bias_gradient(d_rec, rec, da), da, LSTMState(h=dh_0, c=dc_0), None
-  backward_step = _steps(cell)[1]
-  is_lstm = isinstance(cell, LSTM)
+def _kernel_backward(operands, saved, carries, carry_0, d_hs, d_carry_T, mask, reverse):
+  gates = jnp.concatenate(saved, axis=-1) if isinstance(saved, tuple) else saved
+  da, dh_0, dc_0 = lstm_kernel.lstm_backward(gates, carries.c, carry_0.c, operands.weights["w_hh"], d_hs,
+                                             d_carry_T.h, d_carry_T.c, mask, reverse=reverse)
+  return da, None, LSTMState(h=dh_0, c=dc_0)
 
+
+def _scan_backward(cell, rule, unroll, operands, saved, previous, carries, d_hs, d_carry_T, mask, reverse):
   def body(dcarry, inputs):
     d_h_out, saved_t, prev_t, carry_t, valid_t = inputs
-    if is_lstm:
-      dcarry = LSTMState(h=dcarry.h + d_h_out, c=dcarry.c)
-    else:
-      dcarry = dcarry + d_h_out
-    dcarry_prev, da, du_n = backward_step(cell, rec, dcarry, saved_t, prev_t, carry_t)
+    dcarry = cell.with_hidden(dcarry, cell.hidden(dcarry) + d_h_out)
+    dcarry_prev, da, extra = rule.step(cell, operands.weights, dcarry, saved_t, prev_t, carry_t)
     if valid_t is not None:
       dcarry_prev = _hold(valid_t, dcarry_prev, dcarry)
-      da, du_n = _hold(valid_t, (da, du_n), jax.tree_util.tree_map(jnp.zeros_like, (da, du_n)))
-    return dcarry_prev, (da, du_n)
+      da, extra = _hold(valid_t, (da, extra), jax.tree_util.tree_map(jnp.zeros_like, (da, extra)))
+    return dcarry_prev, (da, extra)
 
-  d_carry_0, deltas = jax.lax.scan(body, d_carry_T, (d_hs, saved, previous, carries, mask),
-                                   reverse=not reverse, unroll=unroll)
-  da, du_n = deltas
-  du = da if du_n is None else jnp.concatenate([da[..., :2 * cell.hidden_size], du_n], axis=-1)
-  h_prev = _hidden(previous)
-  w_hh = rec["w_hh"]
-  if isinstance(cell, GRU) and not cell.reset_after:
-    H = cell.hidden_size
-    r = saved[0]
-    d_w_hh = jnp.concatenate([
-        _sum_outer(du[..., :2 * H], h_prev, cell.dtype, w_hh.dtype),
-        _sum_outer(du[..., 2 * H:], r * h_prev, cell.dtype, w_hh.dtype)], axis=0)
-  else:
-    d_w_hh = _sum_outer(du, h_prev, cell.dtype, w_hh.dtype)
-  d_rec = {"w_hh": d_w_hh}
-  if isinstance(cell, GRU):
-    H = cell.hidden_size
-    d_rec["b_hn"] = jnp.sum(du[..., 2 * H:], axis=tuple(range(du.ndim - 1))).astype(rec["b_hn"].dtype)
-  return _with_input_bias_gradient(d_rec, rec, da), da, d_carry_0, None
+  d_carry_0, (da, extra) = jax.lax.scan(body, d_carry_T, (d_hs, saved, previous, carries, mask),
+                                        reverse=not reverse, unroll=unroll)
+  return da, extra, d_carry_0
 
 
-def _with_input_bias_gradient(d_rec, rec, da):
-  """d input_bias = sum_t da_t (over every leading axis), when the bias came in separately."""
-  if "input_bias" in rec:
-    d_rec["input_bias"] = jnp.sum(da, axis=tuple(range(da.ndim - 1))).astype(rec["input_bias"].dtype)
-  return d_rec
+def _manual_bwd(cell, reverse, unroll, kernel, residuals, cotangents):
+  operands, carry_0, mask, carries, saved = residuals
+  d_carry_T, d_hs = cotangents
+  rule = rule_for(cell)
+  previous = _shift_previous(carry_0, carries, reverse)
+  result = None
+  if kernel == "lstm_cpu":
+    try:
+      result = _kernel_backward(operands, saved, carries, carry_0, d_hs, d_carry_T, mask, reverse)
+    except (NotImplementedError, TypeError) as error:  # a second derivative through the kernel
+      if not _is_forward_mode_error(error):
+        raise
+  if result is None:
+    if not isinstance(saved, tuple):  # the kernel's [T, ..., 4H] gates, read by the scan's LSTM rule
+      saved = tuple(jnp.split(saved, 4, axis=-1))
+    result = _scan_backward(cell, rule, unroll, operands, saved, previous, carries, d_hs, d_carry_T, mask,
+                            reverse)
+  da, extra, d_carry_0 = result
+  d_weights = rule.weight_gradients(cell, operands.weights, da, extra, previous, carries, saved)
+  d_bias = None
+  if operands.input_bias is not None:
+    d_bias = _sum_leading(da, operands.input_bias.dtype)
+  return Operands(d_weights, d_bias), da, d_carry_0, None
 
 
-_fused.defvjp(_fused_fwd, _fused_bwd)
+_manual.defvjp(_manual_fwd, _manual_bwd)
 
 
-def fused_scan(cell: Cell, params: Params, a: jax.Array, carry, mask=None, *,
-               reverse: bool = False, unroll: int = 1, input_bias=None):
-  """The cell's recurrence over a: [T, ..., G*H] with the hand-derived backward pass.
+def _autodiff_scan(cell, operands: Operands, a, carry, mask, reverse: bool, unroll: int):
+  """The same recurrence with jax's own derivative (the fallback under forward mode)."""
+  final, carries, _ = _scan_forward(cell, reverse, unroll, operands, a, carry, mask, save=False)
+  return final, cell.hidden(carries)
+
+
+def manual_scan(cell: Cell, params: Params, a: jax.Array, carry, mask=None, *,
+                reverse: bool = False, unroll: int = 1, input_bias=None):
+  """The cell's recurrence over a: [T, ..., G*H] with its hand-derived backward pass.
 
     carry_t, h_t = recurrence(carry_{t-1}, a_t)    where mask_t (else carry held)
 
   Args:
     cell: a cell for which ``supports(cell)`` is True.
-    params: the cell's params (only W_hh, and b_hn for the GRU, are read here;
-      the input projection a = W_xh x + b is the caller's, so its gradient
-      flows through the caller's autodiff from da).
+    params: the cell's params (only its recurrent params, W_hh and the like, are read here;
+      the input projection a = W_xh x + b is the caller's, so its gradient flows through the
+      caller's autodiff from da).
     a: [T, ..., G*H], the input projections, time on axis 0.
     carry: the initial carry with the batch axes of a ([..., H] or LSTMState).
     mask: optional [T, ...] bool, True on real steps.
@@ -405,8 +484,13 @@ def fused_scan(cell: Cell, params: Params, a: jax.Array, carry, mask=None, *,
   """
   reason = unsupported_reason(cell)
   if reason is not None:
-    raise ValueError(reason + "; use backward='autodiff' (or 'auto')")
-  rec = {name: params[name] for name in _recurrent_param_names(cell)}
-  if input_bias is not None:
-    rec["input_bias"] = input_bias
-  return _fused(cell, reverse, unroll, rec, a, carry, mask)
+    raise ValueError(reason + "; use grad='autodiff' (or 'auto')")
+  rule = rule_for(cell)
+  operands = Operands({name: params[name] for name in rule.recurrent_params(cell)}, input_bias)
+  kernel = kernel_choice(cell, params, a, carry).kernel
+  try:
+    return _manual(cell, reverse, unroll, kernel, operands, a, carry, mask)
+  except TypeError as error:  # jax.jvp / jacfwd cannot pass a custom_vjp: use jax's own derivative
+    if "forward-mode" not in str(error):
+      raise
+    return _autodiff_scan(cell, operands, a, carry, mask, reverse, unroll)

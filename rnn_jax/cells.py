@@ -30,6 +30,7 @@ arithmetic and the carry stay in the params' dtype (float32 params).
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from typing import Any, NamedTuple, Optional
 
@@ -69,6 +70,39 @@ def linear(v: jax.Array, w: jax.Array, compute_dtype: Optional[str] = None) -> j
       v, w, (((v.ndim - 1,), (1,)), ((), ())), preferred_element_type=accumulate)
 
 
+def linear_transposed(delta: jax.Array, w: jax.Array, compute_dtype: Optional[str] = None) -> jax.Array:
+  """W^T delta for a weight in math layout: delta [..., out], w [out, in] -> [..., in].
+
+  The contraction is on w's first axis (the gradient of v in W v, and v W^T for a stored W^T).
+  """
+  accumulate = None
+  if compute_dtype is not None:
+    accumulate = w.dtype
+    delta, w = delta.astype(compute_dtype), w.astype(compute_dtype)
+  return jax.lax.dot_general(delta, w, (((delta.ndim - 1,), (0,)), ((), ())),
+                             preferred_element_type=accumulate)
+
+
+class TransposedWeight(NamedTuple):
+  """A recurrent weight stored as its transpose, t = W_hh^T: [in, out].
+
+  The hand-derived BPTT materialises W_hh^T once before its forward scan, so that the
+  in-loop product is a plain [B, H] x [H, G*H] matmul (XLA:CPU runs that form faster);
+  ``recurrent_product`` reads either form.
+  """
+  t: jax.Array
+
+
+def recurrent_product(w, v: jax.Array, compute_dtype: Optional[str] = None, rows=None) -> jax.Array:
+  """W_hh[rows] v: v [..., in] -> [..., len(rows)], for W_hh as [out, in] or as ``TransposedWeight``.
+
+  rows: an optional slice of output rows (a block of gates); None is all of them.
+  """
+  if isinstance(w, TransposedWeight):
+    return linear_transposed(v, w.t if rows is None else w.t[:, rows], compute_dtype)
+  return linear(v, w if rows is None else w[rows], compute_dtype)
+
+
 def _check_features(cell_name: str, what: str, x: jax.Array, expected: int) -> None:
   if x.ndim == 0 or x.shape[-1] != expected:
     got = "is a scalar" if x.ndim == 0 else f"has {x.shape[-1]} features"
@@ -83,10 +117,13 @@ def _layer_norm(v: jax.Array, gain: jax.Array, eps: float = 1e-5) -> jax.Array:
 
 
 @dataclasses.dataclass(frozen=True)
-class Cell:
+class Cell(abc.ABC):
   """Shared hyper-parameters and the ``step`` every cell derives from its three pieces.
 
-  Concrete cells (Elman, LSTM, GRU) add ``init`` and ``recurrence``.
+  A concrete cell implements ``init`` and either ``recurrence_saving`` (the step plus what its
+  hand-derived backward rule reads, see ``rnn_jax.bptt``) or ``recurrence`` itself; a cell
+  whose carry is more than h_t (the LSTM's (h, c)) also overrides ``hidden`` and
+  ``with_hidden``.
 
   Attributes:
     hidden_size: H, the size of h_t.
@@ -150,19 +187,45 @@ class Cell:
         "b": torch_init(key_b, (G * H,), dtype),
     }
 
+  @abc.abstractmethod
+  def init(self, key, input_size: int) -> Params:
+    """Fresh params for inputs of ``input_size`` features."""
+
   def initial_carry(self, params: Params) -> Any:
     """h_0 = 0: [H] in the params' dtype."""
     return jnp.zeros((self.state_size,), params["w_hh"].dtype)
 
   def hidden(self, carry) -> jax.Array:
-    """The hidden state h_t held in a carry."""
+    """The hidden state h_t held in a carry (for any leading batch or time axes)."""
     return carry
 
+  def with_hidden(self, carry, h: jax.Array):
+    """The carry with its hidden state replaced by h (an LSTM keeps its cell state c_t)."""
+    del carry
+    return h
+
+  def recurrence_saving(self, params: Params, carry, a_t: jax.Array):
+    """(carry_t, h_t, saved_t): the step and the values its backward rule reads; see ``recurrence``."""
+    raise NotImplementedError(f"{self.name}: implement recurrence or recurrence_saving")
+
+  def recurrence(self, params: Params, carry, a_t: jax.Array):
+    """One step from the precomputed input projection a_t: (carry_{t-1}, a_t) -> (carry_t, h_t)."""
+    carry, h_t, _ = self.recurrence_saving(params, carry, a_t)
+    return carry, h_t
+
   # ---- the three pieces ---------------------------------------------------
-  def input_projection(self, params: Params, xs: jax.Array) -> jax.Array:
-    """a_t = W_xh x_t + b for every leading index: xs [..., F] -> [..., G*H]."""
+  def input_projection(self, params: Params, xs: jax.Array, *, bias: bool = True) -> jax.Array:
+    """a_t = W_xh x_t + b for every leading index: xs [..., F] -> [..., G*H].
+
+    bias=False leaves b out (a fused kernel adds ``projection_bias`` while it reads a_t).
+    """
     _check_features(self.name, "x", xs, params["w_xh"].shape[1])
-    return linear(xs, params["w_xh"], self.dtype) + params["b"]
+    a = linear(xs, params["w_xh"], self.dtype)
+    return a + params["b"] if bias else a
+
+  def projection_bias(self, params: Params) -> jax.Array:
+    """The b added by ``input_projection``: [G*H]."""
+    return params["b"]
 
   def output(self, params: Params, hs: jax.Array) -> jax.Array:
     """y_t = h_t unless the cell has a read-out."""
@@ -215,10 +278,13 @@ class Elman(Cell):
       params["b_y"] = init(key_b, (self.readout_size,), dtype)
     return params
 
-  def recurrence(self, params: Params, h_prev: jax.Array, a_t: jax.Array):
-    """h_t = f(a_t + W_hh h_{t-1}), a_t = W_xh x_t + b precomputed: returns (h_t, h_t)."""
-    h_t = ACTIVATIONS[self.activation](a_t + linear(h_prev, params["w_hh"], self.dtype))
-    return h_t, h_t
+  def recurrence_saving(self, params: Params, h_prev: jax.Array, a_t: jax.Array):
+    """h_t = f(a_t + W_hh h_{t-1}), a_t = W_xh x_t + b precomputed: returns (h_t, h_t, ()).
+
+    Nothing beyond h_t is saved: f'(z_t) is a function of h_t.
+    """
+    h_t = ACTIVATIONS[self.activation](a_t + recurrent_product(params["w_hh"], h_prev, self.dtype))
+    return h_t, h_t, ()
 
   def output(self, params: Params, hs: jax.Array) -> jax.Array:
     """y_t = W_hy h_t + b_y for hs: [..., H] -> [..., O]; identity without a read-out."""
@@ -293,18 +359,25 @@ class LSTM(Cell):
   def hidden(self, carry: LSTMState) -> jax.Array:
     return carry.h
 
-  def input_projection(self, params: Params, xs: jax.Array) -> jax.Array:
+  def with_hidden(self, carry: LSTMState, h: jax.Array) -> LSTMState:
+    return LSTMState(h=h, c=carry.c)
+
+  def input_projection(self, params: Params, xs: jax.Array, *, bias: bool = True) -> jax.Array:
     """a_t = W_xh x_t + b (with layer_norm: LN(W_xh x_t) + b): xs [..., F] -> [..., 4H]."""
     _check_features(self.name, "x", xs, params["w_xh"].shape[1])
     a = linear(xs, params["w_xh"], self.dtype)
     if self.layer_norm:
       a = _layer_norm(a, params["ln_x"])
-    return a + params["b"]
+    return a + params["b"] if bias else a
 
-  def recurrence(self, params: Params, carry: LSTMState, a_t: jax.Array):
-    """One LSTM update from the precomputed a_t: [4H]; returns (LSTMState(h_t, c_t), h_t)."""
+  def recurrence_saving(self, params: Params, carry: LSTMState, a_t: jax.Array):
+    """One LSTM update from the precomputed a_t: [4H].
+
+    Returns (LSTMState(h_t, c_t), h_t, (i, f, g, o)) with the activated gates
+    sigma(i), sigma(f), tanh(g), sigma(o), each [..., H], which the backward rules read.
+    """
     h_prev, c_prev = carry
-    recurrent = linear(h_prev, params["w_hh"], self.dtype)
+    recurrent = recurrent_product(params["w_hh"], h_prev, self.dtype)
     if self.layer_norm:
       recurrent = _layer_norm(recurrent, params["ln_h"])
     # a_t and W_hh h_{t-1} are split before they are added (see bptt.split_gates).
@@ -312,14 +385,16 @@ class LSTM(Cell):
     if self.peephole:
       i = i + params["p_i"] * c_prev
       f = f + params["p_f"] * c_prev
-    c_t = jax.nn.sigmoid(f) * c_prev + jax.nn.sigmoid(i) * jnp.tanh(g)
+    i, f, g = jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g)
+    c_t = f * c_prev + i * g
     if self.peephole:
       o = o + params["p_o"] * c_t
+    o = jax.nn.sigmoid(o)
     c_out = _layer_norm(c_t, params["ln_c"]) + params["ln_c_bias"] if self.layer_norm else c_t
-    h_t = jax.nn.sigmoid(o) * jnp.tanh(c_out)
+    h_t = o * jnp.tanh(c_out)
     if self.proj_size is not None:
       h_t = linear(h_t, params["w_hr"], self.dtype)
-    return LSTMState(h=h_t, c=c_t), h_t
+    return LSTMState(h=h_t, c=c_t), h_t, (i, f, g, o)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -349,23 +424,29 @@ class GRU(Cell):
         key_bias, (self.hidden_size,), jnp.dtype(self.param_dtype))
     return params
 
-  def recurrence(self, params: Params, h_prev: jax.Array, a_t: jax.Array):
-    """One GRU update from the precomputed a_t = W_xh x_t + b: [3H]; returns (h_t, h_t)."""
+  def recurrence_saving(self, params: Params, h_prev: jax.Array, a_t: jax.Array):
+    """One GRU update from the precomputed a_t = W_xh x_t + b: [3H].
+
+    Returns (h_t, h_t, saved) with saved = (r, z, n) and, with reset_after, also
+    s = W_hn h_{t-1} + b_hn (each [..., H]), which the backward rule reads.
+    """
     H = self.hidden_size
     a_r, a_z, a_n = jnp.split(a_t, 3, axis=-1)
     w_hh = params["w_hh"]
     if self.reset_after:
-      u_r, u_z, u_n = jnp.split(linear(h_prev, w_hh, self.dtype), 3, axis=-1)
-      r = jax.nn.sigmoid(a_r + u_r)
-      z = jax.nn.sigmoid(a_z + u_z)
-      n = jnp.tanh(a_n + r * (u_n + params["b_hn"]))
+      u_r, u_z, u_n = jnp.split(recurrent_product(w_hh, h_prev, self.dtype), 3, axis=-1)
+      r, z = jax.nn.sigmoid(a_r + u_r), jax.nn.sigmoid(a_z + u_z)
+      s = u_n + params["b_hn"]
+      n = jnp.tanh(a_n + r * s)
+      saved = (r, z, n, s)
     else:
-      u_r, u_z = jnp.split(linear(h_prev, w_hh[:2 * H], self.dtype), 2, axis=-1)
-      r = jax.nn.sigmoid(a_r + u_r)
-      z = jax.nn.sigmoid(a_z + u_z)
-      n = jnp.tanh(a_n + linear(r * h_prev, w_hh[2 * H:], self.dtype) + params["b_hn"])
+      u_r, u_z = jnp.split(recurrent_product(w_hh, h_prev, self.dtype, slice(0, 2 * H)), 2, axis=-1)
+      r, z = jax.nn.sigmoid(a_r + u_r), jax.nn.sigmoid(a_z + u_z)
+      n = jnp.tanh(a_n + recurrent_product(w_hh, r * h_prev, self.dtype, slice(2 * H, 3 * H))
+                   + params["b_hn"])
+      saved = (r, z, n)
     h_t = (1.0 - z) * n + z * h_prev
-    return h_t, h_t
+    return h_t, h_t, saved
 
 
 CELLS = {"elman": Elman, "rnn": Elman, "lstm": LSTM, "gru": GRU}

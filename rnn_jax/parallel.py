@@ -232,7 +232,7 @@ def recurrence_jacobian_diagonal(cell: Cell, params: Params, h_prev: jax.Array, 
   if not isinstance(cell, GRU):
     raise ValueError(f"quasi-DEER: no Jacobian diagonal for cell {cell.name}; expected elman or gru")
   diag_r, diag_z, diag_n = (jnp.diagonal(w_hh[k * H:(k + 1) * H]) for k in range(3))
-  _, gates = bptt.gru_forward_step(cell, params, h_prev, a_t)  # (r, z, n[, s]), each [..., H]
+  _, _, gates = cell.recurrence_saving(params, h_prev, a_t)  # (r, z, n[, s]), each [..., H]
   r, z, n = gates[:3]
   if cell.reset_after:
     s = gates[3]

@@ -26,6 +26,7 @@ RUN_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "t
               "tab:gray", "tab:olive", "tab:cyan")
 NOT_PLOTTED = {"step", "split", "time_s", "epoch", "tokens_per_s", "learning_rate", "cell", "run"}
 MAX_COLUMNS = 4
+REFERENCE_STYLES = ("--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)))
 
 Reference = Mapping[str, tuple]  # {metric: (value, label)}
 
@@ -155,7 +156,8 @@ def plot_comparison(runs: Mapping[str, str], metrics: Sequence[str], title: str,
   """One panel per metric, one line per run ({name: workdir}) of that metric on ``split``,
   plus every run's training loss in its own first panel (dashed).
 
-  reference: {metric: {run_name_or_label: (value, label)}} published figures as dashed lines;
+  reference: {metric: {run_name_or_label: (value, label)}} published figures as dashed lines, in
+  the run's colour when keyed by a run's name, else black (dashed, dotted, dash-dotted in turn);
   final: {run name: "test 8.61"} appended to that run's legend entry.
   """
   panels = ["loss", *[m for m in metrics if m != "loss"]]
@@ -173,10 +175,14 @@ def plot_comparison(runs: Mapping[str, str], metrics: Sequence[str], title: str,
       label = name + (f" ({final[name]})" if final and name in final and metric != "loss" else "")
       axis.plot(steps, ys, color=RUN_COLORS[index % len(RUN_COLORS)], label=label,
                 marker="o" if len(points) < 25 else None, markersize=3, linewidth=1.4)
-    for index, (name, (value, text)) in enumerate(((reference or {}).get(metric) or {}).items()):
-      run_index = list(runs).index(name) if name in runs else index
-      axis.axhline(value, color=RUN_COLORS[run_index % len(RUN_COLORS)], linestyle="--", linewidth=1.0,
-                   label=text)
+    task_lines = 0
+    for name, (value, text) in ((reference or {}).get(metric) or {}).items():
+      if name in runs:   # a run's published figure, in the run's colour
+        color, style = RUN_COLORS[list(runs).index(name) % len(RUN_COLORS)], "--"
+      else:              # a figure of the task itself (a baseline, a threshold): black
+        color, style = "black", REFERENCE_STYLES[task_lines % len(REFERENCE_STYLES)]
+        task_lines += 1
+      axis.axhline(value, color=color, linestyle=style, linewidth=1.0, label=text)
       values.append(value)
     if use_log_scale(values):
       axis.set_yscale("log")

@@ -261,9 +261,11 @@ class RunDir:
     return record
 
   def mark_resume(self, step: int, notes: Optional[list] = None) -> None:
-    """Before continuing from the checkpoint at ``step``: drop the records logged after it and
-    append a {"split": "resume"} record (plots draw it as a marker)."""
-    records = [r for r in read_metrics(self.workdir) if r.get("step", 0) <= step]
+    """Before continuing from the checkpoint at ``step``: drop the records logged after it (and
+    the test figures of a finished run) and append a {"split": "resume"} record (plots draw it
+    as a marker)."""
+    records = [r for r in read_metrics(self.workdir)
+               if r.get("step", 0) <= step and r.get("split") not in ("test",)]
     tmp = f"{self.metrics_path}.tmp{os.getpid()}"
     with open(tmp, "w") as handle:
       for record in records:

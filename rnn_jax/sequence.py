@@ -36,24 +36,24 @@ def _mask_tree(valid, new, old):
   return jax.tree_util.tree_map(lambda n, o: jnp.where(valid, n, o), new, old)
 
 
-BACKWARDS = ("auto", "fused", "autodiff")
+BACKWARDS = ("auto", "manual", "autodiff")
 
 
 def _use_fused(cell: Cell, backward: str) -> bool:
-  """Resolve ``backward``: "fused" (hand-derived, rnn_jax.bptt), "autodiff" (jax.grad
-  through lax.scan) or "auto" (fused wherever bptt covers the cell, the default)."""
+  """Resolve ``backward``: "manual" (hand-derived, rnn_jax.bptt), "autodiff" (jax.grad
+  through lax.scan) or "auto" (manual wherever bptt covers the cell, the default)."""
   if backward not in BACKWARDS:
     raise ValueError(f"{cell.name}: unknown backward {backward!r}; expected one of {BACKWARDS}")
   if backward == "auto":
     return bptt.supports(cell)
-  return backward == "fused"
+  return backward == "manual"
 
 
 def _scan_steps(cell: Cell, params: Params, a: jax.Array, carry, mask, *, reverse: bool, unroll: int,
                 fused: bool):
   """One lax.scan of the recurrence over a: [T, G*H] (or [T, B, G*H] with a batched carry)."""
   if fused:
-    return bptt.fused_scan(cell, params, a, carry, mask, reverse=reverse, unroll=unroll)
+    return bptt.manual_scan(cell, params, a, carry, mask, reverse=reverse, unroll=unroll)
   recurrence = cell.recurrence
   if a.ndim == 3:
     recurrence = jax.vmap(cell.recurrence, in_axes=(None, 0, 0))
@@ -163,9 +163,9 @@ def _project_and_scan(cell: Cell, params: Params, xs: jax.Array, carry, mask, *,
   def scan_chunk(xs_chunk, carry_chunk, mask_chunk):
     if fused and bptt.kernel_adds_bias(cell, params, xs_chunk, carry_chunk):
       # The CPU LSTM kernel adds b while it reads a_t, which spares XLA a pass over a.
-      a = linear(xs_chunk, params["w_xh"])
-      return bptt.fused_scan(cell, params, a, carry_chunk, mask_chunk, reverse=reverse, unroll=unroll,
-                             input_bias=params["b"])
+      a = cell.input_projection(params, xs_chunk, bias=False)
+      return bptt.manual_scan(cell, params, a, carry_chunk, mask_chunk, reverse=reverse, unroll=unroll,
+                              input_bias=cell.projection_bias(params))
     a = cell.input_projection(params, xs_chunk)
     return _scan_steps(cell, params, a, carry_chunk, mask_chunk, reverse=reverse, unroll=unroll,
                        fused=fused)

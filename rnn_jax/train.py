@@ -415,8 +415,8 @@ def train_and_test(run: RunDir, config, *, params, loss_fn: LossFn, stream: Stre
   for split in splits:
     metrics = evaluate(best_params, split)
     results.update({f"{split}_{k}": v for k, v in metrics.items()})
-    if split != "valid":
-      run.log(outcome.step, split, **metrics)
+    if split != "valid":  # the figures of the best checkpoint, logged at its step
+      run.log(best_step if best_step is not None else outcome.step, split, **metrics)
   results.update(steps=outcome.step, epochs=outcome.step / steps_per_epoch, best_step=best_step,
                  resumed_from_step=start_step, final_train=outcome.train)
   checkpoints.close()

@@ -1,6 +1,6 @@
 """The hand-derived BPTT (rnn_jax.bptt) equals jax.grad through lax.scan, and remat changes nothing.
 
-Every comparison runs the same model twice, once with ``backward="fused"`` and once
+Every comparison runs the same model twice, once with ``backward="manual"`` and once
 with ``backward="autodiff"``, and checks the loss and the gradients of every
 param and of the initial carry: float64 to 1e-10, float32 to 1e-5. Sequences have
 variable lengths (including 0 and T) and are read forwards and reversed.
@@ -23,6 +23,7 @@ CELLS = {
     "elman_sigmoid": Elman(H, activation="sigmoid"),
     "elman_identity": Elman(H, activation="identity", readout_size=3),
     "lstm": LSTM(H, forget_bias=1.0),
+    "lstm_peephole": LSTM(H, forget_bias=1.0, peephole=True),
     "gru": GRU(H),
     "gru_reset_before": GRU(H, reset_after=False),
 }
@@ -63,16 +64,16 @@ def _both_directions_loss(cell, params, initial_carry, xs, lengths, backward):
 def _compare(cell, dtype, tolerance, lengths):
   params, xs, carry = _inputs(cell, dtype)
   results = {}
-  for backward in ("fused", "autodiff"):
+  for backward in ("manual", "autodiff"):
     loss = jax.jit(jax.value_and_grad(_both_directions_loss, argnums=(1, 2)), static_argnums=(0, 5))
     results[backward] = loss(cell, params, carry, xs, lengths, backward)
-  (loss_fused, grads_fused), (loss_auto, grads_auto) = results["fused"], results["autodiff"]
-  np.testing.assert_allclose(float(loss_fused), float(loss_auto), rtol=tolerance)
-  assert _max_difference(grads_fused, grads_auto) < tolerance
-  assert set(grads_fused[0]) == set(params)
+  (loss_manual, grads_manual), (loss_auto, grads_auto) = results["manual"], results["autodiff"]
+  np.testing.assert_allclose(float(loss_manual), float(loss_auto), rtol=tolerance)
+  assert _max_difference(grads_manual, grads_auto) < tolerance
+  assert set(grads_manual[0]) == set(params)
   # the gradient is not trivially zero: W_hh and the initial carry receive signal
-  assert float(jnp.max(jnp.abs(grads_fused[0]["w_hh"]))) > 1e-3
-  assert max(float(jnp.max(jnp.abs(leaf))) for leaf in jax.tree_util.tree_leaves(grads_fused[1])) > 1e-4
+  assert float(jnp.max(jnp.abs(grads_manual[0]["w_hh"]))) > 1e-3
+  assert max(float(jnp.max(jnp.abs(leaf))) for leaf in jax.tree_util.tree_leaves(grads_manual[1])) > 1e-4
 
 
 @pytest.mark.parametrize("name", sorted(CELLS))
@@ -97,7 +98,7 @@ def test_run_cell_single_example_and_reverse():
       return jnp.sum(ys ** 2)
     return jnp.sum(jax.vmap(one)(xs, jnp.asarray(LENGTHS)))
 
-  fused = jax.grad(loss)(params, "fused")
+  fused = jax.grad(loss)(params, "manual")
   auto = jax.grad(loss)(params, "autodiff")
   assert _max_difference(fused, auto) < 1e-5
 
@@ -117,24 +118,24 @@ def test_backward_scan_carries_only_state_gradients():
     return shapes
 
   weight_shape = (4 * H, H)
-  assert weight_shape not in carried_shapes("fused")
+  assert weight_shape not in carried_shapes("manual")
   assert weight_shape in carried_shapes("autodiff")
 
 
-def test_auto_falls_back_for_lstm_options_and_fused_refuses_them():
-  cell = LSTM(H, peephole=True)
+def test_auto_falls_back_for_lstm_options_and_manual_refuses_them():
+  cell = LSTM(H, layer_norm=True)
   params, xs, _ = _inputs(cell, jnp.float32)
-  assert not bptt.supports(cell) and bptt.supports(LSTM(H))
+  assert not bptt.supports(cell) and bptt.supports(LSTM(H)) and bptt.supports(LSTM(H, peephole=True))
   auto = jax.grad(lambda p: jnp.sum(rnn(cell, p, xs, backward="auto")[1] ** 2))(params)
   ref = jax.grad(lambda p: jnp.sum(rnn(cell, p, xs, backward="autodiff")[1] ** 2))(params)
   assert _max_difference(auto, ref) == 0.0
-  with pytest.raises(ValueError, match="peephole"):
-    rnn(cell, params, xs, backward="fused")
-  with pytest.raises(ValueError, match="unknown backward"):
+  with pytest.raises(ValueError, match="layer_norm"):
     rnn(cell, params, xs, backward="manual")
+  with pytest.raises(ValueError, match="unknown backward"):
+    rnn(cell, params, xs, backward="fused")
 
 
-@pytest.mark.parametrize("backward", ["fused", "autodiff"])
+@pytest.mark.parametrize("backward", ["manual", "autodiff"])
 def test_remat_gives_identical_outputs_and_gradients(backward):
   """remat_chunk=k (T=6 not a multiple of k=4, so the last chunk is padded) changes nothing."""
   cell = GRU(H)
@@ -167,7 +168,7 @@ def test_stacked_bidirectional_fused_equals_autodiff():
   def loss(params, backward):
     return jnp.sum(stack(params, xs, lengths, backward=backward)[1] ** 2)
 
-  assert _max_difference(jax.grad(loss)(params, "fused"), jax.grad(loss)(params, "autodiff")) < 1e-5
+  assert _max_difference(jax.grad(loss)(params, "manual"), jax.grad(loss)(params, "autodiff")) < 1e-5
 
 
 def test_scan_recurrence_rejects_bad_rank():
@@ -179,7 +180,7 @@ def test_scan_recurrence_rejects_bad_rank():
 
 @pytest.mark.parametrize("name", ["gru", "lstm"])
 def test_input_bias_passed_separately_equals_bias_inside_a(name):
-  """fused_scan(a, input_bias=b) = fused_scan(a + b), values and gradients (b's included)."""
+  """manual_scan(a, input_bias=b) = manual_scan(a + b), values and gradients (b's included)."""
   cell = CELLS[name]
   params, xs, carry = _inputs(cell, jnp.float32)
   a = jnp.swapaxes(xs, 0, 1) @ params["w_xh"].T  # [T, B, G*H]
@@ -187,9 +188,9 @@ def test_input_bias_passed_separately_equals_bias_inside_a(name):
 
   def loss(a, bias, separate):
     if separate:
-      final, hs = bptt.fused_scan(cell, params, a, carry, mask, input_bias=bias)
+      final, hs = bptt.manual_scan(cell, params, a, carry, mask, input_bias=bias)
     else:
-      final, hs = bptt.fused_scan(cell, params, a + bias, carry, mask)
+      final, hs = bptt.manual_scan(cell, params, a + bias, carry, mask)
     return jnp.sum(jnp.sin(hs)) + sum(jnp.sum(leaf ** 2) for leaf in jax.tree_util.tree_leaves(final))
 
   value_separate, grads_separate = jax.value_and_grad(loss, argnums=(0, 1))(a, params["b"], True)

@@ -1,4 +1,4 @@
-"""The fused CPU LSTM kernel (rnn_jax.cpu_kernels): same numbers as the lax.scan path, used where it applies.
+"""The fused CPU LSTM kernel (rnn_jax.lstm_kernel): same numbers as the lax.scan path, used where it applies.
 
 Every check runs the same model with the kernel and with ``jax.grad`` through
 ``lax.scan`` (``backward="autodiff"``), which tests/test_bptt.py, test_torch_parity.py
@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rnn_jax import LSTM, StackedRNN, bptt, cpu_kernels, rnn, run_cell
+from rnn_jax import LSTM, StackedRNN, bptt, lstm_kernel, rnn, run_cell
 from rnn_jax.cells import LSTMState
 
 pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None,
@@ -30,13 +30,13 @@ LENGTHS = np.array([6, 2, 0, 5, 1])
 
 @pytest.fixture(autouse=True)
 def _kernel_on():
-  cpu_kernels.set_enabled(True)
+  lstm_kernel.set_enabled(True)
   yield
-  cpu_kernels.set_enabled(True)
+  lstm_kernel.set_enabled(True)
 
 
 def _hidden_sizes():
-  width = cpu_kernels.vector_width()
+  width = lstm_kernel.vector_width()
   return (2 * width, 3 * width)
 
 
@@ -61,10 +61,10 @@ def _loss(cell, params, carry, xs, lengths, backward):
 
 
 def test_kernel_is_built_and_runs_the_default_lstm_path():
-  assert cpu_kernels.available(), cpu_kernels.unavailable_reason()
+  assert lstm_kernel.available(), lstm_kernel.unavailable_reason()
   cell, params, xs, carry = _inputs(_hidden_sizes()[0])
   text = jax.jit(jax.grad(lambda p: _loss(cell, p, carry, xs, LENGTHS, "auto"))).lower(params).as_text()
-  assert cpu_kernels.FORWARD_TARGET in text and cpu_kernels.BACKWARD_TARGET in text
+  assert lstm_kernel.FORWARD_TARGET in text and lstm_kernel.BACKWARD_TARGET in text
 
 
 @pytest.mark.parametrize("which, batch", [(0, B), (1, B), (1, 13)])
@@ -72,7 +72,7 @@ def test_loss_and_gradients_equal_autodiff_through_scan(which, batch):
   cell, params, xs, carry = _inputs(_hidden_sizes()[which], batch=batch)
   lengths = np.resize(LENGTHS, batch)
   grad = jax.jit(jax.value_and_grad(_loss, argnums=(1, 2, 3)), static_argnums=(0, 5))
-  loss_kernel, grads_kernel = grad(cell, params, carry, xs, lengths, "fused")
+  loss_kernel, grads_kernel = grad(cell, params, carry, xs, lengths, "manual")
   loss_scan, grads_scan = grad(cell, params, carry, xs, lengths, "autodiff")
   np.testing.assert_allclose(loss_kernel, loss_scan, rtol=1e-6)
   for kernel_leaf, scan_leaf in zip(jax.tree_util.tree_leaves(grads_kernel), jax.tree_util.tree_leaves(grads_scan)):
@@ -104,7 +104,7 @@ def test_forward_equals_the_equations_in_numpy(reverse, batch):
   w_hh = (0.3 * rng.normal(size=(4 * H, H))).astype(np.float32)
   h0, c0 = rng.normal(size=(2, batch, H)).astype(np.float32)
   mask = np.arange(T)[:, None] < np.resize(LENGTHS, batch)[None, :]
-  hs, cs, gates = cpu_kernels.lstm_forward(jnp.asarray(a), jnp.asarray(w_hh), jnp.asarray(h0), jnp.asarray(c0),
+  hs, cs, gates = lstm_kernel.lstm_forward(jnp.asarray(a), jnp.asarray(w_hh), jnp.asarray(h0), jnp.asarray(c0),
                                            jnp.asarray(mask), reverse=reverse)
   hs_ref, cs_ref = _numpy_lstm(a.astype(np.float64), w_hh.astype(np.float64), h0, c0, mask, reverse)
   np.testing.assert_allclose(hs, hs_ref, atol=2e-6)
@@ -119,8 +119,8 @@ def test_several_batch_axes_and_vmap():
   a = jnp.asarray(rng.normal(size=(T, 2, 3, 4 * H)), jnp.float32)
   w_hh = jnp.asarray(0.3 * rng.normal(size=(4 * H, H)), jnp.float32)
   zeros = jnp.zeros((2, 3, H), jnp.float32)
-  hs, cs, _ = cpu_kernels.lstm_forward(a, w_hh, zeros, zeros)
-  flat, _, _ = cpu_kernels.lstm_forward(a.reshape(T, 6, 4 * H), w_hh, zeros.reshape(6, H), zeros.reshape(6, H))
+  hs, cs, _ = lstm_kernel.lstm_forward(a, w_hh, zeros, zeros)
+  flat, _, _ = lstm_kernel.lstm_forward(a.reshape(T, 6, 4 * H), w_hh, zeros.reshape(6, H), zeros.reshape(6, H))
   np.testing.assert_array_equal(hs.reshape(T, 6, H), flat)
 
   cell = LSTM(H)
@@ -149,11 +149,11 @@ def test_vmap_of_run_cell_is_one_kernel_call_and_equals_scan():
 
   batch_loss = lambda p: jax.vmap(loss, (None, 0, 0))(p, xs, LENGTHS).sum()
   text = jax.jit(jax.grad(batch_loss)).lower(params).as_text()
-  assert text.count(cpu_kernels.FORWARD_TARGET) == 1 and text.count(cpu_kernels.BACKWARD_TARGET) == 1
+  assert text.count(lstm_kernel.FORWARD_TARGET) == 1 and text.count(lstm_kernel.BACKWARD_TARGET) == 1
   grads_kernel = jax.grad(batch_loss)(params)
   ensemble = jax.vmap(lambda key: cell.init(key, F))(jax.random.split(jax.random.PRNGKey(2), 3))
   ensemble_kernel = jax.vmap(lambda p: rnn(cell, p, xs, LENGTHS)[1])(ensemble)
-  cpu_kernels.set_enabled(False)
+  lstm_kernel.set_enabled(False)
   grads_scan = jax.grad(batch_loss)(params)
   ensemble_scan = jax.vmap(lambda p: rnn(cell, p, xs, LENGTHS)[1])(ensemble)
   for k, s in zip(jax.tree_util.tree_leaves(grads_kernel), jax.tree_util.tree_leaves(grads_scan)):
@@ -168,7 +168,7 @@ def test_stacked_bidirectional_lstm_uses_the_kernel_and_matches_scan():
   xs = jax.random.normal(jax.random.PRNGKey(4), (B, T, F))
   loss = lambda p, backward: jnp.sum(jnp.tanh(model(p, xs, LENGTHS, backward=backward)[1]))
   text = jax.jit(jax.grad(loss), static_argnums=1).lower(params, "auto").as_text()
-  assert text.count(cpu_kernels.BACKWARD_TARGET) >= 4
+  assert text.count(lstm_kernel.BACKWARD_TARGET) >= 4
   grads_kernel = jax.grad(loss)(params, "auto")
   grads_scan = jax.grad(loss)(params, "autodiff")
   for k, s in zip(jax.tree_util.tree_leaves(grads_kernel), jax.tree_util.tree_leaves(grads_scan)):
@@ -180,14 +180,14 @@ def test_kernel_is_skipped_where_it_does_not_apply():
   H = _hidden_sizes()[0]
   cell, params, xs, carry = _inputs(H)
   lower = lambda c, p, x, h0: jax.jit(lambda p: _loss(c, p, h0, x, LENGTHS, "auto")).lower(p).as_text()
-  cpu_kernels.set_enabled(False)
-  assert cpu_kernels.FORWARD_TARGET not in lower(cell, params, xs, carry)
-  cpu_kernels.set_enabled(True)
+  lstm_kernel.set_enabled(False)
+  assert lstm_kernel.FORWARD_TARGET not in lower(cell, params, xs, carry)
+  lstm_kernel.set_enabled(True)
   odd_cell, odd_params, odd_xs, odd_carry = _inputs(H + 1)
-  assert cpu_kernels.FORWARD_TARGET not in lower(odd_cell, odd_params, odd_xs, odd_carry)
-  assert bptt._uses_cpu_kernel(cell, params, xs, carry)
+  assert lstm_kernel.FORWARD_TARGET not in lower(odd_cell, odd_params, odd_xs, odd_carry)
+  assert bptt.kernel_choice(cell, params, xs, carry).kernel == "lstm_cpu"
   half = lambda x: x.astype(jnp.bfloat16)
-  assert not bptt._uses_cpu_kernel(cell, {"w_hh": half(params["w_hh"])}, half(xs), LSTMState(half(carry.h), half(carry.c)))
+  assert bptt.kernel_choice(cell, {"w_hh": half(params["w_hh"])}, half(xs), LSTMState(half(carry.h), half(carry.c))).kernel is None
 
 
 def test_wrong_shapes_are_refused_with_names():
@@ -195,7 +195,7 @@ def test_wrong_shapes_are_refused_with_names():
   a = jnp.zeros((T, B, 4 * H), jnp.float32)
   zeros = jnp.zeros((B, H), jnp.float32)
   with pytest.raises(Exception, match=r"W_hh has shape \[%d, %d\], expected \[%d, %d\]" % (4 * H, H + 1, 4 * H, H)):
-    jax.block_until_ready(cpu_kernels.lstm_forward(a, jnp.zeros((4 * H, H + 1), jnp.float32), zeros, zeros))
+    jax.block_until_ready(lstm_kernel.lstm_forward(a, jnp.zeros((4 * H, H + 1), jnp.float32), zeros, zeros))
 
 
 def test_failed_build_warns_and_falls_back_to_scan(tmp_path):
@@ -203,14 +203,14 @@ def test_failed_build_warns_and_falls_back_to_scan(tmp_path):
   script = textwrap.dedent("""
       import warnings
       import jax, jax.numpy as jnp
-      from rnn_jax import LSTM, cpu_kernels, rnn
+      from rnn_jax import LSTM, lstm_kernel, rnn
       with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         cell = LSTM(32)
         params = cell.init(jax.random.PRNGKey(0), 3)
         grads = jax.grad(lambda p: jnp.sum(rnn(cell, p, jnp.ones((2, 4, 3)))[1]))(params)
-      assert not cpu_kernels.available()
-      assert "failed" in cpu_kernels.unavailable_reason()
+      assert not lstm_kernel.available()
+      assert "failed" in lstm_kernel.unavailable_reason()
       assert any("kernel is unavailable" in str(w.message) for w in caught), [str(w.message) for w in caught]
       assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree_util.tree_leaves(grads))
       print("fell back")
@@ -225,7 +225,7 @@ def test_empty_sequence_keeps_the_carry():
   """T = 0 stays on lax.scan: hs is [0, B, H] and the final carry is the initial one."""
   H = _hidden_sizes()[0]
   cell, params, _, carry = _inputs(H)
-  final, hs = bptt.fused_scan(cell, params, jnp.zeros((0, B, 4 * H), jnp.float32), carry)
+  final, hs = bptt.manual_scan(cell, params, jnp.zeros((0, B, 4 * H), jnp.float32), carry)
   assert hs.shape == (0, B, H)
   np.testing.assert_array_equal(final.h, carry.h)
   np.testing.assert_array_equal(final.c, carry.c)

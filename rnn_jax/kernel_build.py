@@ -1,0 +1,193 @@
+"""Build, load and register the C++ kernels of ``rnn_jax/csrc``, shared by every kernel module.
+
+A kernel module (``lstm_kernel``) declares a ``KernelLibrary``: its source file, its library name
+and the FFI targets it exports. On first use the source is compiled with the system C++
+compiler (``$CXX``, else ``c++``) for the machine it runs on (``-march=native``) into a cache
+directory (``$RNN_JAX_KERNEL_CACHE``, else ``~/.cache/rnn_jax/kernels``; the temp directory if
+that cannot be written), keyed by the source, the flags, the jaxlib version and the CPU. The
+build goes to a temporary file that is renamed into place, so concurrent first uses never load
+half a library. If there is no compiler or the build fails, ``available()`` is False, a warning
+says why once, and callers use the ``lax.scan`` path.
+
+``RNN_JAX_CPU_KERNELS=0`` (or ``set_enabled(False)``) turns every kernel off.
+
+``rows_batched`` gives a kernel call on N rows a vmap rule: the mapped axis joins the rows, so a
+vmapped cell still makes one call.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import pathlib
+import platform
+import subprocess
+import tempfile
+import threading
+import warnings
+from typing import Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+
+CSRC = pathlib.Path(__file__).parent / "csrc"
+FLAGS = ("-O3", "-march=native", "-std=c++20", "-shared", "-fPIC", "-w")
+
+_enabled = os.environ.get("RNN_JAX_CPU_KERNELS", "1") != "0"
+
+
+def set_enabled(enabled: bool) -> None:
+  """Turn the kernels on or off for functions traced from now on (jitted ones keep what they traced)."""
+  global _enabled
+  _enabled = bool(enabled)
+
+
+def enabled() -> bool:
+  """True if the kernels are switched on (one may still be unavailable; see ``KernelLibrary.available``)."""
+  return _enabled
+
+
+def _cpu_signature() -> str:
+  try:
+    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("flags"):
+        return line
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+class KernelLibrary:
+  """One C++ source in ``csrc/``, compiled on first use, with the FFI targets it exports.
+
+    LIBRARY = KernelLibrary("lstm_cpu", {"rnn_jax_lstm_forward": "RnnJaxLstmForward", ...})
+    if LIBRARY.available(): jax.ffi.ffi_call("rnn_jax_lstm_forward", ...)
+
+  targets: {FFI target name: exported C symbol}, registered for the CPU platform on load.
+  """
+
+  def __init__(self, name: str, targets: Mapping[str, str], source: Optional[pathlib.Path] = None):
+    self.name = name
+    self.source = source or CSRC / f"{name}.cc"
+    self.targets = dict(targets)
+    self._lock = threading.Lock()
+    self._library: Optional[ctypes.CDLL] = None
+    self._failure: Optional[str] = None
+
+  def _library_path(self, compiler: str) -> pathlib.Path:
+    key = hashlib.sha256()
+    for part in (self.source.read_bytes(), compiler.encode(), " ".join(FLAGS).encode(),
+                 jax.lib.__version__.encode(), _cpu_signature().encode()):
+      key.update(part)
+      key.update(b"\0")
+    cache = pathlib.Path(os.environ.get("RNN_JAX_KERNEL_CACHE",
+                                        pathlib.Path.home() / ".cache" / "rnn_jax" / "kernels"))
+    return cache / key.hexdigest()[:16] / f"lib{self.name}.so"
+
+  def _build(self, path: pathlib.Path, compiler: str) -> None:
+    """Compile into a temporary file and rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".so", delete=False) as handle:
+      partial = pathlib.Path(handle.name)
+    try:
+      command = [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", str(self.source), "-o", str(partial)]
+      done = subprocess.run(command, capture_output=True, text=True, check=False)
+      if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}")
+      os.replace(partial, path)
+    finally:
+      partial.unlink(missing_ok=True)
+
+  def load(self) -> Optional[ctypes.CDLL]:
+    """Build (once per machine), load and register the targets; None on failure (warned once)."""
+    with self._lock:
+      if self._library is not None or self._failure is not None:
+        return self._library
+      compiler = os.environ.get("CXX", "c++")
+      try:
+        path = self._library_path(compiler)
+        if not path.exists():
+          try:
+            self._build(path, compiler)
+          except OSError:  # an unwritable cache directory: build in the temp directory instead
+            path = pathlib.Path(tempfile.gettempdir()) / "rnn_jax_kernels" / path.parent.name / path.name
+            if not path.exists():
+              self._build(path, compiler)
+        library = ctypes.CDLL(str(path))
+        for target, symbol in self.targets.items():
+          jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
+        self._library = library
+      except (OSError, RuntimeError, AttributeError, ValueError) as error:
+        self._failure = f"{type(error).__name__}: {error}"
+        warnings.warn(f"rnn_jax: the {self.name} kernel is unavailable, using lax.scan instead "
+                      f"({self._failure})", RuntimeWarning, stacklevel=3)
+      return self._library
+
+  def available(self) -> bool:
+    """True if kernels are switched on and this one is built (building it on first call)."""
+    return _enabled and self.load() is not None
+
+  def unavailable_reason(self) -> Optional[str]:
+    """Why ``available()`` is False, or None."""
+    if not _enabled:
+      return "switched off (RNN_JAX_CPU_KERNELS=0 or set_enabled(False))"
+    return None if self.load() is not None else self._failure
+
+  def require(self) -> ctypes.CDLL:
+    library = self.load()
+    if library is None:
+      raise RuntimeError(f"the {self.name} kernel is unavailable: {self._failure}")
+    return library
+
+
+# ---- calls on rows N, with a vmap rule ------------------------------------------------
+
+def mask_operand(mask, T: int, N: int):
+  """(mask as [T, N] bool, use_mask flag); a [1, 1] placeholder when there is no mask."""
+  if mask is None:
+    return jnp.ones((1, 1), jnp.bool_), 0
+  return mask.reshape(T, N).astype(jnp.bool_), 1
+
+
+def _fold_rows(x, row_axis: int, batched: bool, size: int):
+  """x with a vmapped axis at 0 (or none, then broadcast) -> that axis merged into the row axis N."""
+  x = jnp.moveaxis(x, 0, row_axis) if batched else jnp.broadcast_to(
+      jnp.expand_dims(x, row_axis), x.shape[:row_axis] + (size,) + x.shape[row_axis:])
+  return x.reshape(x.shape[:row_axis] + (-1,) + x.shape[row_axis + 2:])
+
+
+def _unfold_rows(x, row_axis: int, size: int):
+  """The inverse of _fold_rows: [..., V N, ...] at row_axis -> [V, ..., N, ...]."""
+  x = x.reshape(x.shape[:row_axis] + (size, -1) + x.shape[row_axis + 1:])
+  return jnp.moveaxis(x, row_axis, 0)
+
+
+def rows_batched(call, in_row_axes, out_row_axes):
+  """``call`` (a kernel call on rows N) with a vmap rule: a mapped axis joins the row axis, so
+  vmap over rnn_jax's cells still makes ONE kernel call with V N rows. Operands without a row
+  axis (weights) must be unmapped for that; if one is mapped, it runs one call per element."""
+  wrapped = jax.custom_batching.custom_vmap(call)
+
+  @wrapped.def_vmap
+  def rule(axis_size, in_batched, *args):
+    if any(batched and axis is None for batched, axis in zip(in_batched, in_row_axes)):
+      mapped = [i for i, batched in enumerate(in_batched) if batched]
+
+      def one(mapped_args):
+        full = list(args)
+        for i, value in zip(mapped, mapped_args):
+          full[i] = value
+        return wrapped(*full)
+
+      outs = jax.lax.map(one, [args[i] for i in mapped])
+      return tuple(outs), (True,) * len(outs)
+    folded = [x if axis is None else _fold_rows(x, axis, batched, axis_size)
+              for x, axis, batched in zip(args, in_row_axes, in_batched)]
+    outs = wrapped(*folded)
+    return (tuple(x if axis is None else _unfold_rows(x, axis, axis_size) for x, axis in zip(outs, out_row_axes)),
+            tuple(axis is not None for axis in out_row_axes))
+
+  return wrapped
+
+
