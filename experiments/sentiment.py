@@ -1,287 +1,249 @@
 """Many-to-one: sentence sentiment with an Elman (ReLU), an LSTM and a GRU classifier, in one table.
 
-  embedding -> RNN (or bidirectional RNN) -> state at each sentence's true length -> dense -> softmax
+  x_t = E[w_t] -> h_t = RNN(x_t, h_{t-1}) -> s = h_{L-1} (the state at the true last token)
+  p(y | w) = softmax(W_hy s + b_y)          ([h_{L-1} ; <-h_0] with --bidirectional)
 
-Train every cell of --cells on the same split and report held-out accuracy and
-macro-F1 beside the majority-class baseline:
+Every cell of --cells trains on the same split; the table reports held-out accuracy and
+macro-F1 (fractions) beside the majority-class baseline:
 
-  python experiments/sentiment.py --workdir=/tmp/sentiment                  # tweets, 3 classes
-  python experiments/sentiment.py --dataset=movies --workdir=/tmp/movies    # VADER movie snippets, 2 classes
-  python experiments/sentiment.py --workdir=/tmp/sentiment --predict="I love my new self-driving car"
+  python experiments/sentiment.py                                   # CrowdFlower tweets, 3 classes
+  python experiments/sentiment.py --dataset=movies                  # VADER movie snippets, 2 classes
+  python experiments/sentiment.py --preset=movies_kim2014           # Kim (2014)'s CNN-rand settings
+  python experiments/sentiment.py --resume                          # continue every cell
+  python experiments/sentiment.py --predict="I love my new self-driving car"
+  python experiments/sentiment.py --predict=@texts.txt              # one text per line, batched
+  cat texts.txt | python experiments/sentiment.py --predict=-       # standard input, one per line
 
-Outputs in --workdir: results.json (the table), metrics.jsonl (every cell's log lines,
-with a "cell" field), comparison.png, model.json (vocabulary and model settings), and
-one sub-directory per cell with its own metrics.jsonl, results.json, curves.png and
-checkpoints (the last --keep plus the best on validation accuracy). --resume continues
-each cell from its latest checkpoint.
+--predict prints one JSON line per text ({"text", "label", "probabilities", "tokens", "cell"})
+using the cell with the best validation accuracy, or --predict_cell; it needs only the
+workdir (model.json and vocab.json of each cell), not the corpus.
+
+Outputs in --workdir: table.txt, results.json (one row per cell + the majority baseline),
+comparison.png (training loss and validation accuracy of every cell), metrics.jsonl (every
+cell's records, with a "cell" field), and one sub-directory per cell with its config.json,
+metrics.jsonl, results.json, curves.png, model.json, vocab.json and checkpoints/ (the best on
+validation accuracy is tested).
+
+There is no published figure for the aggregated tweet corpus. For the movie snippets, the
+closest is Kim (2014), "Convolutional Neural Networks for Sentence Classification", Table 2:
+CNN-rand 76.1% on MR, 10-fold cross-validation on 10,662 sentences, not this split.
 """
 
-from __future__ import annotations
-
+import dataclasses
 import json
-import os
-import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
-from rnn_jax import losses, metrics, runtime, train
-from rnn_jax.checkpoint import CheckpointManager
+if __package__:
+  from experiments import common
+else:  # run as a script: experiments/ is on sys.path
+  import common
+from rnn_jax import classifier, metrics, plots, rundir
+from rnn_jax import predict as predict_io
 from rnn_jax.classifier import CELL_NAMES, SentenceClassifier
+from rnn_jax.config import TrainingConfig, field
 from rnn_jax.data import sentiment as sentiment_data
-from rnn_jax.data.sentences import SentenceBatches, evaluation_batches
-from rnn_jax.data.vocab import Vocabulary
-from rnn_jax.layers import check_token_ids
-
-FLAGS = flags.FLAGS
-flags.DEFINE_enum("dataset", "tweets", sentiment_data.DATASETS,
-                  "Corpus: CrowdFlower tweets or VADER movie snippets.")
-flags.DEFINE_list("cells", ["elman", "lstm", "gru"], "Cells to train and compare.")
-flags.DEFINE_enum("activation", "relu", ["relu", "tanh"], "Elman activation (relu as in Keras SimpleRNN).")
-flags.DEFINE_bool("bidirectional", False, "Read each sentence both ways; s = [h_{L-1} ; <-h_0].")
-flags.DEFINE_integer("embed_size", 64, "Embedding size D.")
-flags.DEFINE_integer("hidden_size", 64, "Hidden size H (per direction).")
-flags.DEFINE_integer("num_layers", 1, "Stacked RNN layers.")
-flags.DEFINE_float("dropout", 0.3, "Dropout on embeddings and on the sentence vector.")
-flags.DEFINE_integer("vocab_size", 10000, "Most frequent training tokens kept (incl. <unk>).")
-flags.DEFINE_integer("max_length", 48, "Sentences are truncated to their first max_length tokens.")
-flags.DEFINE_integer("pad_multiple", 8, "Batch widths are rounded up to a multiple of this (fewer compiles).")
-flags.DEFINE_integer("batch_size", 64, "Sentences per training batch.")
-flags.DEFINE_integer("epochs", 4, "Training epochs per cell.")
-train.define_optimizer_flags(learning_rate=2e-3, clip=5.0)
-flags.DEFINE_integer("seed", 0, "Seed of the split, the init and the batch order.")
-flags.DEFINE_integer("log_every", 50, "Steps between train log lines.")
-flags.DEFINE_integer("keep", 2, "Checkpoints kept per cell (plus the best).")
-flags.DEFINE_string("workdir", "/tmp/rnn_jax/sentiment", "Output directory.")
-flags.DEFINE_bool("resume", False, "Continue each cell from its latest checkpoint in --workdir.")
-flags.DEFINE_bool("smoke", False, "Seconds-long run of the same code path on a small subset.")
-flags.DEFINE_string("predict", None, "Classify this text with a trained checkpoint in --workdir and exit.")
-flags.DEFINE_string("predict_cell", "", "Cell used by --predict (default: best validation accuracy).")
+from rnn_jax.data.sentences import SentenceBatches
+from rnn_jax.train import train_and_test
 
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
+KIM_2014 = {"test_accuracy": 0.761,
+            "source": "Kim 2014, Convolutional Neural Networks for Sentence Classification, Table 2, "
+                      "CNN-rand on MR",
+            "differences": "a CNN over 300-d random word vectors; 10-fold cross-validation on the 10,662 MR "
+                           "sentences, not this 80/10/10 split of the 10,568 VADER snippets"}
 
 
-def encode(texts, vocab: Vocabulary, max_length: int) -> list[np.ndarray]:
-  """Token ids of each text (unknown words -> <unk>), truncated to max_length."""
-  return [vocab.encode(sentiment_data.tokenize(text))[:max_length] for text in texts]
+@dataclasses.dataclass(frozen=True)
+class Config(TrainingConfig):
+  """sentiment: Elman-ReLU, LSTM and GRU sentence classifiers on one split, Adam, clip 5."""
+  dataset: str = field("tweets", "Corpus: CrowdFlower tweets (3 classes) or VADER movie snippets (2).",
+                       choices=sentiment_data.DATASETS, fixed=True)
+  cells: tuple[str, ...] = field(("elman", "lstm", "gru"), "Cells to train and compare, each in "
+                                 "<workdir>/<cell>.", choices=CELL_NAMES)
+  activation: str = field("relu", "Activation of the Elman cell (relu as in Keras' SimpleRNN).",
+                          choices=("relu", "tanh"), fixed=True)
+  bidirectional: bool = field(False, "Read each text both ways; s = [h_{L-1} ; <-h_0].", fixed=True)
+  embed_size: int = field(64, "Embedding size D.", minimum=1, fixed=True)
+  hidden_size: int = field(64, "Hidden size H (per direction).", minimum=1, fixed=True)
+  num_layers: int = field(1, "Stacked recurrent layers L.", minimum=1, fixed=True)
+  dropout: float = field(0.3, "Dropout on the embeddings, between layers and on the sentence vector s.",
+                         minimum=0.0, maximum=0.99)
+  vocab_size: int = field(10000, "Most frequent training tokens kept, <unk> included.", minimum=2, fixed=True)
+  max_length: int = field(48, "Texts are cut to their first max_length tokens.", minimum=1, fixed=True)
+  pad_multiple: int = field(8, "Batch widths round up to a multiple of this (fewer compilations).", minimum=1)
+  split_seed: int = field(0, "Seed of the shuffled 80/10/10 train/valid/test split.", fixed=True)
+  train_texts: int = field(0, "If > 0, train on the first train_texts texts of the shuffled train split.",
+                           minimum=0, fixed=True)
+  eval_texts: int = field(0, "If > 0, validate and test on the first eval_texts texts of each split.",
+                          minimum=0, fixed=True)
+  batch_size: int = 64
+  epochs: float = 4.0
+  eval_every: int = 100
+  learning_rate: float = 2e-3
+  clip: float = 5.0
 
 
-def build_model(cell: str, vocab_size: int, num_classes: int) -> SentenceClassifier:
-  return SentenceClassifier(
-      vocab_size=vocab_size, num_classes=num_classes, cell=cell, embed_size=FLAGS.embed_size,
-      hidden_size=FLAGS.hidden_size, activation=FLAGS.activation, bidirectional=FLAGS.bidirectional,
-      num_layers=FLAGS.num_layers, dropout=FLAGS.dropout)
+PRESETS = {
+    # Kim (2014)'s CNN-rand settings where they apply to an RNN, on the movie snippets: 300-d
+    # randomly initialised word vectors, dropout 0.5, mini-batches of 50; H = 100 like his 100
+    # feature maps per window size. His MR row reports 76.1% (10-fold cross-validation).
+    "movies_kim2014": dict(dataset="movies", embed_size=300, hidden_size=100, dropout=0.5, batch_size=50),
+    "bidirectional": dict(bidirectional=True),
+}
+SMOKE = dict(embed_size=16, hidden_size=16, vocab_size=500, batch_size=32, max_length=16, pad_multiple=16,
+             train_texts=512, eval_texts=128, steps=8, eval_every=4, log_every=2)
 
 
-def optimizer_settings() -> dict:
-  """The optimiser flags, saved in model.json so --predict rebuilds the same train state."""
-  return {"name": FLAGS.optimizer, "learning_rate": FLAGS.learning_rate, "clip": FLAGS.clip or None,
-          "clip_mode": FLAGS.clip_mode}
+def cell_name(config: Config, cell: str) -> str:
+  """The table's name of a cell: "bi-lstm", "elman (relu)", ..."""
+  name = ("bi-" if config.bidirectional else "") + cell
+  return name + (f" ({config.activation})" if cell == "elman" else "")
 
 
-def make_optimizer(settings: dict):
-  return train.make_optimizer(settings["name"], settings["learning_rate"], clip=settings["clip"],
-                              clip_mode=settings["clip_mode"])
+def build_model(config: Config, cell: str, vocab_size: int, num_classes: int) -> SentenceClassifier:
+  return SentenceClassifier(vocab_size=vocab_size, num_classes=num_classes, cell=cell,
+                            embed_size=config.embed_size, hidden_size=config.hidden_size,
+                            activation=config.activation, bidirectional=config.bidirectional,
+                            num_layers=config.num_layers, dropout=config.dropout)
 
 
-def make_loss_fn(model: SentenceClassifier):
-  """loss_fn(params, batch, rng) -> (mean cross-entropy over real rows, {"accuracy"})."""
+def train_cell(parent: rundir.RunDir, config: Config, cell: str, data: sentiment_data.SentimentSplits,
+               baseline_valid: float, options) -> dict:
+  """Train (or resume) one cell in <workdir>/<cell>; returns its row of the table (its results.json
+  without the config and device, which the parent's results.json holds)."""
+  run = parent.child(cell, config, label=f"sentiment {cell}")
+  num_classes = len(data.label_names)
+  model = build_model(config, cell, len(data.vocab), num_classes)
+  run.save_model(model, data.vocab, best_metric="accuracy", best_mode="max", cell=cell,
+                 label_names=list(data.label_names), max_length=config.max_length,
+                 pad_multiple=config.pad_multiple, dataset=config.dataset)
+  sequences, labels = data.splits["train"]
+  stream = SentenceBatches(sequences, labels, config.batch_size, seed=config.seed,
+                           max_length=config.max_length, pad_multiple=config.pad_multiple, pool_batches=20)
+  params = model.init(jax.random.PRNGKey(config.seed))
 
-  def loss_fn(params, batch, rng):
-    logits = model(params, batch["ids"], batch["lengths"], train=True, dropout_key=rng)
-    loss = losses.cross_entropy(logits, batch["targets"], mask=batch["valid"], reduction="mean")
-    return loss, {"accuracy": losses.accuracy(logits, batch["targets"], mask=batch["valid"])}
+  def evaluate(params, split):
+    return classifier.evaluate(model, params, *data.splits[split], batch_size=config.batch_size,
+                               pad_multiple=config.pad_multiple, max_length=config.max_length)
 
-  return loss_fn
-
-
-def make_predict_fn(model: SentenceClassifier):
-  """Jitted logits for a padded batch (no dropout)."""
-  return jax.jit(lambda params, ids, lengths: model(params, ids, lengths))
-
-
-def evaluate(predict_fn, params, sequences, labels, num_classes: int) -> dict:
-  """Accuracy, macro-F1 and mean cross-entropy of the classifier on one split."""
-  predictions, total_loss = [], 0.0
-  for batch in evaluation_batches(sequences, labels, FLAGS.batch_size, max_length=FLAGS.max_length,
-                                  pad_multiple=FLAGS.pad_multiple):
-    logits = predict_fn(params, jnp.asarray(batch["ids"]), jnp.asarray(batch["lengths"]))
-    valid = batch["valid"]
-    nll = losses.token_nll(logits, jnp.asarray(batch["targets"]))
-    total_loss += float(jnp.sum(jnp.where(valid, nll, 0.0)))
-    predictions.append(np.asarray(jnp.argmax(logits, axis=-1))[valid])
-  predictions = np.concatenate(predictions)
-  return {"accuracy": metrics.accuracy(labels, predictions),
-          "macro_f1": metrics.macro_f1(labels, predictions, num_classes),
-          "loss": total_loss / len(labels)}
-
-
-def load_splits():
-  """Tokenised train/valid/test ids and labels, the vocabulary and the label names."""
-  data = sentiment_data.load_sentiment(FLAGS.dataset)
-  train_idx, valid_idx, test_idx = sentiment_data.split_indices(len(data.texts), SPLIT_FRACTIONS, FLAGS.seed)
-  if FLAGS.smoke:
-    train_idx, valid_idx, test_idx = train_idx[:512], valid_idx[:128], test_idx[:128]
-  texts = [data.texts[i] for i in train_idx]
-  vocab = Vocabulary.build((t for text in texts for t in sentiment_data.tokenize(text)),
-                           max_size=FLAGS.vocab_size)
-  splits = {}
-  for name, idx in (("train", train_idx), ("valid", valid_idx), ("test", test_idx)):
-    sequences = encode([data.texts[i] for i in idx], vocab, FLAGS.max_length)
-    keep = [k for k, s in enumerate(sequences) if len(s) > 0]
-    if len(keep) < len(sequences):
-      logging.info("%s: dropped %d texts with no tokens", name, len(sequences) - len(keep))
-    splits[name] = ([sequences[k] for k in keep], data.labels[idx][keep])
-    for sequence in splits[name][0]:
-      check_token_ids(sequence, len(vocab), f"{name} token ids")
-  return splits, vocab, data.label_names
+  num_params = int(sum(np.size(x) for x in jax.tree_util.tree_leaves(params)))
+  logging.info("%s: %s, %d params, %d batches of %d per epoch", run.label, cell_name(config, cell),
+               num_params, stream.batches_per_epoch, config.batch_size)
+  tokens_per_step = int(config.batch_size * np.mean([len(s) for s in sequences]))
+  outcome = train_and_test(run, config, params=params, loss_fn=classifier.make_loss_fn(model), stream=stream,
+                           steps_per_epoch=stream.batches_per_epoch, evaluate=evaluate,
+                           best_metric="accuracy", best_mode="max", tokens_per_step=tokens_per_step,
+                           progress=options.progress)
+  results = run.finish({"cell": cell, "name": cell_name(config, cell), "num_params": num_params,
+                        **outcome.results})
+  results = {k: v for k, v in results.items() if k not in ("config", "device", "experiment")}
+  plots.plot_run(run.workdir, f"sentiment {cell_name(config, cell)} on {config.dataset}: {config.num_layers}x"
+                 f"{config.hidden_size}, D={config.embed_size}, dropout {config.dropout:g}",
+                 metrics=["loss", "accuracy", "macro_f1", "grad_norm"],
+                 reference={"accuracy": (baseline_valid, f"majority class ({baseline_valid:.3f})")},
+                 labels={"loss": "cross-entropy (nats per text)", "accuracy": "accuracy (fraction)",
+                         "macro_f1": "macro-F1 (fraction)", "grad_norm": "gradient norm ||g||"},
+                 final={"test accuracy": results["test_accuracy"], "test macro-F1": results["test_macro_f1"],
+                        "at best step": results["best_step"]})
+  return results
 
 
-def majority_baseline(splits, num_classes: int) -> dict:
-  """Predict the most frequent training class for every test sentence."""
-  majority = int(np.bincount(splits["train"][1], minlength=num_classes).argmax())
-  labels = splits["test"][1]
-  predictions = np.full_like(labels, majority)
-  return {"class": majority, "accuracy": metrics.accuracy(labels, predictions),
-          "macro_f1": metrics.macro_f1(labels, predictions, num_classes)}
+def merge_metrics(run: rundir.RunDir, cells) -> None:
+  """<workdir>/metrics.jsonl: the records of every finished cell, each with a "cell" field."""
+  records = [{**record, "cell": cell} for cell in cells for record in rundir.read_metrics(run.path(cell))]
+  run.write_text("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
 
 
-def train_cell(cell: str, splits, vocab_size: int, num_classes: int, config: dict) -> dict:
-  """Train (or resume) one cell; returns its best-checkpoint valid and test metrics."""
-  model = build_model(cell, vocab_size, num_classes)
-  key = jax.random.PRNGKey(FLAGS.seed)
-  init_key, train_key = jax.random.split(key)
-  optimizer = make_optimizer(optimizer_settings())
-  state = train.create_train_state(model.init(init_key), optimizer, train_key)
-  train_sequences, train_labels = splits["train"]
-  batch_size = min(FLAGS.batch_size, len(train_sequences))
-  stream = SentenceBatches(train_sequences, train_labels, batch_size, seed=FLAGS.seed,
-                           max_length=FLAGS.max_length, pad_multiple=FLAGS.pad_multiple, pool_batches=20)
-  num_steps = 8 if FLAGS.smoke else FLAGS.epochs * stream.batches_per_epoch
-  steps_per_epoch = min(stream.batches_per_epoch, num_steps)
-  run = train.RunDir(os.path.join(FLAGS.workdir, cell), {**config, "cell": cell})
-  checkpoints = CheckpointManager(run.path("checkpoints"), keep=FLAGS.keep,
-                                  best_metric="accuracy", best_mode="max")
-  state, start_step = train.resume_or_refuse(checkpoints, state, run, FLAGS.resume, stream, label=cell)
-  train_step = train.make_train_step(make_loss_fn(model), optimizer)
-  predict_fn = make_predict_fn(model)
-  valid_sequences, valid_labels = splits["valid"]
-  started = time.time()
-  train.fit(state, train_step, stream, num_steps=num_steps, run=run, start_step=start_step,
-            evaluate=lambda s: evaluate(predict_fn, s.params, valid_sequences, valid_labels, num_classes),
-            eval_every=steps_per_epoch, checkpoints=checkpoints, checkpoint_every=steps_per_epoch,
-            best_metric="accuracy", log_every=min(FLAGS.log_every, num_steps),
-            tokens_per_step=int(batch_size * np.mean([len(s) for s in train_sequences])),
-            progress=not FLAGS.smoke)
-  best_step = checkpoints.best_step()
-  best_state, _ = checkpoints.restore(state, step=best_step)
-  valid = evaluate(predict_fn, best_state.params, valid_sequences, valid_labels, num_classes)
-  test = evaluate(predict_fn, best_state.params, *splits["test"], num_classes)
-  result = {"cell": cell, "best_step": best_step, "steps": num_steps,
-            "valid_accuracy": valid["accuracy"], "valid_macro_f1": valid["macro_f1"],
-            "test_accuracy": test["accuracy"], "test_macro_f1": test["macro_f1"], "test_loss": test["loss"],
-            "train_time_s": time.time() - started,
-            "num_params": int(sum(x.size for x in jax.tree_util.tree_leaves(best_state.params)))}
-  run.finish(result)
-  checkpoints.close()
-  return result
-
-
-def format_table(rows, baseline) -> str:
-  lines = [f"{'model':<22} {'test acc':>9} {'test macro-F1':>14} {'valid acc':>10}"]
-  lines.append(f"{'majority class':<22} {baseline['accuracy']:>9.4f} {baseline['macro_f1']:>14.4f} {'':>10}")
+def format_table(rows, baseline: dict) -> str:
+  """The comparison table: test accuracy, test macro-F1 and valid accuracy (fractions)."""
+  lines = [f"{'model':<22} {'test acc':>9} {'test macro-F1':>14} {'valid acc':>10}",
+           f"{'majority class':<22} {baseline['test_accuracy']:>9.4f} {baseline['test_macro_f1']:>14.4f} "
+           f"{baseline['valid_accuracy']:>10.4f}"]
   for row in rows:
-    name = ("bi-" if FLAGS.bidirectional else "") + row["cell"]
-    if row["cell"] == "elman":
-      name += f" ({FLAGS.activation})"
-    lines.append(f"{name:<22} {row['test_accuracy']:>9.4f} {row['test_macro_f1']:>14.4f} "
+    lines.append(f"{row['name']:<22} {row['test_accuracy']:>9.4f} {row['test_macro_f1']:>14.4f} "
                  f"{row['valid_accuracy']:>10.4f}")
   return "\n".join(lines)
 
 
-def predict(text: str) -> dict:
-  """Classify ``text`` with the saved vocabulary and the best checkpoint of one cell."""
-  if not text or not text.strip():
-    raise ValueError("--predict: the text is empty; give a sentence, e.g. --predict='I love this car'")
-  model_path = os.path.join(FLAGS.workdir, "model.json")
-  if not os.path.exists(model_path):
-    raise FileNotFoundError(f"--predict: {model_path} not found; train first with "
-                            f"python experiments/sentiment.py --workdir={FLAGS.workdir}")
-  with open(model_path) as handle:
-    saved = json.load(handle)
-  cell = FLAGS.predict_cell or saved.get("best_cell")
-  if cell not in saved["models"]:
-    raise ValueError(f"--predict_cell={cell!r} was not trained in {FLAGS.workdir}; "
-                     f"trained: {sorted(saved['models'])}")
-  vocab = Vocabulary(saved["vocab"])
-  model = SentenceClassifier(**saved["models"][cell])
-  ids = encode([text], vocab, saved["max_length"])[0]
-  if len(ids) == 0:
-    raise ValueError(f"--predict: {text!r} has no tokens (only spaces?); give a sentence")
-  state = train.create_train_state(model.init(jax.random.PRNGKey(0)), make_optimizer(saved["optimizer"]),
-                                   jax.random.PRNGKey(0))
-  checkpoints = CheckpointManager(os.path.join(FLAGS.workdir, cell, "checkpoints"),
-                                  best_metric="accuracy", best_mode="max")
-  if checkpoints.latest_step() is None:
-    raise FileNotFoundError(f"--predict: no checkpoint in {checkpoints.directory}; train first")
-  state, _ = checkpoints.restore(state, step=checkpoints.best_step())
-  logits = model(state.params, jnp.asarray(ids)[None], jnp.asarray([len(ids)], jnp.int32))
-  probabilities = np.asarray(jax.nn.softmax(logits[0]))
-  labels = saved["label_names"]
-  answer = {"text": text, "cell": cell, "tokens": vocab.decode(ids, sep=" "),
-            "label": labels[int(probabilities.argmax())],
-            "probabilities": {label: float(p) for label, p in zip(labels, probabilities)}}
-  print(json.dumps(answer, indent=2))
-  return answer
-
-
-def main(argv):
-  del argv
-  runtime.retain_freed_memory()  # before any JAX computation (rnn_jax/runtime.py)
-  if FLAGS.predict is not None:
-    predict(FLAGS.predict)
-    return
-  unknown = [c for c in FLAGS.cells if c not in CELL_NAMES]
-  if unknown or not FLAGS.cells:
-    raise app.UsageError(f"--cells: unknown {unknown}; expected a list from {CELL_NAMES}")
-  if FLAGS.smoke:
-    FLAGS.embed_size, FLAGS.hidden_size, FLAGS.vocab_size, FLAGS.batch_size = 16, 16, 500, 32
-    FLAGS.max_length, FLAGS.pad_multiple = 16, 16
-  if not FLAGS.resume:
-    for cell in FLAGS.cells:
-      directory = os.path.join(FLAGS.workdir, cell, "checkpoints")
-      if os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory)):
-        raise FileExistsError(f"{directory} already holds checkpoints; pass --resume to continue them or "
-                              "choose a fresh --workdir (nothing was overwritten)")
-  config = train.script_flag_values()
-  run = train.RunDir(FLAGS.workdir, config)
-  splits, vocab, label_names = load_splits()
-  num_classes = len(label_names)
-  logging.info("%s: %s sentences (train/valid/test), vocabulary %d", FLAGS.dataset,
-               [len(splits[s][1]) for s in ("train", "valid", "test")], len(vocab))
-  baseline = majority_baseline(splits, num_classes)
-  saved = {"vocab": vocab.tokens, "label_names": list(label_names), "max_length": FLAGS.max_length,
-           "optimizer": optimizer_settings(),
-           "models": {c: vars(build_model(c, len(vocab), num_classes)) for c in FLAGS.cells}}
-  run.write_text("model.json", json.dumps(saved, indent=1))
+def train_and_evaluate(config: Config, workdir: str, options=None) -> dict:
+  """Train every cell of ``config.cells`` into <workdir>/<cell>; returns results.json's content."""
+  options = options or common.RunOptions()
+  if not config.cells:
+    raise ValueError(f"cells is empty; give a list from {CELL_NAMES}")
+  if len(set(config.cells)) != len(config.cells):
+    raise ValueError(f"cells lists a cell twice: {list(config.cells)}")
+  data = sentiment_data.prepare_splits(
+      sentiment_data.load_sentiment(config.dataset), seed=config.split_seed, fractions=SPLIT_FRACTIONS,
+      vocab_size=config.vocab_size, max_length=config.max_length, train_texts=config.train_texts,
+      eval_texts=config.eval_texts)
+  run = rundir.RunDir(workdir, "sentiment", config, options, label="sentiment")
+  sizes = {name: len(labels) for name, (_, labels) in data.splits.items()}
+  logging.info("sentiment: %s, texts %s (dropped without a token: %s), vocabulary %d", config.dataset, sizes,
+               data.dropped, len(data.vocab))
+  num_classes = len(data.label_names)
+  train_labels = data.splits["train"][1]
+  valid_base = metrics.majority_baseline(train_labels, data.splits["valid"][1], num_classes)
+  test_base = metrics.majority_baseline(train_labels, data.splits["test"][1], num_classes)
+  baseline = {"class": data.label_names[test_base["class"]], "valid_accuracy": valid_base["accuracy"],
+              "valid_macro_f1": valid_base["macro_f1"], "test_accuracy": test_base["accuracy"],
+              "test_macro_f1": test_base["macro_f1"]}
   rows = []
-  for cell in FLAGS.cells:
-    rows.append(train_cell(cell, splits, len(vocab), num_classes, config))
-    train.merge_run_metrics(FLAGS.workdir, [row["cell"] for row in rows], run.metrics_path)
-  best = max(rows, key=lambda r: r["valid_accuracy"])
-  saved["best_cell"] = best["cell"]
-  run.write_text("model.json", json.dumps(saved, indent=1))
+  for cell in config.cells:
+    rows.append(train_cell(run, config, cell, data, baseline["valid_accuracy"], options))
+    merge_metrics(run, [row["cell"] for row in rows])
+  best = max(rows, key=lambda row: row["valid_accuracy"])
   table = format_table(rows, baseline)
   print(table)
   run.write_text("table.txt", table + "\n")
-  train.plot_runs(FLAGS.workdir, FLAGS.cells, "accuracy", ylabel="validation accuracy",
-                  title=f"sentiment ({FLAGS.dataset})")
-  run.finish({"dataset": FLAGS.dataset, "label_names": list(label_names),
-              "split_sizes": {s: len(splits[s][1]) for s in splits}, "vocab_size": len(vocab),
-              "majority_baseline": baseline, "cells": rows, "best_cell": best["cell"]}, plot=False)
+  title = (f"sentiment on {config.dataset} ({num_classes} classes): {config.num_layers}x{config.hidden_size} "
+           f"cells, D={config.embed_size}, dropout {config.dropout:g}; majority class test "
+           f"{baseline['test_accuracy']:.3f}")
+  plots.plot_comparison(
+      {row["name"]: run.path(row["cell"]) for row in rows}, ["accuracy"], title, run.path("comparison.png"),
+      labels={"loss": "cross-entropy (nats per text)", "accuracy": "accuracy (fraction)"},
+      reference={"accuracy": {"majority class": (baseline["valid_accuracy"],
+                                                 f"majority class ({baseline['valid_accuracy']:.3f})")}},
+      final={row["name"]: f"test {row['test_accuracy']:.3f}" for row in rows})
+  extra = {"published": KIM_2014} if config.dataset == "movies" else {}
+  results = run.finish({
+      "dataset": config.dataset, "label_names": list(data.label_names), "split_sizes": sizes,
+      "dropped_texts": data.dropped, "vocab_size": len(data.vocab), "majority_baseline": baseline,
+      "cells": rows, "best_cell": best["cell"], "best_valid_accuracy": best["valid_accuracy"],
+      "best_test_accuracy": best["test_accuracy"], **extra})
+  print(f"sentiment on {config.dataset}: best cell {best['name']} (valid accuracy "
+        f"{100 * best['valid_accuracy']:.2f}%), test accuracy {100 * best['test_accuracy']:.2f}%, "
+        f"macro-F1 {100 * best['test_macro_f1']:.2f}%; majority class {100 * baseline['test_accuracy']:.2f}%")
+  return results
 
+
+# ---------------------------------------------------------------------------
+# --predict
+# ---------------------------------------------------------------------------
+
+def define_predict_flags(flag_values) -> None:
+  """The flags of --predict, which classifies texts with a trained run instead of training."""
+  flags.DEFINE_string("predict", None, "Classify texts with the run in --workdir and exit: the text itself, "
+                      "@FILE (one text per line) or - (standard input, one per line). Prints one JSON "
+                      "line per text.", flag_values=flag_values)
+  flags.DEFINE_string("predict_cell", "", "Cell used by --predict (default: the best validation accuracy).",
+                      flag_values=flag_values)
+
+
+def predict_mode(flag_values, workdir: str) -> bool:
+  if flag_values.predict is None:
+    return False
+  texts = predict_io.read_texts(flag_values.predict)
+  loaded = classifier.load_classifier(workdir, flag_values.predict_cell)
+  answers = classifier.predict(loaded, texts, batch_size=int(loaded.config.get("batch_size", 64)))
+  predict_io.json_lines(answers)
+  return True
+
+
+EXPERIMENT = common.Experiment("sentiment", Config, train_and_evaluate, PRESETS, SMOKE, __doc__,
+                               define_flags=define_predict_flags, infer=predict_mode)
 
 if __name__ == "__main__":
-  app.run(main)
+  common.main(EXPERIMENT)

