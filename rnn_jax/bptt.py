@@ -342,8 +342,9 @@ def _final_carry(carries, reverse: bool):
 
 
 def _is_forward_mode_error(error: Exception) -> bool:
+  """True for the errors JAX raises when forward mode meets the kernel's FFI call."""
   text = str(error)
-  return "forward-mode" in text or "Differentiation rule" in text or "jvp" in text
+  return "cannot be differentiated" in text or "forward-mode" in text or "Differentiation rule" in text
 
 
 def _kernel_forward(operands: Operands, a, carry, mask, reverse: bool, save: bool):
@@ -379,7 +380,7 @@ def _forward(cell, reverse, unroll, kernel, operands, a, carry, mask, save: bool
   if kernel == "lstm_cpu":
     try:
       return _kernel_forward(operands, a, carry, mask, reverse, save)
-    except (NotImplementedError, TypeError) as error:  # forward-mode differentiation of the kernel
+    except (NotImplementedError, TypeError, ValueError) as error:  # forward-mode differentiation of the kernel
       if not _is_forward_mode_error(error):
         raise
   return _scan_forward(cell, reverse, unroll, operands, a, carry, mask, save)
@@ -436,7 +437,7 @@ def _manual_bwd(cell, reverse, unroll, kernel, residuals, cotangents):
   if kernel == "lstm_cpu":
     try:
       result = _kernel_backward(operands, saved, carries, carry_0, d_hs, d_carry_T, mask, reverse)
-    except (NotImplementedError, TypeError) as error:  # a second derivative through the kernel
+    except (NotImplementedError, TypeError, ValueError) as error:  # a second derivative through the kernel
       if not _is_forward_mode_error(error):
         raise
   if result is None:

@@ -197,3 +197,18 @@ def test_input_bias_passed_separately_equals_bias_inside_a(name):
   value_inside, grads_inside = jax.value_and_grad(loss, argnums=(0, 1))(a, params["b"], False)
   np.testing.assert_allclose(value_separate, value_inside, rtol=1e-6)
   assert _max_difference(grads_separate, grads_inside) < 1e-5
+
+
+@pytest.mark.parametrize("cell", [LSTM(16), GRU(H), LSTM(H, peephole=True)], ids=["lstm_kernel", "gru", "peephole"])
+def test_forward_mode_and_second_derivatives_through_the_default_path(cell):
+  """jax.jvp and jax.hessian work with grad="auto" (the manual rule and the CPU kernel give way to
+  the scan under forward mode) and equal the autodiff path."""
+  params = cell.init(jax.random.PRNGKey(0), 3)
+  xs = jax.random.normal(jax.random.PRNGKey(1), (2, 4, 3))
+  loss = lambda p, x, backward: jnp.sum(jnp.tanh(rnn(cell, p, x, backward=backward)[1]))
+  tangent_auto = jax.jvp(lambda p: loss(p, xs, "auto"), (params,), (params,))[1]
+  tangent_ref = jax.jvp(lambda p: loss(p, xs, "autodiff"), (params,), (params,))[1]
+  np.testing.assert_allclose(float(tangent_auto), float(tangent_ref), rtol=1e-6)
+  hessian_auto = jax.hessian(lambda x: loss(params, x, "auto"))(xs)
+  hessian_ref = jax.hessian(lambda x: loss(params, x, "autodiff"))(xs)
+  np.testing.assert_allclose(hessian_auto, hessian_ref, atol=1e-6)
