@@ -1,156 +1,163 @@
-"""Polyphonic music: Bach chorales as piano rolls, NLL per time step, and a generated chorale.
+"""Polyphonic music: Bach chorales as piano rolls, NLL per time step of tanh, GRU and LSTM RNNs.
 
-  python experiments/music.py --workdir=/tmp/music                  # tanh, GRU and LSTM, one table
-  python experiments/music.py --cells=lstm --workdir=/tmp/music_lstm
+  python experiments/music.py                                       # tanh, GRU and LSTM, one table
+  python experiments/music.py --cells=lstm --workdir=runs/music_lstm
+  python experiments/music.py --cells=gru,lstm --hidden_size=64 --equal_params=false
   python experiments/music.py --smoke --workdir=/tmp/smoke          # seconds, same code path
+  python experiments/music.py --workdir=runs/music --generate --seed_chord=50,57,62,66
 
-Sequence modelling: each frame (88 piano keys, one per quarter note) is predicted from the
-frames before it with independent sigmoid outputs (rnn_jax.polyphonic.FrameModel); the
-score is the negative log-likelihood per time step on held-out chorales, in nats, as in
-Chung et al. 2014 (JSB test NLL: tanh 9.10, GRU 8.54, LSTM 8.67). Our chorales come from
-music21 with our own 60/20/20 split (rnn_jax.data.chorales), not the JSB split, so the
-figures are comparable in kind but not number for number.
+Sequence modelling (Boulanger-Lewandowski et al. 2012; Chung et al. 2014, section 4): each
+frame x_t in {0, 1}^88 (the piano keys sounding on a quarter-note beat) is predicted from
+the frames before it with independent sigmoid outputs (rnn_jax.polyphonic.FrameModel),
 
-One-to-many generation: the cell with the best validation NLL starts from --seed_chord and
-samples --generate_frames frames, written as generated.mid and generated.png.
+    h_t = RNN(x_{t-1}, h_{t-1}),   p(x_t | x_<t) = prod_k sigma(o_tk)^x_tk (1 - sigma(o_tk))^(1 - x_tk),
 
-Outputs in --workdir: results.json (the table), metrics.jsonl (all cells, with a "cell"
-field), comparison.png, generated.mid, generated.png, and one sub-directory per cell with
-its metrics.jsonl, results.json, curves.png and checkpoints (last --keep plus the best).
+trained and scored by the negative log-likelihood per time step, in nats. Each cell of
+``cells`` is trained in its own sub-directory through the one training recipe; the best
+checkpoint on validation NLL is tested.
+
+Sizes: Chung et al. 2014 compare cells of about equal parameter count. With
+equal_params (the default) the LSTM has hidden_size units and every other cell the largest
+hidden size whose model has no more parameters than that LSTM's
+(rnn_jax.polyphonic.equal_parameter_sizes: hidden_size 36 gives tanh 81, GRU 43 and LSTM 36
+units, about 21k parameters each); with equal_params=false every cell has hidden_size units.
+
+Reference: Chung et al. 2014 (arXiv:1412.3555), JSB Chorales test NLL per time step: tanh
+9.10, GRU 8.54, LSTM 8.67, drawn as dashed lines and stored in results.json. Our chorales
+come from music21 with our own 60/20/20 split (rnn_jax.data.chorales), not the JSB split, so
+the figures are comparable in kind but not number for number.
+
+One-to-many generation: the cell with the best validation NLL starts from seed_chord and
+samples generate_frames frames, x_{t+1} ~ Bernoulli(sigma(o_{t+1})), written as
+generated.mid, generated.npy and generated.png. --generate redoes this from the run
+directory alone.
+
+Outputs in --workdir: config.json, results.json (the table), metrics.jsonl (every cell's
+records with a "cell" field), table.txt, comparison.png, generated.{mid,npy,png}, and one
+sub-directory per cell with its config.json, metrics.jsonl, results.json, curves.png,
+model.json and checkpoints/.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
-from rnn_jax import cells, runtime, train
-from rnn_jax.checkpoint import CheckpointManager
+if __package__:
+  from experiments import common
+else:  # run as a script: experiments/ is on sys.path
+  import common
+from rnn_jax import cells, load_run, plots, polyphonic
+from rnn_jax.config import TrainingConfig, field
 from rnn_jax.data import chorales
 from rnn_jax.polyphonic import FrameModel
+from rnn_jax.rundir import RunDir, RunOptions, read_json, read_metrics
+from rnn_jax.train import train_and_test
 
+CELL_NAMES = ("elman", "gru", "lstm")
 CHUNG_2014_JSB_TEST_NLL = {"elman": 9.10, "gru": 8.54, "lstm": 8.67}
-
-FLAGS = flags.FLAGS
-flags.DEFINE_list("cells", ["elman", "gru", "lstm"], "Cells to train and compare (elman = tanh RNN).")
-flags.DEFINE_list("hidden_sizes", ["80", "44", "36"], "Hidden size per cell of --cells (default: about "
-                  "21k parameters each).")
-flags.DEFINE_integer("num_layers", 1, "Stacked RNN layers.")
-flags.DEFINE_float("dropout", 0.0, "Dropout between stacked layers.")
-flags.DEFINE_integer("batch_size", 16, "Chorales per training batch.")
-flags.DEFINE_integer("steps", 5000, "Training steps per cell.")
-train.define_optimizer_flags(learning_rate=5e-3, clip=1.0)
-flags.DEFINE_integer("eval_every", 500, "Steps between validations.")
-flags.DEFINE_integer("log_every", 50, "Steps between train log lines.")
-flags.DEFINE_integer("keep", 2, "Checkpoints kept per cell (plus the best).")
-flags.DEFINE_list("seed_chord", ["48", "55", "64", "72"], "MIDI pitches of the chord that starts the "
-                  "generated chorale (default C3 G3 E4 C5).")
-flags.DEFINE_integer("generate_frames", 64, "Frames (quarter notes) of the generated chorale.")
-flags.DEFINE_integer("seed", 0, "Seed of the init, the batch order and the sampling.")
-flags.DEFINE_string("data_dir", None, "Cache directory of the parsed chorales (default ~/.cache/rnn_jax).")
-flags.DEFINE_string("workdir", "/tmp/rnn_jax/music", "Output directory.")
-flags.DEFINE_bool("resume", False, "Continue each cell from its latest checkpoint in --workdir.")
-flags.DEFINE_bool("smoke", False, "Seconds-long run of the same code path on 15 chorales.")
-
-SMOKE_CHORALES = 15
+CHUNG_2014_SOURCE = "Chung et al. 2014 (arXiv:1412.3555), JSB Chorales test NLL per time step"
+SPLIT_RULE = "music21 Riemenschneider order, index % 5: 3 -> valid, 4 -> test, else train"
+HIGHEST_MIDI = chorales.LOWEST_MIDI + chorales.NUM_PITCHES - 1
 
 
-def parse_settings() -> tuple[dict, np.ndarray]:
-  """{cell: hidden size} and the seed chord as a multi-hot frame [88]; UsageError on bad flags."""
-  unknown = [c for c in FLAGS.cells if c not in ("elman", "gru", "lstm")]
-  if unknown or not FLAGS.cells:
-    raise app.UsageError(f"--cells: unknown {unknown}; expected a list from ['elman', 'gru', 'lstm']")
-  if len(FLAGS.hidden_sizes) != len(FLAGS.cells):
-    raise app.UsageError(f"--hidden_sizes has {len(FLAGS.hidden_sizes)} entries, expected one per cell "
-                         f"of --cells ({len(FLAGS.cells)})")
-  try:
-    sizes = {cell: int(size) for cell, size in zip(FLAGS.cells, FLAGS.hidden_sizes)}
-    pitches = [int(p) for p in FLAGS.seed_chord]
-  except ValueError as error:
-    raise app.UsageError(f"--hidden_sizes and --seed_chord must be integers: {error}") from error
-  bad = [p for p in pitches if not chorales.LOWEST_MIDI <= p < chorales.LOWEST_MIDI + chorales.NUM_PITCHES]
+@dataclasses.dataclass(frozen=True)
+class Config(TrainingConfig):
+  """music: tanh, GRU and LSTM frame models on the Bach chorales with Adam and clipping."""
+  cells: tuple[str, ...] = field(CELL_NAMES, "Cells to train and compare (elman is the tanh RNN).",
+                                 choices=CELL_NAMES, fixed=True)
+  hidden_size: int = field(36, "Hidden size H of the LSTM, and of every cell when equal_params is false.",
+                           minimum=1, fixed=True)
+  equal_params: bool = field(True, "Give each other cell the largest hidden size with no more parameters "
+                             "than the LSTM with hidden_size units (Chung et al. 2014 compare equal sizes).",
+                             fixed=True)
+  num_layers: int = field(1, "Stacked RNN layers.", minimum=1, fixed=True)
+  dropout: float = field(0.0, "Dropout between stacked layers (training only).", minimum=0.0, maximum=0.99)
+  num_chorales: int = field(0, "Chorales read, in catalogue order; 0 reads all 371.", minimum=0, fixed=True)
+  data_dir: str = field("", "Cache directory of the parsed chorales; empty: $RNN_JAX_CACHE or "
+                        "~/.cache/rnn_jax.")
+  seed_chord: tuple[int, ...] = field((48, 55, 64, 72), "MIDI pitches of the chord that starts the generated "
+                                      "chorale (C3 G3 E4 C5).", minimum=chorales.LOWEST_MIDI,
+                                      maximum=HIGHEST_MIDI)
+  generate_frames: int = field(64, "Frames (quarter notes) of the generated chorale.", minimum=1)
+  batch_size: int = 16
+  steps: int = 5000
+  learning_rate: float = 5e-3
+  clip: float = 1.0
+  eval_every: int = 500
+
+  def validate(self) -> None:
+    super().validate()
+    if not self.cells:
+      raise ValueError(f"cells must name at least one cell of {list(CELL_NAMES)}")
+    if len(set(self.cells)) != len(self.cells):
+      raise ValueError(f"cells lists a cell twice: {list(self.cells)}")
+    if not self.seed_chord:
+      raise ValueError("seed_chord must hold at least one MIDI pitch")
+
+
+PRESETS = {
+    # The comparison of Chung et al. 2014 spelled out (today's defaults): one layer, ~21k parameters each.
+    "chung2014": dict(cells=CELL_NAMES, hidden_size=36, equal_params=True, num_layers=1, steps=5000),
+}
+SMOKE = dict(hidden_size=8, batch_size=4, steps=8, eval_every=4, log_every=4, generate_frames=16,
+             num_chorales=15)
+
+
+def chord_frame(pitches) -> np.ndarray:
+  """MIDI pitches -> a multi-hot frame [88] (pitch p sets key p - 21)."""
+  pitches = [int(p) for p in pitches]
+  bad = [p for p in pitches if not chorales.LOWEST_MIDI <= p <= HIGHEST_MIDI]
   if bad or not pitches:
-    raise app.UsageError(f"--seed_chord: MIDI pitches must lie in [{chorales.LOWEST_MIDI}, "
-                         f"{chorales.LOWEST_MIDI + chorales.NUM_PITCHES - 1}], got {FLAGS.seed_chord}")
-  if any(size < 1 for size in sizes.values()) or FLAGS.steps < 1 or FLAGS.batch_size < 1:
-    raise app.UsageError("--hidden_sizes, --steps and --batch_size must be positive")
-  seed_frame = np.zeros((chorales.NUM_PITCHES,), np.float32)
-  seed_frame[np.asarray(pitches) - chorales.LOWEST_MIDI] = 1.0
-  return sizes, seed_frame
+    raise ValueError(f"seed_chord: MIDI pitches must lie in [{chorales.LOWEST_MIDI}, {HIGHEST_MIDI}], "
+                     f"got {pitches}")
+  frame = np.zeros((chorales.NUM_PITCHES,), np.float32)
+  frame[np.asarray(pitches) - chorales.LOWEST_MIDI] = 1.0
+  return frame
 
 
-def nll_per_step(nll_fn, params, rolls, batch_size: int) -> float:
-  """NLL per time step over every frame of ``rolls`` (frame-weighted over batches), in nats."""
-  total = frames = 0.0
-  ordered = sorted(rolls, key=len)
-  for start in range(0, len(ordered), batch_size):
-    batch = chorales.batch_rolls(ordered[start:start + batch_size], pad_multiple=16)
-    count = float(np.sum(batch["lengths"]))
-    total += float(nll_fn(params, jnp.asarray(batch["frames"]), jnp.asarray(batch["lengths"]))) * count
-    frames += count
-  return total / frames
-
-
-def train_cell(cell: str, hidden_size: int, splits, config: dict) -> dict:
-  """Train (or resume) one cell; returns its best-checkpoint valid and test NLL per time step."""
+def train_cell(run: RunDir, config: Config, cell: str, hidden_size: int, splits, options: RunOptions) -> dict:
+  """Train (or resume) one cell in <workdir>/<cell>; returns its row of the table."""
+  child = run.child(cell, config, label=f"music {cell}")
   model = FrameModel(cells.make_cell(cell, hidden_size), num_pitches=chorales.NUM_PITCHES,
-                     num_layers=FLAGS.num_layers, dropout=FLAGS.dropout)
-  init_key, train_key = jax.random.split(jax.random.PRNGKey(FLAGS.seed))
-  optimizer = train.optimizer_from_flags()
-  state = train.create_train_state(model.init(init_key), optimizer, train_key)
-  num_params = int(sum(x.size for x in jax.tree_util.tree_leaves(state.params)))
-  batch_size = min(FLAGS.batch_size, len(splits["train"]))
-  stream = chorales.RollBatches(splits["train"], batch_size, seed=FLAGS.seed)
-  run = train.RunDir(os.path.join(FLAGS.workdir, cell), {**config, "cell": cell, "hidden_size": hidden_size,
-                                                          "num_params": num_params})
-  checkpoints = CheckpointManager(run.path("checkpoints"), keep=FLAGS.keep, best_metric="nll")
-  state, start_step = train.resume_or_refuse(checkpoints, state, run, FLAGS.resume, stream, label=cell)
+                     num_layers=config.num_layers, dropout=config.dropout)
+  child.save_model(model, best_metric="nll", best_mode="min", cell=cell, hidden_size=hidden_size)
+  params = model.init(jax.random.PRNGKey(config.seed))
+  num_params = polyphonic.count_params(model)
+  stream = chorales.RollBatches(splits["train"], config.batch_size, seed=config.seed)
+  logging.info("music %s: H=%d, %d params", cell, hidden_size, num_params)
 
   def loss_fn(params, batch, rng):
     return model.nll(params, batch["frames"], batch["lengths"], train=True, dropout_key=rng), {}
 
-  train_step = train.make_train_step(loss_fn, optimizer)
-  nll_fn = jax.jit(lambda params, frames, lengths: model.nll(params, frames, lengths))
-  frames_per_step = batch_size * float(np.mean([len(r) for r in splits["train"]]))
-  started = time.time()
-  outcome = train.fit(state, train_step, stream, num_steps=FLAGS.steps, run=run, start_step=start_step,
-                      evaluate=lambda s: {"nll": nll_per_step(nll_fn, s.params, splits["valid"], batch_size)},
-                      eval_every=FLAGS.eval_every, checkpoints=checkpoints, checkpoint_every=FLAGS.eval_every,
-                      best_metric="nll", log_every=min(FLAGS.log_every, FLAGS.steps),
-                      tokens_per_step=frames_per_step, progress=not FLAGS.smoke)
-  best_step = checkpoints.best_step()
-  best_state, _ = checkpoints.restore(state, step=best_step)
-  result = {"cell": cell, "hidden_size": hidden_size, "num_params": num_params, "best_step": best_step,
-            "steps": outcome.step, "train_seconds_this_process": time.time() - started}
-  for split in ("train", "valid", "test"):
-    result[f"{split}_nll"] = nll_per_step(nll_fn, best_state.params, splits[split], batch_size)
-  result["chung_2014_jsb_test_nll"] = CHUNG_2014_JSB_TEST_NLL[cell]
-  run.log(outcome.step, "test", test_nll=result["test_nll"])
-  run.finish(result)
-  checkpoints.close()
-  return {**result, "model": model, "params": best_state.params}
+  def evaluate(params, split):
+    return {"nll": polyphonic.nll_per_step(model, params, splits[split], config.batch_size)}
 
-
-def piano_roll_png(roll: np.ndarray, path: str, title: str) -> str:
-  """Pitch (MIDI) against time (quarter notes), one dark cell per sounding note."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  sounding = np.where(roll.any(axis=0))[0]
-  low, high = (sounding.min(), sounding.max()) if sounding.size else (27, 60)
-  low, high = max(low - 3, 0), min(high + 3, chorales.NUM_PITCHES - 1)
-  fig, axis = plt.subplots(figsize=(8, 3.5))
-  axis.imshow(roll[:, low:high + 1].T, origin="lower", aspect="auto", cmap="Greys", interpolation="nearest",
-              extent=(0, roll.shape[0], low + chorales.LOWEST_MIDI - 0.5, high + chorales.LOWEST_MIDI + 0.5))
-  axis.set_xlabel("time (quarter notes)")
-  axis.set_ylabel("MIDI pitch")
-  axis.set_title(title)
-  return train.save_figure(fig, path)
+  frames_per_step = int(config.batch_size * np.mean([len(r) for r in splits["train"]]))
+  steps_per_epoch = max(1, len(splits["train"]) // config.batch_size)
+  outcome = train_and_test(child, config, params=params, loss_fn=loss_fn, stream=stream,
+                           steps_per_epoch=steps_per_epoch, evaluate=evaluate, best_metric="nll",
+                           tokens_per_step=frames_per_step, progress=options.progress)
+  published = CHUNG_2014_JSB_TEST_NLL[cell]
+  row = {"cell": cell, "hidden_size": hidden_size, "num_params": num_params, "best_step": outcome.best_step,
+         "steps": outcome.step,
+         "train_nll": polyphonic.nll_per_step(model, outcome.params, splits["train"], config.batch_size),
+         "valid_nll": outcome.results["valid_nll"], "test_nll": outcome.results["test_nll"],
+         "chung_2014_jsb_test_nll": published}
+  plots.plot_run(child.workdir, f"music {cell}: {config.num_layers}x{hidden_size} ({num_params} params) on "
+                 f"Bach chorales", metrics=["loss", "nll"],
+                 labels={"loss": "training NLL per time step (nats)",
+                         "nll": "held-out NLL per time step (nats)"},
+                 reference={"nll": (published, f"Chung et al. 2014 JSB test ({published:.2f})")},
+                 final={"test NLL": row["test_nll"]})
+  child.finish({**outcome.results, **row})
+  return row
 
 
 def format_table(rows) -> str:
@@ -162,53 +169,107 @@ def format_table(rows) -> str:
   return "\n".join(lines) + "\n(NLL per time step in nats; our music21 split differs from the JSB split)"
 
 
-def main(argv):
-  del argv
-  runtime.retain_freed_memory()  # before any JAX computation (rnn_jax/runtime.py)
-  if FLAGS.smoke:
-    FLAGS.hidden_sizes = ["8"] * len(FLAGS.cells)
-    FLAGS.batch_size, FLAGS.eval_every, FLAGS.log_every, FLAGS.generate_frames = 4, 4, 4, 16
-    if not FLAGS["steps"].present:
-      FLAGS.steps = 8
-  sizes, seed_frame = parse_settings()
-  config = train.script_flag_values()
-  run = train.RunDir(FLAGS.workdir, config)
-  splits, titles = chorales.load_chorales(FLAGS.data_dir, limit=SMOKE_CHORALES if FLAGS.smoke else None,
-                                          progress=True)
+def write_generated(workdir: str, cell: str, seed_chord, num_frames: int, seed: int) -> dict:
+  """Sample a chorale from the best checkpoint of <workdir>/<cell>, from that run directory alone.
+
+  Writes generated.mid, generated.npy and generated.png in ``workdir``; returns their summary.
+  """
+  seed_frame = chord_frame(seed_chord)
+  loaded = load_run(os.path.join(workdir, cell))
+  generated = loaded.model.generate(loaded.params, jnp.asarray(seed_frame), num_frames,
+                                    jax.random.PRNGKey(seed + 1))
+  generated = np.asarray(generated).astype(np.uint8)
+  midi_path = chorales.roll_to_score(generated).write("midi", fp=os.path.join(workdir, "generated.mid"))
+  np.save(os.path.join(workdir, "generated.npy"), generated)
+  hidden = loaded.extra.get("hidden_size", "?")
+  png_path = chorales.plot_piano_roll(
+      generated, os.path.join(workdir, "generated.png"),
+      f"music: {num_frames} quarter notes sampled from {cell} (H={hidden}, step {loaded.step}), "
+      f"seed chord MIDI {','.join(str(int(p)) for p in seed_chord)}")
+  return {"cell": cell, "step": loaded.step, "frames": int(generated.shape[0]),
+          "seed_chord": [int(p) for p in seed_chord],
+          "mean_notes_per_frame": float(generated.sum(axis=1).mean()), "midi": str(midi_path),
+          "png": png_path}
+
+
+def merge_metrics(run: RunDir, names) -> None:
+  """<workdir>/metrics.jsonl: every cell's records, each with a "cell" field."""
+  lines = [json.dumps({**record, "cell": name}) for name in names
+           for record in read_metrics(os.path.join(run.workdir, name))]
+  run.write_text("metrics.jsonl", "\n".join(lines) + "\n")
+
+
+def train_and_evaluate(config: Config, workdir: str, options=None) -> dict:
+  """Train and compare every cell of ``config.cells`` in ``workdir``; returns results.json's content."""
+  options = options or RunOptions()
+  if config.equal_params:
+    sizes = polyphonic.equal_parameter_sizes(config.cells, config.hidden_size,
+                                             num_pitches=chorales.NUM_PITCHES, num_layers=config.num_layers)
+  else:
+    sizes = {cell: config.hidden_size for cell in config.cells}
+  run = RunDir(workdir, "music", config, options, label="music")
+  splits, _ = chorales.load_chorales(config.data_dir or None, limit=config.num_chorales or None,
+                                     progress=True)
+  if config.batch_size > len(splits["train"]):
+    raise ValueError(f"batch_size={config.batch_size} exceeds the {len(splits['train'])} training chorales")
   counts = {split: len(rolls) for split, rolls in splits.items()}
   frames = {split: int(sum(len(r) for r in rolls)) for split, rolls in splits.items()}
-  logging.info("chorales: %s pieces, %s frames (train/valid/test)", counts, frames)
-  rows = [train_cell(cell, sizes[cell], splits, {**config, "chorales": counts, "frames": frames})
-          for cell in FLAGS.cells]
-  train.merge_run_metrics(FLAGS.workdir, FLAGS.cells, run.metrics_path)
+  logging.info("music: chorales %s, frames %s (train/valid/test), hidden sizes %s", counts, frames, sizes)
+  rows = [train_cell(run, config, cell, sizes[cell], splits, options) for cell in config.cells]
+  merge_metrics(run, config.cells)
 
   best = min(rows, key=lambda row: row["valid_nll"])
-  generated = best["model"].generate(best["params"], jnp.asarray(seed_frame), FLAGS.generate_frames,
-                                     jax.random.PRNGKey(FLAGS.seed + 1))
-  generated = np.asarray(generated).astype(np.uint8)
-  midi_path = chorales.roll_to_score(generated).write("midi", fp=run.path("generated.mid"))
-  png_path = piano_roll_png(generated, run.path("generated.png"),
-                            f"generated by {best['cell']} from chord {','.join(FLAGS.seed_chord)}")
-  np.save(run.path("generated.npy"), generated)
+  generated = write_generated(run.workdir, best["cell"], config.seed_chord, config.generate_frames,
+                              config.seed)
   table = format_table(rows)
   print(table)
   run.write_text("table.txt", table + "\n")
-  train.plot_runs(FLAGS.workdir, FLAGS.cells, "nll", ylabel="validation NLL per time step (nats)",
-                  title="Bach chorales (music21)")
-  results = {"cells": [{k: v for k, v in row.items() if k not in ("model", "params")} for row in rows],
-             "chorales": counts, "frames": frames,
-             "split": "music21 Riemenschneider order, index % 5: 3 -> valid, 4 -> test, else train",
-             "published": {"source": "Chung et al. 2014 (arXiv:1412.3555), JSB Chorales test NLL "
-                                     "per time step",
-                           "test_nll": CHUNG_2014_JSB_TEST_NLL,
+  parameters = sorted({row["num_params"] for row in rows})
+  counted = f"{parameters[0]}" if len(parameters) == 1 else f"{parameters[0]}-{parameters[-1]}"
+  title = (f"music: Bach chorales ({counts['train']} train chorales), "
+           + ", ".join(f"{row['cell']} H={row['hidden_size']}" for row in rows) + f" ({counted} params)")
+  plots.plot_comparison(
+      {row["cell"]: run.path(row["cell"]) for row in rows}, ["nll"], title, run.path("comparison.png"),
+      labels={"loss": "training NLL per time step (nats)", "nll": "validation NLL per time step (nats)"},
+      reference={"nll": {row["cell"]: (row["chung_2014_jsb_test_nll"],
+                                       f"{row['cell']}: Chung et al. 2014 JSB test "
+                                       f"{row['chung_2014_jsb_test_nll']:.2f}") for row in rows}},
+      final={row["cell"]: f"test {row['test_nll']:.3f}" for row in rows})
+  results = {"cells": rows, "chorales": counts, "frames": frames, "split": SPLIT_RULE,
+             "published": {"source": CHUNG_2014_SOURCE, "test_nll": CHUNG_2014_JSB_TEST_NLL,
                            "note": "JSB split of Boulanger-Lewandowski et al. 2012; ours differs"},
-             "generated": {"cell": best["cell"], "frames": int(generated.shape[0]),
-                           "mean_notes_per_frame": float(generated.sum(axis=1).mean()),
-                           "midi": str(midi_path), "png": png_path}}
+             "generated": generated}
   for row in rows:
-    results[f"{row['cell']}_test_nll"] = row["test_nll"]
-  run.finish(results, plot=False)
+    results.update({f"{row['cell']}_{split}_nll": row[f"{split}_nll"] for split in ("valid", "test")})
+  return run.finish(results)
 
+
+# ---------------------------------------------------------------------------
+# --generate: a chorale from a trained run directory alone
+# ---------------------------------------------------------------------------
+
+def define_generate_flags(flag_values) -> None:
+  flags.DEFINE_bool("generate", False, "Only sample a chorale from the cell with the best validation NLL in "
+                    "--workdir (with --seed_chord, --generate_frames and --seed).", flag_values=flag_values)
+
+
+def generate_mode(flag_values, workdir: str) -> bool:
+  if not flag_values.generate:
+    return False
+  path = os.path.join(workdir, "results.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: {workdir} holds no finished music run (train into it first)")
+  rows = read_json(path)["cells"]
+  best = min(rows, key=lambda row: row["valid_nll"])["cell"]
+  summary = write_generated(workdir, best, [int(p) for p in flag_values.seed_chord],
+                            flag_values.generate_frames, flag_values.seed)
+  print(f"music: {summary['frames']} frames sampled from {best} (step {summary['step']}), "
+        f"{summary['mean_notes_per_frame']:.2f} notes per frame: {summary['midi']}, {summary['png']}")
+  return True
+
+
+EXPERIMENT = common.Experiment("music", Config, train_and_evaluate, PRESETS, SMOKE, __doc__,
+                               define_flags=define_generate_flags, infer=generate_mode)
 
 if __name__ == "__main__":
-  app.run(main)
+  common.main(EXPERIMENT)

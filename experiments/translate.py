@@ -1,264 +1,290 @@
 """Many-to-many with T_x != T_y: an encoder-decoder translates, scored by corpus BLEU.
 
-  python experiments/translate.py --workdir=/tmp/translate_dates                   # dates, Cho et al. GRU
-  python experiments/translate.py --model=sutskever --workdir=/tmp/dates_sutskever # reversed source, LSTM
-  python experiments/translate.py --dataset=bible --workdir=/tmp/translate_bible   # KJV -> Reina-Valera
-  python experiments/translate.py --smoke --workdir=/tmp/smoke                     # seconds, same code path
+  python experiments/translate.py                                   # dates in words -> ISO, Cho et al. GRU
+  python experiments/translate.py --model=sutskever                 # reversed source, LSTM
+  python experiments/translate.py --preset=bible                    # KJV English -> Reina-Valera Spanish
+  python experiments/translate.py --smoke --workdir=/tmp/smoke      # seconds, same code path
+  python experiments/translate.py --workdir=runs/translate --translate="march the third, nineteen oh five"
+  python experiments/translate.py --workdir=runs/translate --translate=@sentences.txt --beam_size=4
+  echo "may 1, 2020" | python experiments/translate.py --workdir=runs/translate --translate=-
 
-Models (rnn_jax.seq2seq): "cho" (Cho et al. 2014; the context c conditions every decoder
-step and the read-out; GRU by default) and "sutskever" (Sutskever et al. 2014; c is the
-encoder's final state, the source is read reversed; LSTM by default). Training is
-teacher forcing with Adam and global-norm clipping through rnn_jax.train; the best
-checkpoint on validation loss is decoded greedily and with beam search.
+Models (rnn_jax.seq2seq): "cho" (Cho et al. 2014, "Learning phrase representations using
+RNN encoder-decoder"; the context c = tanh(W_c h_S) conditions every decoder step and the
+read-out; GRU by default) and "sutskever" (Sutskever et al. 2014, "Sequence to sequence
+learning with neural networks"; c is the encoder's final state, the source is read
+reversed; LSTM by default). Training is teacher forcing, minimising the cross-entropy
+-1/N sum_t log p(y_t | y_<t, x) per target token (<eos> included), through the one
+training recipe (rnn_jax.train.train_and_test). Each validation logs the loss and the
+greedy BLEU on the first valid_bleu_pairs validation pairs; the best checkpoint on
+validation loss is then decoded greedily and with beam search (beam_size K, final choice
+argmax score / length ** length_penalty) on all of valid and test.
 
-BLEU: sacrebleu corpus BLEU-4 on our lower-cased word tokens (tokenize="none"), the
-references being the real tokens (never <unk>). For dates the target tokens are the
-characters of the ISO date, so that BLEU is character BLEU; exact match is reported too.
+BLEU (Papineni et al. 2002): corpus BLEU-4 via sacrebleu on our lower-cased tokens
+(tokenize="none"), the references being the real tokens (never <unk>), stored as a
+fraction in 0..1 (sacrebleu's score / 100). For dates the target tokens are the characters
+of the ISO date, so the BLEU is character BLEU; the exact-match rate is reported too.
 
-Outputs in --workdir: results.json, metrics.jsonl, curves.png, checkpoints/, vocab.json,
-samples.txt (sample translations) and test_translations.tsv (every test sentence).
+--translate="a sentence" (or @FILE with one sentence per line, or - for stdin) translates
+with the best checkpoint of --workdir instead of training, greedily unless --beam_size is
+given, and prints one translation per line (rnn_jax.seq2seq.translate).
+
+Outputs in --workdir: config.json, metrics.jsonl, results.json, curves.png, checkpoints/,
+model.json, source_vocab.json, target_vocab.json, samples.txt (sample translations) and
+test_translations.tsv (every test pair: reference, source, target, greedy, beam).
 """
 
 from __future__ import annotations
 
-import functools
-import json
-import time
+import dataclasses
+import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
-from rnn_jax import cells, metrics, runtime, seq2seq, train
-from rnn_jax.checkpoint import CheckpointManager
+if __package__:
+  from experiments import common
+else:  # run as a script: experiments/ is on sys.path
+  import common
+from rnn_jax import cells, load_run, metrics, plots, seq2seq
+from rnn_jax.config import TrainingConfig, field
 from rnn_jax.data import translation
 from rnn_jax.layers import check_token_ids
+from rnn_jax.rundir import RunDir, RunOptions
+from rnn_jax.train import train_and_test
 
-FLAGS = flags.FLAGS
-flags.DEFINE_enum("dataset", "dates", ["dates", "bible"],
-                  "Built-in synthetic dates, or the Bible (en -> es).")
-flags.DEFINE_enum("model", "cho", list(seq2seq.KINDS), "Cho et al. 2014 or Sutskever et al. 2014.")
-flags.DEFINE_enum("cell", None, ["elman", "lstm", "gru"], "Recurrent cell (default: gru for cho, lstm for "
-                  "sutskever).")
-flags.DEFINE_integer("embed_size", 64, "Embedding size E (source and target).")
-flags.DEFINE_integer("hidden_size", None, "Hidden size H (default: 128).")
-flags.DEFINE_integer("num_layers", 1, "Stacked layers in encoder and decoder.")
-flags.DEFINE_float("dropout", 0.0, "Dropout between stacked layers (training only).")
-flags.DEFINE_integer("vocab_size", 4000, "Bible: most frequent training tokens kept per language (incl. "
-                     "<pad>, <bos>, <eos>, <unk>).")
-flags.DEFINE_integer("max_len", 20, "Bible: keep verse pairs with at most this many tokens on each side.")
-flags.DEFINE_integer("num_train", 20000, "Dates: training pairs generated (valid and test: 1000 each).")
-flags.DEFINE_integer("batch_size", 64, "Pairs per training batch.")
-flags.DEFINE_integer("steps", None, "Training steps (default: 2500 for dates, 2000 for bible).")
-train.define_optimizer_flags(learning_rate=2e-3, clip=1.0)
-flags.DEFINE_integer("beam_width", 4, "Beam width K for beam-search decoding.")
-flags.DEFINE_float("length_penalty", 0.6, "Beam search picks argmax score / length ** length_penalty.")
-flags.DEFINE_integer("decode_extra", 10, "Decode at most (longest reference + decode_extra) tokens.")
-flags.DEFINE_integer("eval_every", 500, "Steps between validations (teacher-forced loss and greedy BLEU).")
-flags.DEFINE_integer("eval_bleu_examples", 200,
-                     "Validation pairs decoded for the BLEU logged during training.")
-flags.DEFINE_integer("num_samples", 10, "Sample translations printed and saved.")
-flags.DEFINE_integer("pad_multiple", 8, "Batch widths are rounded up to a multiple of this (fewer compiles).")
-flags.DEFINE_integer("log_every", 50, "Steps between train log lines.")
-flags.DEFINE_integer("keep", 2, "Checkpoints kept (plus the best on validation loss).")
-flags.DEFINE_integer("seed", 0, "Seed of the dates data, the init, dropout and the batch order.")
-flags.DEFINE_string("data_dir", None, "Cache directory of the exported Bible (default ~/.cache/rnn_jax).")
-flags.DEFINE_string("workdir", "/tmp/rnn_jax/translate", "Output directory.")
-flags.DEFINE_bool("resume", False, "Continue from the latest checkpoint in --workdir.")
-flags.DEFINE_bool("smoke", False, "Seconds-long run of the same code path on a small subset.")
-
-DEFAULTS = {"dates": {"hidden_size": 128, "steps": 2500}, "bible": {"hidden_size": 128, "steps": 2000}}
+DEFAULT_CELLS = {"cho": "gru", "sutskever": "lstm"}
 
 
-def resolve_flags() -> None:
-  """Fill the dataset- and model-dependent defaults; shrink everything for --smoke."""
-  for name, value in DEFAULTS[FLAGS.dataset].items():
-    if getattr(FLAGS, name) is None:
-      setattr(FLAGS, name, value)
-  if FLAGS.cell is None:
-    FLAGS.cell = "gru" if FLAGS.model == "cho" else "lstm"
-  if FLAGS.smoke:
-    FLAGS.embed_size, FLAGS.hidden_size, FLAGS.batch_size, FLAGS.pad_multiple = 16, 32, 16, 32
-    if not FLAGS["steps"].present:
-      FLAGS.steps = 12
-    FLAGS.eval_every, FLAGS.log_every, FLAGS.eval_bleu_examples, FLAGS.num_samples = 6, 6, 16, 3
-    FLAGS.num_train, FLAGS.vocab_size, FLAGS.max_len = 200, 300, 12
-  for name in ("steps", "batch_size", "hidden_size", "embed_size", "beam_width", "eval_every"):
-    if getattr(FLAGS, name) < 1:
-      raise app.UsageError(f"--{name} must be >= 1, got {getattr(FLAGS, name)}")
+@dataclasses.dataclass(frozen=True)
+class Config(TrainingConfig):
+  """translate: an encoder-decoder on dates (or the Bible) with Adam and global-norm clipping."""
+  dataset: str = field("dates", "Parallel corpus: dates (synthetic, English words -> ISO 8601) or bible "
+                       "(KJV English -> Reina-Valera 1909 Spanish).", choices=translation.DATASETS,
+                       fixed=True)
+  model: str = field("cho", "Encoder-decoder: cho (Cho et al. 2014) or sutskever (Sutskever et al. 2014).",
+                     choices=seq2seq.KINDS, fixed=True)
+  cell: str = field("", "Recurrent cell of encoder and decoder; empty: gru for cho, lstm for sutskever.",
+                    choices=("", "elman", "gru", "lstm"), fixed=True)
+  embed_size: int = field(64, "Embedding size E of source and target tokens.", minimum=1, fixed=True)
+  hidden_size: int = field(128, "Hidden size H of encoder and decoder.", minimum=1, fixed=True)
+  num_layers: int = field(1, "Stacked layers in encoder and decoder.", minimum=1, fixed=True)
+  dropout: float = field(0.0, "Dropout between stacked layers (training only).", minimum=0.0, maximum=0.99)
+  vocab_size: int = field(4000, "Bible: the most frequent training tokens kept per language, the four "
+                          "specials <pad> <bos> <eos> <unk> included; 0 keeps all (dates keep all).",
+                          minimum=0, fixed=True)
+  max_length: int = field(20, "Bible: keep verse pairs with at most this many tokens on each side; 0: all.",
+                          minimum=0, fixed=True)
+  num_train_pairs: int = field(20000, "Dates: training pairs generated. Bible: at most this many training "
+                               "pairs (0: all).", minimum=0, fixed=True)
+  num_eval_pairs: int = field(1000, "Dates: validation and test pairs generated, each. Bible: at most this "
+                              "many of each (0: all).", minimum=0, fixed=True)
+  data_dir: str = field("", "Cache directory of the exported Bible; empty: $RNN_JAX_CACHE or "
+                        "~/.cache/rnn_jax.")
+  beam_size: int = field(4, "Beam size K of the beam-search decoding of valid and test (1 is greedy); "
+                         "--translate decodes greedily unless it is given.", minimum=1)
+  length_penalty: float = field(0.6, "Beam search picks argmax score / length ** length_penalty.",
+                                minimum=0.0)
+  decode_extra_tokens: int = field(10, "Decode at most (longest reference + <eos> + decode_extra_tokens) "
+                                   "tokens.", minimum=0)
+  valid_bleu_pairs: int = field(200, "Validation pairs decoded greedily for the BLEU of each validation.",
+                                minimum=1)
+  num_samples: int = field(10, "Test translations printed and saved in samples.txt.", minimum=0)
+  pad_multiple: int = field(8, "Batch widths are rounded up to a multiple of this (fewer compilations).",
+                            minimum=1)
+  batch_size: int = 64
+  steps: int = 2500
+  learning_rate: float = 2e-3
+  clip: float = 1.0
+  eval_every: int = 500
+
+  def validate(self) -> None:
+    super().validate()
+    if self.dataset == "dates" and (self.num_train_pairs < 1 or self.num_eval_pairs < 1):
+      raise ValueError(f"num_train_pairs and num_eval_pairs must be >= 1 for the generated dates, got "
+                       f"{self.num_train_pairs} and {self.num_eval_pairs}")
+
+  @property
+  def cell_name(self) -> str:
+    """The cell used: ``cell``, or the model's own (gru for cho, lstm for sutskever)."""
+    return self.cell or DEFAULT_CELLS[self.model]
 
 
-def load_pairs() -> dict[str, list[translation.Pair]]:
-  """Token pairs per split for --dataset (a small subset with --smoke)."""
-  if FLAGS.dataset == "dates":
-    sizes = (FLAGS.num_train, 40, 40) if FLAGS.smoke else (FLAGS.num_train, 1000, 1000)
-    return translation.dates_dataset(*sizes, seed=FLAGS.seed)
-  splits = translation.bible_dataset(FLAGS.data_dir, max_len=FLAGS.max_len)
-  if FLAGS.smoke:
-    splits = {"train": splits["train"][:300], "valid": splits["valid"][:40], "test": splits["test"][:40]}
-  return splits
+PRESETS = {
+    "sutskever": dict(model="sutskever"),
+    "bible": dict(dataset="bible", num_train_pairs=0, num_eval_pairs=0, steps=2000),
+    "bible_sutskever": dict(dataset="bible", model="sutskever", num_train_pairs=0, num_eval_pairs=0,
+                            steps=2000),
+}
+SMOKE = dict(embed_size=16, hidden_size=32, batch_size=16, pad_multiple=32, steps=12, eval_every=6,
+             log_every=6, valid_bleu_pairs=16, num_samples=3, num_train_pairs=200, num_eval_pairs=40,
+             vocab_size=300, max_length=12)
 
 
-def build_model(source_vocab_size: int, target_vocab_size: int) -> seq2seq.Seq2Seq:
+def build_model(config: Config, source_vocab_size: int, target_vocab_size: int) -> seq2seq.Seq2Seq:
   return seq2seq.Seq2Seq(
-      kind=FLAGS.model, cell=cells.make_cell(FLAGS.cell, FLAGS.hidden_size),
+      kind=config.model, cell=cells.make_cell(config.cell_name, config.hidden_size),
       source_vocab_size=source_vocab_size, target_vocab_size=target_vocab_size,
-      embed_size=FLAGS.embed_size, num_layers=FLAGS.num_layers, dropout=FLAGS.dropout,
+      embed_size=config.embed_size, num_layers=config.num_layers, dropout=config.dropout,
       bos_id=translation.BOS_ID, eos_id=translation.EOS_ID, pad_id=translation.PAD_ID)
 
 
-def make_loss_fn(model: seq2seq.Seq2Seq):
-  """loss_fn(params, batch, rng) -> (mean cross-entropy per target token, {})."""
-
-  def loss_fn(params, batch, rng):
-    return model.loss(params, batch, train=True, dropout_key=rng, reduction="mean"), {}
-
-  return loss_fn
-
-
-def teacher_forced_nats(loss_fn, params, batches) -> float:
-  """Cross-entropy per target token (incl. <eos>) over a whole split, in nats."""
-  total = tokens = 0.0
-  for _, batch in batches:
-    count = float(np.sum(batch.target_lengths))
-    total += float(loss_fn(params, batch)) * count
-    tokens += count
-  return total / tokens
+def _write_outputs(run: RunDir, config: Config, pairs, decoded: dict, separator: str) -> str:
+  """test_translations.tsv (every test pair) and samples.txt (the first num_samples); returns the samples."""
+  rows = list(zip(pairs, decoded["greedy"], decoded["beam"]))
+  lines = ["\t".join([p.reference, " ".join(p.source), separator.join(p.target), separator.join(g),
+                      separator.join(b)]) for p, g, b in rows]
+  header = "reference\tsource\ttarget\tgreedy\tbeam\n"
+  run.write_text("test_translations.tsv", header + "\n".join(lines) + "\n")
+  samples = [f"{p.reference + ': ' if p.reference else ''}source : {' '.join(p.source)}\n"
+             f"  target : {separator.join(p.target)}\n"
+             f"  greedy : {separator.join(g)}\n"
+             f"  beam {config.beam_size} : {separator.join(b)}" for p, g, b in rows[:config.num_samples]]
+  text = "\n".join(samples)
+  run.write_text("samples.txt", text + "\n")
+  return text
 
 
-def translate_split(decode_fn, params, batches, num_pairs: int) -> list[list[int]]:
-  """Decode every pair of a split; returns each pair's output ids without <eos>, in split order."""
-  outputs: list = [None] * num_pairs
-  for indices, batch in batches:
-    tokens, lengths = decode_fn(params, jnp.asarray(batch.source), jnp.asarray(batch.source_lengths))[:2]
-    tokens, lengths = np.asarray(tokens), np.asarray(lengths)
-    for row, index in enumerate(indices):
-      ids = tokens[row, :lengths[row]].tolist()
-      outputs[index] = ids[:-1] if ids and ids[-1] == translation.EOS_ID else ids
-  return outputs
-
-
-def score(hypotheses: list[list[str]], pairs) -> dict:
-  """Corpus BLEU on space-joined tokens (tokenize="none") and the exact-match rate."""
-  references = [list(p.target) for p in pairs]
-  bleu = metrics.corpus_bleu([" ".join(h) for h in hypotheses], [" ".join(r) for r in references],
-                             tokenize="none")
-  exact = float(np.mean([h == r for h, r in zip(hypotheses, references)]))
-  return {"bleu": bleu["bleu"], "bleu_precisions": bleu["precisions"], "brevity_penalty":
-          bleu["brevity_penalty"], "exact_match": exact, "bleu_signature": bleu["signature"]}
-
-
-def main(argv):
-  del argv
-  runtime.retain_freed_memory()  # before any JAX computation (rnn_jax/runtime.py)
-  resolve_flags()
-  config = train.script_flag_values()
-  pairs = load_pairs()
-  source_vocab = translation.build_vocabulary([p.source for p in pairs["train"]],
-                                              FLAGS.vocab_size if FLAGS.dataset == "bible" else None)
-  target_vocab = translation.build_vocabulary([p.target for p in pairs["train"]],
-                                              FLAGS.vocab_size if FLAGS.dataset == "bible" else None)
+def train_and_evaluate(config: Config, workdir: str, options=None) -> dict:
+  """Train the encoder-decoder into ``workdir``, decode valid and test, and return results.json's content."""
+  options = options or RunOptions()
+  pairs = translation.load_pairs(config.dataset, num_train_pairs=config.num_train_pairs,
+                                 num_eval_pairs=config.num_eval_pairs, max_length=config.max_length,
+                                 seed=config.seed, cache_dir=config.data_dir or None)
+  if config.batch_size > len(pairs["train"]):
+    raise ValueError(f"batch_size={config.batch_size} exceeds the {len(pairs['train'])} training pairs")
+  max_size = (config.vocab_size or None) if config.dataset == "bible" else None
+  source_vocab, target_vocab = translation.pair_vocabularies(pairs["train"], max_size)
   encoded = {name: translation.encode_pairs(split, source_vocab, target_vocab)
              for name, split in pairs.items()}
   for name, (sources, targets) in encoded.items():
     check_token_ids(np.concatenate(sources), len(source_vocab), f"{name} source ids")
     check_token_ids(np.concatenate(targets), len(target_vocab), f"{name} target ids")
-  logging.info("%s: %s pairs (train/valid/test), vocabularies %d -> %d", FLAGS.dataset,
-               [len(pairs[s]) for s in translation.SPLITS], len(source_vocab), len(target_vocab))
+  separator = translation.TARGET_SEPARATORS[config.dataset]
+  decode_len = max(len(p.target) for split in pairs.values() for p in split) + 1 + config.decode_extra_tokens
 
-  model = build_model(len(source_vocab), len(target_vocab))
-  init_key, train_key = jax.random.split(jax.random.PRNGKey(FLAGS.seed))
-  optimizer = train.optimizer_from_flags()
-  state = train.create_train_state(model.init(init_key), optimizer, train_key)
-  num_params = int(sum(x.size for x in jax.tree_util.tree_leaves(state.params)))
-  batch_size = min(FLAGS.batch_size, len(pairs["train"]))
-  stream = translation.PairBatches(*encoded["train"], batch_size, seed=FLAGS.seed,
-                                   pad_multiple=FLAGS.pad_multiple)
-  run = train.RunDir(FLAGS.workdir, {**config, "num_params": num_params,
-                                     "pairs": {s: len(pairs[s]) for s in translation.SPLITS},
-                                     "source_vocab": len(source_vocab), "target_vocab": len(target_vocab)})
-  run.write_text("vocab.json", json.dumps({"source": source_vocab.tokens, "target": target_vocab.tokens}))
-  checkpoints = CheckpointManager(run.path("checkpoints"), keep=FLAGS.keep, best_metric="loss")
-  state, start_step = train.resume_or_refuse(checkpoints, state, run, FLAGS.resume, stream)
+  model = build_model(config, len(source_vocab), len(target_vocab))
+  label = f"translate {config.model} {config.cell_name}"
+  run = RunDir(workdir, "translate", config, options, label=label)
+  run.write_json("source_vocab.json", {"tokens": source_vocab.tokens})
+  run.write_json("target_vocab.json", {"tokens": target_vocab.tokens})
+  run.save_model(model, best_metric="loss", best_mode="min", dataset=config.dataset,
+                 vocabularies={"source": "source_vocab.json", "target": "target_vocab.json"},
+                 target_separator=separator, decode_max_len=decode_len)
+  params = model.init(jax.random.PRNGKey(config.seed))
+  num_params = seq2seq.num_params(params)
+  logging.info("%s: %s pairs (train/valid/test), vocabularies %d -> %d, %d params", label,
+               [len(pairs[s]) for s in translation.SPLITS], len(source_vocab), len(target_vocab), num_params)
 
-  loss_fn = make_loss_fn(model)
-  train_step = train.make_train_step(loss_fn, optimizer)
-  eval_loss = jax.jit(lambda params, batch: model.loss(params, batch, reduction="mean"))
-  decode_len = max(len(p.target) for split in pairs.values() for p in split) + FLAGS.decode_extra
-  greedy = jax.jit(functools.partial(model.greedy_decode, max_len=decode_len))
-  beam = jax.jit(functools.partial(model.beam_search, max_len=decode_len, beam_width=FLAGS.beam_width,
-                                   length_penalty=FLAGS.length_penalty))
-  eval_batches = {name: translation.evaluation_pair_batches(*encoded[name], FLAGS.batch_size,
-                                                            FLAGS.pad_multiple)
+  stream = translation.PairBatches(*encoded["train"], config.batch_size, seed=config.seed,
+                                   pad_multiple=config.pad_multiple)
+  eval_batches = {name: translation.evaluation_pair_batches(*encoded[name], config.batch_size,
+                                                            config.pad_multiple)
                   for name in ("valid", "test")}
-  bleu_subset = min(FLAGS.eval_bleu_examples, len(pairs["valid"]))
-  subset_batches = translation.evaluation_pair_batches(
-      encoded["valid"][0][:bleu_subset], encoded["valid"][1][:bleu_subset], FLAGS.batch_size,
-      FLAGS.pad_multiple)
-  target_tokens = lambda outputs: [[target_vocab.tokens[i] for i in ids] for ids in outputs]
+  bleu_pairs = min(config.valid_bleu_pairs, len(pairs["valid"]))
+  as_tokens = lambda outputs: [[target_vocab.tokens[i] for i in ids] for ids in outputs]
 
-  def validate(state) -> dict:
-    nats = teacher_forced_nats(eval_loss, state.params, eval_batches["valid"])
-    hypotheses = target_tokens(translate_split(greedy, state.params, subset_batches, bleu_subset))
-    scores = score(hypotheses, pairs["valid"][:bleu_subset])
-    return {"loss": nats, "perplexity": float(np.exp(nats)), "greedy_bleu": scores["bleu"],
-            "greedy_exact_match": scores["exact_match"]}
+  def decode(params, split, beam_size, count=None):
+    sources = encoded[split][0][:count]
+    return as_tokens(seq2seq.decode_sources(model, params, sources, max_len=decode_len, beam_size=beam_size,
+                                            length_penalty=config.length_penalty,
+                                            batch_size=config.batch_size, pad_multiple=config.pad_multiple))
 
-  tokens_per_step = batch_size * float(np.mean([len(t) + 1 for t in encoded["train"][1]]))
-  started = time.time()
-  outcome = train.fit(state, train_step, stream, num_steps=FLAGS.steps, run=run, start_step=start_step,
-                      evaluate=validate, eval_every=FLAGS.eval_every, checkpoints=checkpoints,
-                      checkpoint_every=FLAGS.eval_every, best_metric="loss",
-                      log_every=min(FLAGS.log_every, FLAGS.steps), tokens_per_step=tokens_per_step,
-                      progress=not FLAGS.smoke)
-  train_seconds = time.time() - started
-  best_step = checkpoints.best_step()
-  best_state, _ = checkpoints.restore(state, step=best_step)
-  params = best_state.params
+  def references(split, count=None):
+    return [p.target for p in pairs[split][:count]]
 
-  results = {"dataset": FLAGS.dataset, "model": FLAGS.model, "cell": FLAGS.cell, "best_step": best_step,
-             "steps": outcome.step, "train_seconds_this_process": train_seconds, "num_params": num_params,
-             "decode_max_len": decode_len}
-  sentence_sep = "" if FLAGS.dataset == "dates" else " "
+  def validate(params, split):
+    """Teacher-forced loss on the whole split and greedy BLEU / exact match on its first pairs."""
+    scores = metrics.translation_scores(decode(params, split, 1, bleu_pairs), references(split, bleu_pairs))
+    return {"loss": seq2seq.corpus_loss(model, params, eval_batches[split]), "bleu": scores["bleu"],
+            "exact_match": scores["exact_match"]}
+
+  def loss_fn(params, batch, rng):
+    return model.loss(params, batch, train=True, dropout_key=rng, reduction="mean"), {}
+
+  steps_per_epoch = max(1, len(pairs["train"]) // config.batch_size)
+  tokens_per_step = int(config.batch_size * np.mean([len(t) + 1 for t in encoded["train"][1]]))
+  outcome = train_and_test(run, config, params=params, loss_fn=loss_fn, stream=stream,
+                           steps_per_epoch=steps_per_epoch, evaluate=validate, best_metric="loss",
+                           splits=(), tokens_per_step=tokens_per_step, progress=options.progress)
+
+  results = {**outcome.results, "dataset": config.dataset, "model": config.model, "cell": config.cell_name,
+             "num_params": num_params, "pairs": {s: len(pairs[s]) for s in translation.SPLITS},
+             "source_vocab_size": len(source_vocab), "target_vocab_size": len(target_vocab),
+             "decode_max_len": decode_len, "valid_bleu_pairs": bleu_pairs,
+             "bleu_unit": "fraction (sacrebleu score / 100), tokenize=none on our tokens"}
   decoded = {}
-  for name in ("valid", "test"):
-    nats = teacher_forced_nats(eval_loss, params, eval_batches[name])
-    results[f"{name}_loss"], results[f"{name}_perplexity"] = nats, float(np.exp(nats))
-    for method, decode_fn in (("greedy", greedy), ("beam", beam)):
-      decode_started = time.time()
-      hypotheses = target_tokens(translate_split(decode_fn, params, eval_batches[name], len(pairs[name])))
-      scores = score(hypotheses, pairs[name])
-      results.update({f"{name}_{method}_{key}": value for key, value in scores.items()})
-      results[f"{name}_{method}_seconds"] = time.time() - decode_started
-      decoded[(name, method)] = hypotheses
-  run.log(outcome.step, "test", **{k: v for k, v in results.items()
-                                   if k.startswith("test_") and isinstance(v, float)})
+  for split in ("valid", "test"):
+    split_metrics = {"loss": seq2seq.corpus_loss(model, outcome.params, eval_batches[split])}
+    for method, beam_size in (("greedy", 1), ("beam", config.beam_size)):
+      hypotheses = decode(outcome.params, split, beam_size)
+      scores = metrics.translation_scores(hypotheses, references(split))
+      split_metrics.update({f"{method}_bleu": scores["bleu"], f"{method}_exact_match": scores["exact_match"],
+                            f"{method}_brevity_penalty": scores["brevity_penalty"]})
+      results[f"{split}_{method}_bleu_precisions"] = scores["precisions"]
+      results["bleu_signature"] = scores["signature"]
+      if split == "test":
+        decoded[method] = hypotheses
+    results.update({f"{split}_{k}": v for k, v in split_metrics.items()})
+    if split == "test":
+      run.log(outcome.step, "test", **split_metrics)
+  print(_write_outputs(run, config, pairs["test"], decoded, separator))
 
-  lines = []
-  for pair, greedy_out, beam_out in list(zip(pairs["test"], decoded[("test", "greedy")],
-                                             decoded[("test", "beam")])):
-    lines.append("\t".join([pair.reference, " ".join(pair.source), sentence_sep.join(pair.target),
-                            sentence_sep.join(greedy_out), sentence_sep.join(beam_out)]))
-  header = "reference\tsource\ttarget\tgreedy\tbeam\n"
-  run.write_text("test_translations.tsv", header + "\n".join(lines) + "\n")
-  samples = []
-  for pair, greedy_out, beam_out in list(zip(pairs["test"], decoded[("test", "greedy")],
-                                             decoded[("test", "beam")]))[:FLAGS.num_samples]:
-    samples.append(f"{pair.reference + ': ' if pair.reference else ''}source : {' '.join(pair.source)}\n"
-                   f"  target : {sentence_sep.join(pair.target)}\n"
-                   f"  greedy : {sentence_sep.join(greedy_out)}\n"
-                   f"  beam {FLAGS.beam_width} : {sentence_sep.join(beam_out)}")
-  samples_text = "\n".join(samples)
-  run.write_text("samples.txt", samples_text + "\n")
-  print(samples_text)
-  run.finish(results)
-  checkpoints.close()
-  print(f"translate {FLAGS.dataset} {FLAGS.model} ({FLAGS.cell}): test BLEU greedy "
-        f"{results['test_greedy_bleu']:.2f}, beam {FLAGS.beam_width} {results['test_beam_bleu']:.2f}; "
-        f"exact match greedy {results['test_greedy_exact_match']:.3f}, beam "
-        f"{results['test_beam_exact_match']:.3f}; test loss {results['test_loss']:.3f} nats/token")
+  plots.plot_run(run.workdir, f"translate {config.dataset}: {config.model} {config.num_layers}x"
+                 f"{config.hidden_size} {config.cell_name}, E={config.embed_size}", metrics=["loss", "bleu"],
+                 labels={"loss": "cross-entropy (nats per target token)",
+                         "bleu": f"greedy BLEU (0-1), first {bleu_pairs} valid pairs"},
+                 final={"test BLEU greedy": results["test_greedy_bleu"],
+                        f"beam {config.beam_size}": results["test_beam_bleu"]})
+  results = run.finish(results)
+  print(f"{label} on {config.dataset}: test BLEU (x100) greedy {100 * results['test_greedy_bleu']:.2f}, "
+        f"beam {config.beam_size} {100 * results['test_beam_bleu']:.2f}; exact match (fraction) greedy "
+        f"{results['test_greedy_exact_match']:.3f}, beam {results['test_beam_exact_match']:.3f}; test loss "
+        f"{results['test_loss']:.3f} nats per token (best step {results['best_step']} of {results['steps']})")
+  return results
 
+
+# ---------------------------------------------------------------------------
+# --translate: inference from the run directory alone
+# ---------------------------------------------------------------------------
+
+def define_translate_flags(flag_values) -> None:
+  flags.DEFINE_string("translate", "", "Translate with the best checkpoint in --workdir instead of training: "
+                      "a sentence, @FILE (one sentence per line) or - (stdin); greedy unless --beam_size is "
+                      "given.", flag_values=flag_values)
+
+
+def read_sentences(argument: str) -> list[str]:
+  """The sentences of --translate: the text itself, the lines of @FILE, or the lines of stdin ("-")."""
+  if argument == "-":
+    lines = sys.stdin.read().splitlines()
+  elif argument.startswith("@"):
+    with open(argument[1:], encoding="utf-8") as handle:
+      lines = handle.read().splitlines()
+  else:
+    lines = [argument]
+  sentences = [line.strip() for line in lines if line.strip()]
+  if not sentences:
+    raise ValueError(f"translate: {argument!r} holds no sentence to translate")
+  return sentences
+
+
+def translate_mode(flag_values, workdir: str) -> bool:
+  if not flag_values.translate:
+    return False
+  sentences = read_sentences(flag_values.translate)
+  loaded = load_run(workdir)
+  beam_size = flag_values.beam_size if flag_values["beam_size"].present else 1
+  length_penalty = flag_values.length_penalty if flag_values["length_penalty"].present else None
+  logging.info("translate: %d sentence(s) with the checkpoint of step %d in %s, %s", len(sentences),
+               loaded.step, loaded.workdir, "greedy" if beam_size == 1 else f"beam search K={beam_size}")
+  for line in seq2seq.translate(loaded, sentences, beam_size=beam_size, length_penalty=length_penalty):
+    print(line)
+  return True
+
+
+EXPERIMENT = common.Experiment("translate", Config, train_and_evaluate, PRESETS, SMOKE, __doc__,
+                               define_flags=define_translate_flags, infer=translate_mode)
 
 if __name__ == "__main__":
-  app.run(main)
+  common.main(EXPERIMENT)

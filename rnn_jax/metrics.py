@@ -1,8 +1,10 @@
 """Evaluation metrics computed on the host (NumPy / plain Python) from predictions.
 
-* classification: ``accuracy``, ``confusion_matrix``, ``macro_f1``;
+* classification: ``accuracy``, ``confusion_matrix``, ``macro_f1``, ``majority_baseline``;
 * sequence labelling: ``entity_spans`` and ``entity_scores``, entity-level
-  precision / recall / F1 with the definition of the CoNLL ``conlleval`` script.
+  precision / recall / F1 with the definition of the CoNLL ``conlleval`` script;
+* translation: ``corpus_bleu`` (sacrebleu) and ``translation_scores`` (BLEU and exact match
+  of token sequences, as fractions).
 """
 
 from __future__ import annotations
@@ -47,6 +49,21 @@ def per_class_f1(labels, predictions, num_classes: int) -> np.ndarray:
 def macro_f1(labels, predictions, num_classes: int) -> float:
   """Unweighted mean of the per-class F1 over all K classes (scikit-learn's average="macro")."""
   return float(np.mean(per_class_f1(labels, predictions, num_classes)))
+
+
+def majority_baseline(train_labels, labels, num_classes: int) -> dict:
+  """Scores of predicting the most frequent class of ``train_labels`` for every example of ``labels``.
+
+  Returns {"class": k (ties: the smallest id), "accuracy", "macro_f1"} (fractions).
+  """
+  train_labels = np.asarray(train_labels)
+  if train_labels.size == 0:
+    raise ValueError("majority_baseline: train_labels is empty")
+  majority = int(np.bincount(train_labels, minlength=num_classes).argmax())
+  labels = np.asarray(labels)
+  predictions = np.full_like(labels, majority)
+  return {"class": majority, "accuracy": accuracy(labels, predictions),
+          "macro_f1": macro_f1(labels, predictions, num_classes)}
 
 
 # ---- sequence labelling -------------------------------------------------------
@@ -164,3 +181,19 @@ def corpus_bleu(hypotheses: Sequence[str], references: Sequence[str], tokenize: 
   return {"bleu": float(score.score), "precisions": [float(p) for p in score.precisions],
           "brevity_penalty": float(score.bp), "hypothesis_length": int(score.sys_len),
           "reference_length": int(score.ref_len), "signature": str(metric.get_signature())}
+
+
+def translation_scores(hypotheses: Sequence[Sequence[str]], references: Sequence[Sequence[str]]) -> dict:
+  """Corpus BLEU-4 and exact match of token sequences, as fractions.
+
+  The tokens are joined by spaces and scored with ``corpus_bleu(tokenize="none")``, so BLEU
+  counts n-grams of exactly these tokens (character BLEU when the tokens are characters).
+  Returns {"bleu": 0..1 (sacrebleu's score / 100), "precisions": [p_1..p_4] in 0..1,
+  "brevity_penalty", "exact_match": fraction of hypotheses equal to their reference, "signature"}.
+  """
+  hypotheses, references = [list(h) for h in hypotheses], [list(r) for r in references]
+  bleu = corpus_bleu([" ".join(h) for h in hypotheses], [" ".join(r) for r in references], tokenize="none")
+  return {"bleu": bleu["bleu"] / 100.0, "precisions": [p / 100.0 for p in bleu["precisions"]],
+          "brevity_penalty": bleu["brevity_penalty"],
+          "exact_match": float(np.mean([h == r for h, r in zip(hypotheses, references)])),
+          "signature": bleu["signature"]}

@@ -19,6 +19,11 @@ Both: p(y_t | y_<t, x) = softmax(o_t). Training is teacher forcing: the decoder 
 the gold y_{t-1} (y_0 = <bos>) and predicts y_t, ending with <eos>; the loss is the
 masked cross-entropy over real target steps.
 
+Inference: ``decode_sources`` decodes many sources in length-sorted batches (greedy, or
+beam search with beam_size > 1), ``corpus_loss`` is the teacher-forced cross-entropy of a
+whole split, and ``translate(load_run(workdir), sentences)`` translates raw text with a
+trained run directory alone (its model.json and source/target vocabulary files).
+
 Shapes: source ids [B, S], source lengths [B]; target inputs/outputs [B, T], target
 lengths [B]. Variable lengths go through ``rnn_jax.sequence`` (padded steps leave the
 state untouched, so h_S is the state at each source's true end). Token ids are
@@ -28,7 +33,9 @@ validated before any gather when they are concrete (outside jit).
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple, Optional
+import functools
+import os
+from typing import NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -356,3 +363,135 @@ class Seq2Seq:
     pick_best = lambda leaf: jnp.take_along_axis(leaf, best.reshape((B, 1) + (1,) * (leaf.ndim - 2)),
                                                  axis=1)[:, 0]
     return pick_best(tokens), pick_best(lengths), pick_best(scores)
+
+
+# ---------------------------------------------------------------------------
+# Decoding many sources, corpus loss, and translation from a run directory
+# ---------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=32)
+def _decoder(model: Seq2Seq, max_len: int, beam_size: int, length_penalty: float):
+  """The jitted decoder of ``model``: greedy for beam_size 1, else beam search (cached per settings)."""
+  if beam_size == 1:
+    return jax.jit(functools.partial(model.greedy_decode, max_len=max_len))
+  return jax.jit(functools.partial(model.beam_search, max_len=max_len, beam_width=beam_size,
+                                   length_penalty=length_penalty))
+
+
+@functools.lru_cache(maxsize=32)
+def _mean_loss(model: Seq2Seq):
+  return jax.jit(lambda params, batch: model.loss(params, batch, reduction="mean"))
+
+
+def decode_sources(model: Seq2Seq, params: dict, sources: Sequence, *, max_len: int, beam_size: int = 1,
+                   length_penalty: float = 0.0, batch_size: int = 64,
+                   pad_multiple: int = 8) -> list[list[int]]:
+  """Decode every source id sequence; returns each one's output ids without <eos>, in input order.
+
+  Sources are sorted by length and decoded ``batch_size`` at a time, padded to a multiple of
+  ``pad_multiple`` (one compilation per batch width). beam_size 1 is ``greedy_decode``; larger
+  sizes are ``beam_search`` with that beam width K and ``length_penalty``. At most ``max_len``
+  tokens are emitted per source.
+  """
+  if not len(sources):
+    raise ValueError("decode_sources: no sources to decode")
+  for name, value in (("max_len", max_len), ("beam_size", beam_size), ("batch_size", batch_size),
+                      ("pad_multiple", pad_multiple)):
+    if int(value) < 1:
+      raise ValueError(f"decode_sources: {name} must be >= 1, got {value}")
+  lengths = np.asarray([len(s) for s in sources], np.int32)
+  if lengths.min() == 0:
+    raise ValueError(f"decode_sources: source {int(np.argmin(lengths))} is empty; every source needs a token")
+  decode = _decoder(model, int(max_len), int(beam_size), float(length_penalty))
+  order = np.argsort(lengths, kind="stable")
+  outputs: list = [None] * len(sources)
+  for start in range(0, len(sources), batch_size):
+    indices = order[start:start + batch_size]
+    width = _round_up(int(lengths[indices].max()), pad_multiple)
+    source = np.full((len(indices), width), model.pad_id, np.int32)
+    for row, index in enumerate(indices):
+      source[row, :lengths[index]] = sources[index]
+    tokens, token_lengths = decode(params, jnp.asarray(source), jnp.asarray(lengths[indices]))[:2]
+    tokens, token_lengths = np.asarray(tokens), np.asarray(token_lengths)
+    for row, index in enumerate(indices):
+      ids = tokens[row, :token_lengths[row]].tolist()
+      outputs[index] = ids[:-1] if ids and ids[-1] == model.eos_id else ids
+  return outputs
+
+
+def corpus_loss(model: Seq2Seq, params: dict, batches) -> float:
+  """Teacher-forced cross-entropy per target token (<eos> included) over a whole split, in nats.
+
+  batches: (example indices, ``Batch``) pairs, e.g. ``data.translation.evaluation_pair_batches``;
+  each batch's mean is weighted by its number of target tokens.
+  """
+  loss = _mean_loss(model)
+  total = tokens = 0.0
+  for _, batch in batches:
+    count = float(np.sum(batch.target_lengths))
+    total += float(loss(params, batch)) * count
+    tokens += count
+  if not tokens:
+    raise ValueError("corpus_loss: no target tokens (the split is empty)")
+  return total / tokens
+
+
+def num_params(params) -> int:
+  """The number of scalar parameters in a params tree."""
+  return int(sum(np.size(x) for x in jax.tree_util.tree_leaves(params)))
+
+
+def run_vocabularies(loaded):
+  """(source, target) ``Vocabulary`` of a translation run loaded with ``rnn_jax.load_run``.
+
+  model.json's ``vocabularies`` entry names the two files in the run directory
+  ({"source": "source_vocab.json", "target": "target_vocab.json"}, each {"tokens": [...]}).
+  """
+  from rnn_jax.data.vocab import Vocabulary  # pylint: disable=import-outside-toplevel
+  from rnn_jax.rundir import read_json  # pylint: disable=import-outside-toplevel
+  files = loaded.extra.get("vocabularies")
+  if not isinstance(files, dict) or not {"source", "target"} <= set(files):
+    raise ValueError(f"{loaded.workdir}/model.json names no source and target vocabularies; "
+                     f"it is not the run directory of a translation model")
+  vocabularies = []
+  for side in ("source", "target"):
+    path = os.path.join(loaded.workdir, files[side])
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"the {side} vocabulary {path} is missing from the run directory")
+    vocabularies.append(Vocabulary(read_json(path)["tokens"]))
+  return tuple(vocabularies)
+
+
+def translate(loaded, sentences: Sequence[str], *, beam_size: int = 1, length_penalty: Optional[float] = None,
+              max_len: int = 0, batch_size: int = 64) -> list[str]:
+  """Translate raw sentences with a trained run (``rnn_jax.load_run(workdir)``): one string each.
+
+  Each sentence is tokenised as in training (``data.translation.tokenize``: lower-cased words
+  and punctuation; unknown words become <unk>), encoded with the run's source vocabulary and
+  decoded greedily (beam_size 1) or by beam search of width beam_size, in batches of
+  ``batch_size``. length_penalty: None uses the run's. max_len: the most output tokens
+  (<eos> included); 0 uses the run's ``decode_max_len`` (the limit of its evaluation), or
+  twice the longest source plus 10 for a run that recorded none.
+  Output tokens are joined by the run's ``target_separator`` ("" for characters, " " for words).
+  """
+  from rnn_jax.data import translation  # pylint: disable=import-outside-toplevel
+  model = loaded.model
+  if not isinstance(model, Seq2Seq):
+    raise ValueError(f"{loaded.workdir} holds a {type(model).__name__}, not a Seq2Seq translation model")
+  sentences = list(sentences)
+  if not sentences:
+    raise ValueError("translate: no sentences to translate")
+  source_vocab, target_vocab = run_vocabularies(loaded)
+  tokenized = [translation.tokenize(sentence) for sentence in sentences]
+  empty = [i for i, tokens in enumerate(tokenized) if not tokens]
+  if empty:
+    raise ValueError(f"translate: sentence {empty[0]} ({sentences[empty[0]]!r}) has no word to translate")
+  sources = [source_vocab.encode(tokens) for tokens in tokenized]
+  if not max_len:
+    max_len = int(loaded.extra.get("decode_max_len") or 2 * max(len(s) for s in sources) + 10)
+  if length_penalty is None:
+    length_penalty = float(loaded.config.get("length_penalty", 0.0))
+  outputs = decode_sources(model, loaded.params, sources, max_len=max_len, beam_size=beam_size,
+                           length_penalty=length_penalty, batch_size=batch_size)
+  separator = loaded.extra.get("target_separator", " ")
+  return [separator.join(target_vocab.tokens[i] for i in ids) for ids in outputs]

@@ -1,8 +1,8 @@
-"""Chorale piano rolls (parser, cache, split), the sigmoid frame model, and music.py --smoke."""
+"""Chorale piano rolls (parser, cache, split), the sigmoid frame model, sizes at equal parameter
+count, and music.py in-process: --smoke --cells=lstm, --generate from the workdir, bad flags."""
 
 import json
 import os
-import subprocess
 import sys
 
 import jax
@@ -10,12 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rnn_jax import cells
+from rnn_jax import cells, load_run, polyphonic
 from rnn_jax.data import chorales
 from rnn_jax.polyphonic import FrameModel
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "experiments", "music.py")
 
 
 def hand_made_score():
@@ -133,27 +130,6 @@ def test_generate_starts_from_the_seed_chord():
     model.generate(params, jnp.zeros((12,)), 4, jax.random.PRNGKey(0))
 
 
-# ---- the experiment --------------------------------------------------------------
-def test_music_smoke(tmp_path):
-  pytest.importorskip("music21")
-  workdir = tmp_path / "music"
-  result = subprocess.run([sys.executable, SCRIPT, "--smoke", "--cells=lstm", f"--workdir={workdir}",
-                           f"--data_dir={tmp_path / 'cache'}"], capture_output=True, text=True,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=600)
-  assert result.returncode == 0, result.stderr[-3000:]
-  results = json.load(open(workdir / "results.json"))
-  row = results["cells"][0]
-  assert row["cell"] == "lstm" and 0 < row["test_nll"] < 88 * np.log(2) + 1
-  assert results["published"]["test_nll"]["lstm"] == 8.67
-  assert (workdir / "generated.mid").read_bytes()[:4] == b"MThd"
-  assert (workdir / "generated.png").stat().st_size > 1000
-  assert (workdir / "lstm" / "metrics.jsonl").exists() and (workdir / "metrics.jsonl").exists()
-  bad = subprocess.run([sys.executable, SCRIPT, "--smoke", "--cells=lstm", "--seed_chord=12",
-                        f"--workdir={tmp_path / 'bad'}"], capture_output=True, text=True,
-                       env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=600)
-  assert bad.returncode != 0 and "--seed_chord: MIDI pitches must lie in [21, 108]" in bad.stderr
-
-
 def test_roll_batches_resume_exactly():
   rolls = [np.eye(88, dtype=np.uint8)[:n] for n in range(3, 23)]
   stream = chorales.RollBatches(rolls, 4, seed=1)
@@ -167,3 +143,98 @@ def test_roll_batches_resume_exactly():
     np.testing.assert_array_equal(batch["frames"], again["frames"])
     np.testing.assert_array_equal(batch["lengths"], again["lengths"])
     assert batch["frames"].shape[1] % 16 == 0 and batch["frames"].shape[1] >= batch["lengths"].max()
+
+
+def test_equal_parameter_sizes_follow_the_lstm_budget():
+  sizes = polyphonic.equal_parameter_sizes(["elman", "gru", "lstm"], 36)
+  assert sizes == {"elman": 81, "gru": 43, "lstm": 36}   # Chung et al. 2014: 100, 46, 36 for ~20k
+  count = lambda name, H: polyphonic.count_params(FrameModel(cells.make_cell(name, H)))
+  budget = count("lstm", 36)
+  assert budget == 4 * (36 * 88 + 36 * 36 + 36) + 36 * 88 + 88   # LSTM gates + sigmoid read-out
+  for name in ("elman", "gru"):
+    assert count(name, sizes[name]) <= budget < count(name, sizes[name] + 1)
+  assert polyphonic.equal_parameter_sizes(["gru"], 36, num_layers=2)["gru"] < 43
+
+
+def test_nll_per_step_weights_every_frame_equally():
+  model = FrameModel(cells.GRU(5), num_pitches=88)
+  params = model.init(jax.random.PRNGKey(5))
+  rng = np.random.default_rng(2)
+  rolls = [rng.integers(0, 2, (n, 88)).astype(np.uint8) for n in (7, 3, 12, 5, 9)]
+  frames, lengths = chorales.pad_rolls(rolls)
+  expected = float(model.nll(params, jnp.asarray(frames), jnp.asarray(lengths)))   # one batch of all
+  assert polyphonic.nll_per_step(model, params, rolls, batch_size=2) == pytest.approx(expected, rel=1e-5)
+
+
+# ---- the experiment, in-process ------------------------------------------------------
+@pytest.fixture(scope="module")
+def chorale_cache(tmp_path_factory):
+  """One cache of the parsed smoke chorales for every run of this module."""
+  pytest.importorskip("music21")
+  return str(tmp_path_factory.mktemp("chorale_cache"))
+
+
+def _read(path):
+  with open(path) as handle:
+    return json.load(handle)
+
+
+def test_music_smoke_with_one_cell_then_generate_from_the_workdir(run_experiment, tmp_path, chorale_cache,
+                                                                  monkeypatch):
+  workdir = tmp_path / "music"
+  done = run_experiment("music", "--smoke", "--cells=lstm", f"--workdir={workdir}",
+                        f"--data_dir={chorale_cache}")
+  assert done.code == 0, done.err
+  results = _read(workdir / "results.json")
+  [row] = results["cells"]
+  assert row["cell"] == "lstm" and row["hidden_size"] == 8 and row["steps"] == 8
+  assert 0 < row["test_nll"] < 88 * np.log(2) + 1   # below (near) the uniform 88 ln 2 nats per frame
+  assert results["lstm_test_nll"] == row["test_nll"] and results["chorales"] == {"train": 9, "valid": 3,
+                                                                                  "test": 3}
+  assert results["published"]["test_nll"] == {"elman": 9.10, "gru": 8.54, "lstm": 8.67}
+  assert row["chung_2014_jsb_test_nll"] == 8.67 and results["config"]["cells"] == ["lstm"]
+  for name in ("config.json", "metrics.jsonl", "results.json", "comparison.png", "table.txt", "generated.png",
+               "generated.npy"):
+    assert os.path.getsize(workdir / name) > 0, name
+  for name in ("config.json", "metrics.jsonl", "results.json", "curves.png", "model.json"):
+    assert os.path.getsize(workdir / "lstm" / name) > 0, f"lstm/{name}"
+  assert (workdir / "generated.mid").read_bytes()[:4] == b"MThd"
+  generated = np.load(workdir / "generated.npy")
+  assert generated.shape == (16, 88)
+  assert sorted(np.nonzero(generated[0])[0] + chorales.LOWEST_MIDI) == [48, 55, 64, 72]   # the seed chord
+  records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+  assert {r["cell"] for r in records} == {"lstm"}
+  assert {r["split"] for r in records} == {"train", "valid", "test"}
+  assert [r["step"] for r in records if r["split"] == "valid"] == [4, 8]
+  assert _read(workdir / "lstm" / "results.json")["test_nll"] == row["test_nll"]
+  assert load_run(str(workdir / "lstm")).extra["hidden_size"] == 8
+
+  def refuse(*args, **kwargs):
+    raise AssertionError("--generate read the corpus")
+  monkeypatch.setattr(chorales, "load_chorales", refuse)
+  again = run_experiment("music", f"--workdir={workdir}", "--generate", "--seed_chord=50,57,62",
+                         "--generate_frames=5")
+  assert again.code == 0, again.err
+  generated = np.load(workdir / "generated.npy")
+  assert generated.shape == (5, 88) and sorted(np.nonzero(generated[0])[0] + 21) == [50, 57, 62]
+  refused = run_experiment("music", "--smoke", "--cells=lstm", f"--workdir={workdir}")
+  assert refused.code == 2 and "pass --resume" in refused.err
+
+
+@pytest.mark.parametrize("flag,message", [
+    ("--cells=lstm,transformer", "cells='transformer' is not one of ['elman', 'gru', 'lstm']"),
+    ("--cells=lstm,lstm", "cells lists a cell twice"),
+    ("--seed_chord=12", "seed_chord must be >= 21, got 12"),
+    ("--hidden_sizes=8", "hidden_sizes"),
+])
+def test_bad_flags_are_one_error_line(run_experiment, tmp_path, flag, message):
+  result = run_experiment("music", "--smoke", flag, f"--workdir={tmp_path / 'bad'}")
+  assert result.code == 2 and message in result.err
+  [line] = result.err.strip().splitlines()
+  assert line.startswith("music: error: ")
+  assert not (tmp_path / "bad").exists()   # nothing was written
+
+
+def test_generate_without_a_trained_run_names_the_workdir(run_experiment, tmp_path):
+  result = run_experiment("music", f"--workdir={tmp_path}", "--generate")
+  assert result.code == 2 and "holds no finished music run" in result.err

@@ -1,20 +1,23 @@
-"""Translation data (dates, Bible export parser), corpus BLEU on hand-made cases, translate.py --smoke."""
+"""Translation data (dates, Bible export parser), corpus BLEU on hand-made cases, batched decoding,
+and translate.py in-process: --smoke, --translate from the workdir alone, resume and refusals."""
 
 import datetime
+import importlib
+import io
 import json
+import math
 import os
 import shutil
-import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rnn_jax import metrics
+from experiments import common
+from rnn_jax import cells, load_run, metrics, seq2seq
 from rnn_jax.data import translation
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "experiments", "translate.py")
 
 DIATHEKE_FIXTURE = """Genesis 1:1: In the beginning God created the heaven and the earth.
 Genesis 1:6: \u00b6 And God said, Let there be a firmament
@@ -151,30 +154,159 @@ def test_corpus_bleu_errors(monkeypatch):
     metrics.corpus_bleu(["a"], ["a"])
 
 
-# ---- the experiment -----------------------------------------------------------
-def run_script(*args, check=True):
-  result = subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=600)
-  if check:
-    assert result.returncode == 0, result.stderr[-3000:]
-  return result
+def test_translation_scores_are_fractions():
+  hypotheses = [list("1994-03-23"), list("2001-01-02")]
+  references = [list("1994-03-23"), list("2001-01-03")]
+  scores = metrics.translation_scores(hypotheses, references)
+  pooled = metrics.corpus_bleu(["1 9 9 4 - 0 3 - 2 3", "2 0 0 1 - 0 1 - 0 2"],
+                               ["1 9 9 4 - 0 3 - 2 3", "2 0 0 1 - 0 1 - 0 3"], tokenize="none")
+  assert scores["bleu"] == pytest.approx(pooled["bleu"] / 100) and 0.8 < scores["bleu"] < 1.0
+  assert scores["precisions"][0] == pytest.approx(19 / 20) and scores["exact_match"] == 0.5
 
 
-def test_translate_smoke_resume_and_refusal(tmp_path):
-  workdir = str(tmp_path / "dates")
-  run_script("--smoke", "--steps=6", f"--workdir={workdir}")
-  first = json.load(open(os.path.join(workdir, "results.json")))
-  assert first["steps"] == 6 and first["config"]["dataset"] == "dates"
-  for name in ("test_greedy_bleu", "test_beam_bleu"):
-    assert 0.0 <= first[name] <= 100.0
-  assert np.isfinite(first["test_loss"]) and first["test_loss"] > 0
-  samples = open(os.path.join(workdir, "samples.txt")).read()
+# ---- batched decoding ------------------------------------------------------------
+def test_decode_sources_matches_one_source_at_a_time():
+  model = seq2seq.Seq2Seq("cho", cells.GRU(8), source_vocab_size=12, target_vocab_size=9, embed_size=5)
+  params = model.init(jax.random.PRNGKey(4))
+  rng = np.random.default_rng(0)
+  sources = [rng.integers(4, 12, n).astype(np.int32) for n in (5, 1, 3, 7)]   # batches (1, 3) and (5, 7)
+  batched = seq2seq.decode_sources(model, params, sources, max_len=6, batch_size=2)
+  beamed = seq2seq.decode_sources(model, params, sources, max_len=6, beam_size=3, batch_size=2)
+  greedy = jax.jit(lambda source, length: model.greedy_decode(params, source, length, 6))
+  beam = jax.jit(lambda source, length: model.beam_search(params, source, length, 6, beam_width=3))
+  without_eos = lambda tokens, lengths: [t for t in np.asarray(tokens)[0, :int(lengths[0])].tolist()
+                                         if t != model.eos_id]
+  for source, ids, beam_ids in zip(sources, batched, beamed):
+    alone = jnp.zeros((1, 8), jnp.int32).at[0, :len(source)].set(source)   # one source, its own padding
+    assert ids == without_eos(*greedy(alone, jnp.asarray([len(source)])))   # input order kept, no <eos>
+    assert beam_ids == without_eos(*beam(alone, jnp.asarray([len(source)]))[:2])
+  with pytest.raises(ValueError, match="source 1 is empty"):
+    seq2seq.decode_sources(model, params, [[4], []], max_len=4)
+
+
+# ---- the experiment, in-process: one smoke run shared by the tests below ----------
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """A smoke run of 6 steps on the dates (Cho et al. GRU); returns its workdir."""
+  pytest.importorskip("sacrebleu")
+  workdir = str(tmp_path_factory.mktemp("translate") / "dates")
+  module = importlib.import_module("experiments.translate")
+  assert common.run(module.EXPERIMENT, ["--progress=false", "--smoke", "--steps=6", "--eval_every=3",
+                                        f"--workdir={workdir}"]) == 0
+  return workdir
+
+
+def _read(path):
+  with open(path) as handle:
+    return json.load(handle)
+
+
+def test_smoke_run_writes_the_run_files(trained):
+  for name in ("config.json", "metrics.jsonl", "results.json", "curves.png", "model.json",
+               "source_vocab.json", "target_vocab.json", "samples.txt", "test_translations.tsv"):
+    assert os.path.getsize(os.path.join(trained, name)) > 0, name
+  assert os.listdir(os.path.join(trained, "checkpoints"))
+  results = _read(os.path.join(trained, "results.json"))
+  assert results["steps"] == 6 and results["config"]["dataset"] == "dates" and results["cell"] == "gru"
+  assert results["pairs"] == {"train": 200, "valid": 40, "test": 40}
+  for split in ("valid", "test"):
+    for method in ("greedy", "beam"):
+      assert 0.0 <= results[f"{split}_{method}_bleu"] <= 1.0   # a fraction, not sacrebleu's 0..100
+      assert 0.0 <= results[f"{split}_{method}_exact_match"] <= 1.0
+    # 15 target tokens (digits, "-", 4 specials): below the uniform log 15 after 6 steps of Adam
+    assert 0.5 < results[f"{split}_loss"] < math.log(15)
+  records = [json.loads(line) for line in open(os.path.join(trained, "metrics.jsonl"))]
+  assert {r["split"] for r in records} == {"train", "valid", "test"}
+  valid = [r for r in records if r["split"] == "valid"]
+  assert [r["step"] for r in valid] == [3, 6] and all(0.0 <= r["bleu"] <= 1.0 for r in valid)
+  assert not any("perplexity" in r or "nats" in r for r in records)   # loss is the nats; nothing repeated
+  [test] = [r for r in records if r["split"] == "test"]
+  assert test["greedy_bleu"] == results["test_greedy_bleu"] and test["loss"] == results["test_loss"]
+  samples = open(os.path.join(trained, "samples.txt")).read()
   assert "greedy :" in samples and "beam 4 :" in samples
-  assert len(open(os.path.join(workdir, "test_translations.tsv")).readlines()) == 41   # header + 40
-  refused = run_script("--smoke", "--steps=6", f"--workdir={workdir}", check=False)
-  assert refused.returncode != 0 and "pass --resume" in refused.stderr
-  run_script("--smoke", "--steps=12", "--resume", f"--workdir={workdir}")
-  resumed = json.load(open(os.path.join(workdir, "results.json")))
-  assert resumed["steps"] == 12
-  steps = [json.loads(line)["step"] for line in open(os.path.join(workdir, "metrics.jsonl"))]
-  assert max(steps) == 12 and 6 in steps
+  assert len(open(os.path.join(trained, "test_translations.tsv")).readlines()) == 41   # header + 40
+  vocabularies = _read(os.path.join(trained, "model.json"))["vocabularies"]
+  assert _read(os.path.join(trained, vocabularies["target"]))["tokens"][:4] == list(translation.SPECIALS)
+
+
+@pytest.fixture
+def no_corpus(monkeypatch):
+  """Translation must need the workdir only: building the corpus fails."""
+  def refuse(*args, **kwargs):
+    raise AssertionError("--translate built the training corpus")
+  monkeypatch.setattr(translation, "load_pairs", refuse)
+  monkeypatch.setattr(translation, "dates_dataset", refuse)
+
+
+def _test_rows(workdir):
+  lines = open(os.path.join(workdir, "test_translations.tsv")).read().splitlines()[1:]
+  return [line.split("\t") for line in lines]
+
+
+def test_translate_reproduces_the_decoding_of_training_from_the_workdir_alone(trained, run_experiment,
+                                                                             no_corpus, tmp_path):
+  rows = _test_rows(trained)[:3]
+  path = tmp_path / "sentences.txt"
+  path.write_text(rows[0][1] + "\n\n" + rows[1][1] + "\n" + rows[2][1] + "\n")
+  greedy = run_experiment("translate", f"--workdir={trained}", f"--translate=@{path}")
+  assert greedy.code == 0, greedy.err
+  assert greedy.out.splitlines() == [row[3] for row in rows]   # blank lines skipped, order kept
+  beam = run_experiment("translate", f"--workdir={trained}", f"--translate=@{path}", "--beam_size=4")
+  assert beam.code == 0, beam.err
+  assert beam.out.splitlines() == [row[4] for row in rows]
+  loaded = load_run(trained)
+  assert seq2seq.translate(loaded, [row[1] for row in rows], beam_size=4) == [row[4] for row in rows]
+
+
+def test_translate_one_sentence_and_stdin(trained, run_experiment, no_corpus, monkeypatch):
+  one = run_experiment("translate", f"--workdir={trained}", "--translate=March the Third, 1905")
+  assert one.code == 0, one.err
+  [line] = one.out.splitlines()
+  tokens = _read(os.path.join(trained, "target_vocab.json"))["tokens"]
+  assert set(line) <= set("".join(t for t in tokens if not t.startswith("<"))) | set("<unk>")
+  monkeypatch.setattr("sys.stdin", io.StringIO("may 1, 2020\n\nthe second of june , nineteen oh one\n"))
+  piped = run_experiment("translate", f"--workdir={trained}", "--translate=-")
+  assert piped.code == 0, piped.err
+  assert len(piped.out.splitlines()) == 2
+
+
+@pytest.mark.parametrize("value", ["  ", "-", "@EMPTY", "@MISSING"])
+def test_nothing_to_translate_is_one_error_line(trained, run_experiment, monkeypatch, tmp_path, value):
+  empty = tmp_path / "empty.txt"
+  empty.write_text("\n  \n")
+  monkeypatch.setattr("sys.stdin", io.StringIO(""))
+  value = value.replace("EMPTY", str(empty)).replace("MISSING", str(tmp_path / "missing.txt"))
+  result = run_experiment("translate", f"--workdir={trained}", f"--translate={value}")
+  assert result.code == 2 and result.out == ""
+  [line] = result.err.strip().splitlines()
+  assert line.startswith("translate: error: ")
+
+
+def test_translate_without_a_trained_run_names_the_workdir(run_experiment, tmp_path):
+  result = run_experiment("translate", f"--workdir={tmp_path}", "--translate=may 1, 2020")
+  assert result.code == 2 and "holds no trained model" in result.err
+
+
+def test_training_again_is_refused_and_resume_extends_the_run(trained, run_experiment, tmp_path):
+  again = run_experiment("translate", "--smoke", "--steps=6", f"--workdir={trained}")
+  assert again.code == 2 and "pass --resume" in again.err and len(again.err.strip().splitlines()) == 1
+  workdir = str(tmp_path / "resumed")
+  shutil.copytree(trained, workdir)
+  changed = run_experiment("translate", "--resume", "--hidden_size=64", f"--workdir={workdir}")
+  assert changed.code == 2 and "cannot change hidden_size" in changed.err
+  resumed = run_experiment("translate", "--resume", "--steps=9", f"--workdir={workdir}")
+  assert resumed.code == 0, resumed.err
+  results = _read(os.path.join(workdir, "results.json"))
+  assert results["steps"] == 9 and results["resumed_from_step"] == 6
+  records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert [r["step"] for r in records if r["split"] == "valid"] == [3, 6, 9]
+  assert [r["step"] for r in records if r["split"] == "resume"] == [6]
+
+
+@pytest.mark.parametrize("flag,message", [("--model=bahdanau", "--model"), ("--cell=transformer", "--cell"),
+                                          ("--beam_width=4", "beam_width"), ("--batch_size=0", "batch_size")])
+def test_bad_flags_are_one_error_line(run_experiment, tmp_path, flag, message):
+  result = run_experiment("translate", "--smoke", flag, f"--workdir={tmp_path}")
+  assert result.code == 2 and message in result.err
+  assert len(result.err.strip().splitlines()) == 1
+  assert not os.listdir(tmp_path)   # nothing was written

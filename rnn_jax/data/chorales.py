@@ -19,7 +19,8 @@ order) goes to ``valid`` if i % 5 == 3, to ``test`` if i % 5 == 4, else to ``tra
 same pieces, so our figures are not directly comparable with published JSB NLLs.
 
 Parsing all 371 scores takes about a minute; the parsed rolls are cached in one npz
-file (``cache_dir``, default ``~/.cache/rnn_jax``).
+file (``cache_dir``, default ``~/.cache/rnn_jax``). ``roll_to_score`` turns a roll back into
+a music21 score (for MIDI) and ``plot_piano_roll`` draws one.
 """
 
 from __future__ import annotations
@@ -208,6 +209,28 @@ def roll_to_score(roll: np.ndarray, quarter_length: float = 1.0):
   score = music21.stream.Score()
   score.insert(0, part)
   return score
+
+
+def plot_piano_roll(roll: np.ndarray, path: str, title: str) -> str:
+  """A piano roll [T, 88] as a figure: MIDI pitch against time in quarter notes, one dark cell
+  per sounding note, over the sounding range plus 3 keys each side. Returns ``path`` (a PNG)."""
+  from rnn_jax import plots  # pylint: disable=import-outside-toplevel
+  roll = np.asarray(roll)
+  if roll.ndim != 2 or roll.shape[1] != NUM_PITCHES:
+    raise ValueError(f"chorales: roll must have shape [T, {NUM_PITCHES}], got {roll.shape}")
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  sounding = np.where(roll.any(axis=0))[0]
+  low, high = (int(sounding.min()), int(sounding.max())) if sounding.size else (27, 60)
+  low, high = max(low - 3, 0), min(high + 3, NUM_PITCHES - 1)
+  fig, axis = plt.subplots(figsize=(8, 3.5))
+  axis.imshow(roll[:, low:high + 1].T, origin="lower", aspect="auto", cmap="Greys", interpolation="nearest",
+              vmin=0, vmax=1, extent=(0, roll.shape[0], low + LOWEST_MIDI - 0.5, high + LOWEST_MIDI + 0.5))
+  axis.set_xlabel("time (quarter notes)")
+  axis.set_ylabel("MIDI pitch")
+  axis.set_title(title, fontsize=10)
+  return plots.save_figure(fig, path)
 
 
 class RollBatches(IndexedBatches):

@@ -24,6 +24,10 @@ Dates (``--dataset=dates``): generated in code from a seed, dates between 1900-0
 Sources are word tokens; targets are characters (digits and "-").
 
 Token ids: every vocabulary built here starts with <pad>=0, <bos>=1, <eos>=2, <unk>=3.
+
+``load_pairs(dataset, ...)`` gives the token pairs of either corpus per split and
+``TARGET_SEPARATORS`` how target tokens join into text (characters for dates, words for
+the Bible).
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
 SPECIALS = (PAD, BOS, EOS, UNK)
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 SPLITS = ("train", "valid", "test")
+DATASETS = ("dates", "bible")
+TARGET_SEPARATORS = {"dates": "", "bible": " "}
 
 BIBLE_MODULES = ("engKJV2006eb", "spaRV1909eb")
 BIBLE_INSTALL_COMMAND = "apt-get install -y diatheke sword-text-kjv sword-text-sparv"
@@ -281,6 +287,32 @@ def bible_dataset(cache_dir: Optional[str] = None, max_len: Optional[int] = None
   if empty:
     raise ValueError(f"bible: no verse pair left in split(s) {empty} with max_len={max_len}; raise max_len")
   return splits
+
+
+def load_pairs(dataset: str, *, num_train_pairs: int = 0, num_eval_pairs: int = 0, max_length: int = 0,
+               seed: int = 0, cache_dir: Optional[str] = None) -> dict[str, list[Pair]]:
+  """Token pairs per split of ``dataset`` ("dates" or "bible").
+
+  dates: ``num_train_pairs`` training pairs and ``num_eval_pairs`` valid and test pairs each,
+  generated from ``seed``. bible: the verse pairs with at most ``max_length`` tokens on each
+  side (0: all), the first ``num_train_pairs`` / ``num_eval_pairs`` of each split (0: all).
+  """
+  if dataset == "dates":
+    for name, value in (("num_train_pairs", num_train_pairs), ("num_eval_pairs", num_eval_pairs)):
+      if value < 1:
+        raise ValueError(f"{name} must be >= 1 for the generated dates, got {value}")
+    return dates_dataset(num_train_pairs, num_eval_pairs, num_eval_pairs, seed=seed)
+  if dataset != "bible":
+    raise ValueError(f"unknown dataset {dataset!r}; expected one of {DATASETS}")
+  splits = bible_dataset(cache_dir, max_len=max_length or None)
+  limits = {"train": num_train_pairs, "valid": num_eval_pairs, "test": num_eval_pairs}
+  return {name: pairs[:limits[name]] if limits[name] else pairs for name, pairs in splits.items()}
+
+
+def pair_vocabularies(train_pairs: Sequence[Pair], max_size: Optional[int] = None):
+  """(source, target) vocabularies of the training pairs (``build_vocabulary``, each at most ``max_size``)."""
+  return (build_vocabulary([p.source for p in train_pairs], max_size),
+          build_vocabulary([p.target for p in train_pairs], max_size))
 
 
 # ---- batches ---------------------------------------------------------------------
