@@ -1,15 +1,6 @@
 """LSTM, GRU (reset after) and Elman equal flax.linen's LSTMCell, GRUCell and SimpleCell.
 
-Weight-name mapping (ours use math layout [out, in], gate blocks stacked in
-PyTorch's order; flax keeps one Dense per gate with kernel [in, out]):
-
-  LSTM  w_xh[k*H:(k+1)*H]  <->  i{k}.kernel.T       k = i, f, g, o
-        w_hh[k*H:(k+1)*H]  <->  h{k}.kernel.T
-        b[k*H:(k+1)*H]     <->  h{k}.bias           (flax's input Dense has no bias)
-        carry (h, c)       <->  flax carry (c, h)
-  GRU   w_xh / w_hh blocks <->  i{k}.kernel.T / h{k}.kernel.T   k = r, z, n
-        b = [b_r, b_z, b_n] <-> ir.bias, iz.bias, in.bias;  b_hn <-> hn.bias
-  Elman w_xh <-> i.kernel.T,  w_hh <-> h.kernel.T,  b <-> i.bias
+The weight mapping is ``rnn_jax.interop.to_flax`` / ``from_flax`` (their docstrings have it).
 """
 
 import flax.linen as nn
@@ -18,77 +9,38 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rnn_jax import GRU, LSTM, Elman, LSTMState, rnn
+from rnn_jax import GRU, LSTM, Elman, interop, rnn
 
 B, T, F, H = 3, 6, 5, 4
 LENGTHS = np.array([6, 3, 1])
-LSTM_GATES, GRU_GATES = "ifgo", "rzn"
 
 
-def lstm_to_flax(params):
-  """Our LSTM params -> flax.linen.LSTMCell params."""
-  flax_params = {}
-  for k, gate in enumerate(LSTM_GATES):
-    rows = slice(k * H, (k + 1) * H)
-    flax_params[f"i{gate}"] = {"kernel": params["w_xh"][rows].T}
-    flax_params[f"h{gate}"] = {"kernel": params["w_hh"][rows].T, "bias": params["b"][rows]}
-  return flax_params
+def mapping(cell, flax_name):
+  """(to_flax, from_flax) for one cell, from rnn_jax.interop."""
+  def from_flax(flax_params):
+    mapped_cell, params = interop.from_flax(flax_name, flax_params)
+    assert mapped_cell.hidden_size == cell.hidden_size and type(mapped_cell) is type(cell)
+    return params
+  return (lambda params: interop.to_flax(cell, params)), from_flax
 
 
-def lstm_from_flax(flax_params):
-  """flax.linen.LSTMCell params -> our LSTM params."""
-  return {
-      "w_xh": jnp.concatenate([flax_params[f"i{g}"]["kernel"].T for g in LSTM_GATES]),
-      "w_hh": jnp.concatenate([flax_params[f"h{g}"]["kernel"].T for g in LSTM_GATES]),
-      "b": jnp.concatenate([flax_params[f"h{g}"]["bias"] for g in LSTM_GATES]),
-  }
-
-
-def gru_to_flax(params):
-  """Our GRU(reset_after=True) params -> flax.linen.GRUCell params."""
-  flax_params = {}
-  for k, gate in enumerate(GRU_GATES):
-    rows = slice(k * H, (k + 1) * H)
-    flax_params[f"i{gate}"] = {"kernel": params["w_xh"][rows].T, "bias": params["b"][rows]}
-    flax_params[f"h{gate}"] = {"kernel": params["w_hh"][rows].T}
-  flax_params["hn"]["bias"] = params["b_hn"]
-  return flax_params
-
-
-def gru_from_flax(flax_params):
-  """flax.linen.GRUCell params -> our GRU(reset_after=True) params."""
-  return {
-      "w_xh": jnp.concatenate([flax_params[f"i{g}"]["kernel"].T for g in GRU_GATES]),
-      "w_hh": jnp.concatenate([flax_params[f"h{g}"]["kernel"].T for g in GRU_GATES]),
-      "b": jnp.concatenate([flax_params[f"i{g}"]["bias"] for g in GRU_GATES]),
-      "b_hn": flax_params["hn"]["bias"],
-  }
-
-
-def elman_to_flax(params):
-  """Our Elman(tanh) params -> flax.linen.SimpleCell params."""
-  return {"i": {"kernel": params["w_xh"].T, "bias": params["b"]}, "h": {"kernel": params["w_hh"].T}}
-
-
-def elman_from_flax(flax_params):
-  """flax.linen.SimpleCell params -> our Elman(tanh) params."""
-  return {"w_xh": flax_params["i"]["kernel"].T, "w_hh": flax_params["h"]["kernel"].T,
-          "b": flax_params["i"]["bias"]}
+def case(cell, flax_cls):
+  return (cell, flax_cls, *mapping(cell, flax_cls.__name__))
 
 
 CASES = {
-    "lstm": (LSTM(H), nn.LSTMCell, lstm_to_flax, lstm_from_flax),
-    "gru": (GRU(H, reset_after=True), nn.GRUCell, gru_to_flax, gru_from_flax),
-    "elman": (Elman(H), nn.SimpleCell, elman_to_flax, elman_from_flax),
+    "lstm": case(LSTM(H), nn.LSTMCell),
+    "gru": case(GRU(H, reset_after=True), nn.GRUCell),
+    "elman": case(Elman(H), nn.SimpleCell),
 }
 
 
 def flax_carry(name, carry):
-  return (carry.c, carry.h) if name == "lstm" else carry
+  return interop.to_flax_carry(CASES[name][0], carry)
 
 
 def our_carry(name, flax_carry_value):
-  return LSTMState(h=flax_carry_value[1], c=flax_carry_value[0]) if name == "lstm" else flax_carry_value
+  return interop.from_flax_carry(CASES[name][0], flax_carry_value)
 
 
 def assert_trees_close(a, b, atol):

@@ -4,10 +4,7 @@ Multi-layer stacks run through ``StackedRNN``, bidirectional layers through its
 padding-aware backward direction, and variable lengths are fed to torch through
 ``pack_padded_sequence``. Skipped without torch.
 
-Weight copy for layer l (suffix ``_reverse`` for the backward direction):
-  w_xh = weight_ih_l{l},  w_hh = weight_hh_l{l},  w_hr = weight_hr_l{l} (proj_size)
-  Elman, LSTM: b = bias_ih_l{l} + bias_hh_l{l}
-  GRU: b = [b_ir + b_hr, b_iz + b_hz, b_in],  b_hn = bias_hh_l{l}[2H:]  (n-gate biases stay apart)
+Weights are copied with ``rnn_jax.interop.from_torch`` (its docstring has the mapping).
 """
 
 import jax
@@ -15,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rnn_jax import GRU, LSTM, Elman, StackedRNN
+from rnn_jax import GRU, LSTM, Elman, StackedRNN, interop
 
 torch = pytest.importorskip("torch")
 
@@ -23,31 +20,10 @@ B, T, F, H = 4, 6, 3, 5
 LENGTHS = np.array([6, 2, 4, 1])
 
 
-def cell_params_from_torch(module, suffix, kind):
-  """Our cell params from the torch parameters named ``*_l{layer}{_reverse}``."""
-  get = lambda name: getattr(module, f"{name}{suffix}").detach().numpy()
-  params = {"w_xh": get("weight_ih"), "w_hh": get("weight_hh")}
-  b_ih, b_hh = get("bias_ih"), get("bias_hh")
-  if kind == "gru":
-    params["b"] = np.concatenate([b_ih[:2 * H] + b_hh[:2 * H], b_ih[2 * H:]])
-    params["b_hn"] = b_hh[2 * H:]
-  else:
-    params["b"] = b_ih + b_hh
-  if getattr(module, "proj_size", 0):
-    params["w_hr"] = get("weight_hr")
-  return params
-
-
-def stacked_params_from_torch(module, kind, num_layers, bidirectional):
-  """StackedRNN params {"layer_l": {"forward": ..., "backward": ...}} from a torch module."""
-  params = {}
-  for layer in range(num_layers):
-    directions = {"forward": f"_l{layer}"}
-    if bidirectional:
-      directions["backward"] = f"_l{layer}_reverse"
-    params[f"layer_{layer}"] = {
-        direction: {k: jnp.asarray(v) for k, v in cell_params_from_torch(module, suffix, kind).items()}
-        for direction, suffix in directions.items()}
+def stacked_params_from_torch(module, stack):
+  """StackedRNN params from a torch module, checking that from_torch describes the same stack."""
+  layer, params = interop.from_torch(module, cell=stack.cell)
+  assert layer == stack
   return params
 
 
@@ -108,7 +84,7 @@ def test_two_layers_packed_variable_lengths_float64(kind, options, bidirectional
   xs = np.random.default_rng(1).normal(size=(B, T, F))
   out, h_n, c_n = run_torch(module, xs, LENGTHS)
   with jax.enable_x64(True):
-    params = stacked_params_from_torch(module, kind, 2, bidirectional)
+    params = stacked_params_from_torch(module, stack)
     finals, ys = stack(params, jnp.asarray(xs), jnp.asarray(LENGTHS))
     assert ys.shape == out.shape == (B, T, stack.output_size)
     np.testing.assert_allclose(ys, out, atol=1e-10, rtol=0)   # real steps equal, zeros after
@@ -123,7 +99,7 @@ def test_single_layer_full_length_float32(kind):
   xs = np.random.default_rng(2).normal(size=(B, T, F)).astype(np.float32)
   out, state = module(torch.from_numpy(xs))
   h_n = (state[0] if isinstance(state, tuple) else state).detach().numpy()
-  params = stacked_params_from_torch(module, kind, 1, False)
+  params = stacked_params_from_torch(module, stack)
   finals, ys = stack(params, jnp.asarray(xs))
   assert ys.dtype == jnp.float32
   np.testing.assert_allclose(ys, out.detach().numpy(), atol=1e-5, rtol=0)
