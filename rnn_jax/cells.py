@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 from typing import Any, NamedTuple, Optional
 
 import jax
@@ -146,6 +147,10 @@ class Cell(abc.ABC):
   num_gates = 1
 
   def __post_init__(self):
+    for field in dataclasses.fields(self):
+      if isinstance(getattr(self, field.name), jax.core.Tracer):
+        raise TypeError(f"{self.name}: hyper-parameter {field.name} is a traced value; a cell is static: "
+                        f"close over it or pass it to jax.jit as a static argument")
     if not isinstance(self.hidden_size, (int, np.integer)) or self.hidden_size <= 0:
       raise ValueError(f"{self.name}: hidden_size must be a positive integer, got {self.hidden_size!r}")
     if self.recurrent_init not in initializers.RECURRENT_INITS:
@@ -190,6 +195,28 @@ class Cell(abc.ABC):
   @abc.abstractmethod
   def init(self, key, input_size: int) -> Params:
     """Fresh params for inputs of ``input_size`` features."""
+
+  def check_params(self, params: Params) -> None:
+    """Raise ValueError unless ``params`` has exactly the leaves and shapes ``init`` makes.
+
+    The message names every missing or extra key and every leaf of the wrong shape.
+    """
+    if not isinstance(params, dict):
+      raise ValueError(f"{self.name}: params must be a dict of arrays, got {type(params).__name__}")
+    if "w_xh" not in params or np.ndim(params["w_xh"]) != 2:
+      raise ValueError(f"{self.name}: params have no w_xh of shape [G*H, F]; keys are {sorted(params)}")
+    expected = _expected_shapes(self, int(np.shape(params["w_xh"])[1]))
+    got = {name: tuple(np.shape(value)) for name, value in params.items()}
+    problems = []
+    missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+    if missing:
+      problems.append(f"missing {missing}")
+    if extra:
+      problems.append(f"unexpected {extra}")
+    problems += [f"{name} has shape {got[name]}, expected {shape}" for name, shape in sorted(expected.items())
+                 if name in got and got[name] != shape]
+    if problems:
+      raise ValueError(f"{self.name}: params do not match {self!r}: " + "; ".join(problems))
 
   def initial_carry(self, params: Params) -> Any:
     """h_0 = 0: [H] in the params' dtype."""
@@ -236,6 +263,13 @@ class Cell(abc.ABC):
     """One time step, scan's body signature: (carry_{t-1}, x_t: [F]) -> (carry_t, y_t)."""
     carry, h_t = self.recurrence(params, carry, self.input_projection(params, x_t))
     return carry, self.output(params, h_t)
+
+
+@functools.lru_cache(maxsize=256)
+def _expected_shapes(cell: "Cell", input_size: int) -> dict:
+  """{name: shape} of the params ``cell.init`` makes for ``input_size`` features."""
+  shapes = jax.eval_shape(functools.partial(cell.init, input_size=input_size), jax.random.PRNGKey(0))
+  return {name: tuple(leaf.shape) for name, leaf in shapes.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -449,11 +483,121 @@ class GRU(Cell):
     return h_t, h_t, saved
 
 
-CELLS = {"elman": Elman, "rnn": Elman, "lstm": LSTM, "gru": GRU}
+CANDIDATES = ("identity", "g")
+
+
+def _candidate(kind: str, v: jax.Array) -> jax.Array:
+  """The candidate state h~ = Linear(x_t), optionally through g(v) = v + 0.5 (v >= 0), sigma(v) (v < 0)."""
+  if kind == "identity":
+    return v
+  return jnp.where(v >= 0, v + 0.5, jax.nn.sigmoid(v))
+
+
+@dataclasses.dataclass(frozen=True)
+class MinGRU(Cell):
+  """minGRU (Feng et al. 2024): no recurrent weights in the gate or the candidate.
+
+    z_t = sigma(W_xz x_t + b_z);   h~_t = W_xh~ x_t + b_h~   (or g(.) with candidate="g")
+    h_t = (1 - z_t) * h_{t-1} + z_t * h~_t  =  A_t * h_{t-1} + b_t,   A_t = 1 - z_t, b_t = z_t h~_t
+
+  Params {w_xh: [2H, F], b: [2H]}, blocks (z, h~).
+  """
+  candidate: str = "identity"
+
+  name = "mingru"
+  num_gates = 2
+
+  def __post_init__(self):
+    super().__post_init__()
+    if self.candidate not in CANDIDATES:
+      raise ValueError(f"{self.name}: unknown candidate {self.candidate!r}; expected one of {CANDIDATES}")
+
+  def init(self, key, input_size: int) -> Params:
+    if not isinstance(input_size, (int, np.integer)) or input_size <= 0:
+      raise ValueError(f"{self.name}: input_size must be a positive integer, got {input_size!r}")
+    G, H, dtype = self.num_gates, self.hidden_size, jnp.dtype(self.param_dtype)
+    key_x, key_b = jax.random.split(key)
+    init = initializers.torch_default(H)
+    input_init = init if self.input_init == "torch" else initializers.glorot_uniform
+    return {"w_xh": input_init(key_x, (G * H, input_size), dtype), "b": init(key_b, (G * H,), dtype)}
+
+  def initial_carry(self, params: Params) -> jax.Array:
+    return jnp.zeros((self.hidden_size,), params["w_xh"].dtype)
+
+  def linear_coefficients(self, a: jax.Array):
+    """(A_t, b_t) of h_t = A_t h_{t-1} + b_t from a_t = W_xh x_t + b: [..., 2H] -> 2 x [..., H]."""
+    a_z, a_h = jnp.split(a, 2, axis=-1)
+    z = jax.nn.sigmoid(a_z)
+    return 1.0 - z, z * _candidate(self.candidate, a_h)
+
+  def recurrence(self, params: Params, h_prev: jax.Array, a_t: jax.Array):
+    """h_t = A_t h_{t-1} + b_t, one step (the sequential reference)."""
+    del params
+    coefficient, offset = self.linear_coefficients(a_t)
+    h_t = coefficient * h_prev + offset
+    return h_t, h_t
+
+
+@dataclasses.dataclass(frozen=True)
+class MinLSTM(MinGRU):
+  """minLSTM (Feng et al. 2024): forget and input gates normalised to sum to one.
+
+    f_t = sigma(W_xf x_t + b_f);  i_t = sigma(W_xi x_t + b_i);  h~_t = W_xh~ x_t + b_h~ (or g(.))
+    f'_t = f_t / (f_t + i_t);  i'_t = i_t / (f_t + i_t)
+    h_t = f'_t * h_{t-1} + i'_t * h~_t
+
+  Params {w_xh: [3H, F], b: [3H]}, blocks (f, i, h~).
+  """
+  name = "minlstm"
+  num_gates = 3
+
+  def linear_coefficients(self, a: jax.Array):
+    """(f'_t, i'_t h~_t) from a_t: [..., 3H] -> 2 x [..., H]."""
+    a_f, a_i, a_h = jnp.split(a, 3, axis=-1)
+    f, i = jax.nn.sigmoid(a_f), jax.nn.sigmoid(a_i)
+    total = f + i
+    return f / total, (i / total) * _candidate(self.candidate, a_h)
+
+
+# ---------------------------------------------------------------------------
+# The registry of cell names and presets
+# ---------------------------------------------------------------------------
+
+PRESETS: dict[str, tuple[type, dict]] = {
+    "elman": (Elman, {}),
+    "tanh": (Elman, {"activation": "tanh"}),
+    "relu": (Elman, {"activation": "relu"}),
+    "tanh_orthogonal": (Elman, {"activation": "tanh", "recurrent_init": "orthogonal"}),
+    "irnn": (Elman, {"activation": "relu", "recurrent_init": "identity"}),   # Le, Jaitly & Hinton 2015
+    "lstm": (LSTM, {}),
+    "lstm_peephole": (LSTM, {"peephole": True}),
+    "lstm_layer_norm": (LSTM, {"layer_norm": True}),
+    "gru": (GRU, {}),
+    "gru_reset_before": (GRU, {"reset_after": False}),
+    "mingru": (MinGRU, {}),
+    "minlstm": (MinLSTM, {}),
+}
+"""Every named cell: {name: (class, hyper-parameters)}. Scripts and models take these names."""
+
+CELL_NAMES = tuple(PRESETS)
+
+
+def register_cell(name: str, cell_class: type, **options) -> None:
+  """Add a named cell (a class and its preset hyper-parameters) to ``PRESETS``."""
+  if not (isinstance(cell_class, type) and issubclass(cell_class, Cell)):
+    raise TypeError(f"register_cell: {cell_class!r} is not a Cell subclass")
+  PRESETS[name] = (cell_class, dict(options))
+  global CELL_NAMES
+  CELL_NAMES = tuple(PRESETS)
 
 
 def make_cell(name: str, hidden_size: int, **options) -> Cell:
-  """Build a cell by name ("elman"/"rnn", "lstm", "gru") with its hyper-parameters."""
-  if name not in CELLS:
-    raise ValueError(f"unknown cell {name!r}; expected one of {tuple(CELLS)}")
-  return CELLS[name](hidden_size=hidden_size, **options)
+  """Build a named cell: its class with the preset's hyper-parameters, ``options`` overriding them.
+
+    make_cell("irnn", 128)                    # Elman(128, activation="relu", recurrent_init="identity")
+    make_cell("lstm", 256, forget_bias=1.0)
+  """
+  if name not in PRESETS:
+    raise ValueError(f"unknown cell {name!r}; expected one of {CELL_NAMES}")
+  cell_class, preset = PRESETS[name]
+  return cell_class(hidden_size=hidden_size, **{**preset, **options})

@@ -72,17 +72,31 @@ def identity(gain: float = 1.0) -> Initializer:
   return init
 
 
-def spectral_radius(w_hh: jax.Array) -> jax.Array:
-  """rho(W_hh) = max_i |lambda_i(W_hh)| for a square W_hh: [H, H] (computed on host with numpy)."""
+def _spectral_radius_on_host(w) -> np.ndarray:
+  w = np.asarray(w, dtype=np.float64)
+  return np.asarray(np.max(np.abs(np.linalg.eigvals(w))), dtype=np.float32)
+
+
+def spectral_radius(w_hh: jax.Array):
+  """rho(W_hh) = max_i |lambda_i(W_hh)| for a square W_hh: [H, H].
+
+  Computed on the host with numpy's eigvals (float64): a float for a concrete matrix, and
+  through ``jax.pure_callback`` (a float32 scalar) inside ``jit`` or ``jax.eval_shape``.
+  """
+  shape = tuple(np.shape(w_hh))
+  if len(shape) != 2 or shape[0] != shape[1]:
+    raise ValueError(f"spectral_radius: expected a square [H, H] matrix, got shape {shape}")
+  if isinstance(w_hh, jax.core.Tracer):
+    return jax.pure_callback(_spectral_radius_on_host, jax.ShapeDtypeStruct((), jnp.float32), w_hh)
   w = np.asarray(w_hh, dtype=np.float64)
-  if w.ndim != 2 or w.shape[0] != w.shape[1]:
-    raise ValueError(f"spectral_radius: expected a square [H, H] matrix, got shape {w.shape}")
   return float(np.max(np.abs(np.linalg.eigvals(w))))
 
 
 def scale_to_spectral_radius(w_hh, target: float):
   """Rescale a square W_hh so that rho(W_hh) = target: W <- W * target / rho(W)."""
   rho = spectral_radius(w_hh)
+  if isinstance(rho, jax.Array):  # traced: rho > 0 for any random initialisation
+    return jnp.asarray(w_hh) * (target / jnp.maximum(rho, jnp.finfo(jnp.float32).tiny)).astype(w_hh.dtype)
   if rho == 0.0:
     raise ValueError("scale_to_spectral_radius: W_hh has spectral radius 0 and cannot be rescaled")
   return jnp.asarray(w_hh) * (target / rho)

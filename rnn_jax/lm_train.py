@@ -39,7 +39,7 @@ from rnn_jax.train import make_eval_step, train_and_test
 class LMConfig(TrainingConfig):
   """Every setting of a language-model run."""
   dataset: str = field("ptb_char", "Corpus: ptb_char, ptb_word, shakespeare or file:PATH.", fixed=True)
-  cell: str = field("lstm", "Recurrent cell.", choices=tuple(cells.CELLS), fixed=True)
+  cell: str = field("lstm", "Recurrent cell.", choices=cells.CELL_NAMES, fixed=True)
   hidden_size: int = field(256, "Hidden size H of each layer.", minimum=1, fixed=True)
   embed_size: int = field(0, "Embedding size D; 0 uses D = H.", minimum=0, fixed=True)
   num_layers: int = field(1, "Stacked recurrent layers L.", minimum=1, fixed=True)

@@ -43,84 +43,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from rnn_jax import bptt, initializers
-from rnn_jax.cells import GRU, Cell, Elman, Params, linear
+from rnn_jax.cells import GRU, Cell, Elman, MinGRU, MinLSTM, Params, linear
 from rnn_jax.sequence import check_batch, rnn
-
-CANDIDATES = ("identity", "g")
-
-
-def _candidate(kind: str, v: jax.Array) -> jax.Array:
-  """The candidate state h~ = Linear(x_t), optionally through g(v) = v + 0.5 (v >= 0), sigma(v) (v < 0)."""
-  if kind == "identity":
-    return v
-  return jnp.where(v >= 0, v + 0.5, jax.nn.sigmoid(v))
-
-
-@dataclasses.dataclass(frozen=True)
-class MinGRU(Cell):
-  """minGRU (Feng et al. 2024): no recurrent weights in the gate or the candidate.
-
-    z_t = sigma(W_xz x_t + b_z);   h~_t = W_xh~ x_t + b_h~   (or g(.) with candidate="g")
-    h_t = (1 - z_t) * h_{t-1} + z_t * h~_t  =  A_t * h_{t-1} + b_t,   A_t = 1 - z_t, b_t = z_t h~_t
-
-  Params {w_xh: [2H, F], b: [2H]}, blocks (z, h~).
-  """
-  candidate: str = "identity"
-
-  name = "mingru"
-  num_gates = 2
-
-  def __post_init__(self):
-    super().__post_init__()
-    if self.candidate not in CANDIDATES:
-      raise ValueError(f"{self.name}: unknown candidate {self.candidate!r}; expected one of {CANDIDATES}")
-
-  def init(self, key, input_size: int) -> Params:
-    if not isinstance(input_size, (int, np.integer)) or input_size <= 0:
-      raise ValueError(f"{self.name}: input_size must be a positive integer, got {input_size!r}")
-    G, H, dtype = self.num_gates, self.hidden_size, jnp.dtype(self.param_dtype)
-    key_x, key_b = jax.random.split(key)
-    init = initializers.torch_default(H)
-    input_init = init if self.input_init == "torch" else initializers.glorot_uniform
-    return {"w_xh": input_init(key_x, (G * H, input_size), dtype), "b": init(key_b, (G * H,), dtype)}
-
-  def initial_carry(self, params: Params) -> jax.Array:
-    return jnp.zeros((self.hidden_size,), params["w_xh"].dtype)
-
-  def linear_coefficients(self, a: jax.Array):
-    """(A_t, b_t) of h_t = A_t h_{t-1} + b_t from a_t = W_xh x_t + b: [..., 2H] -> 2 x [..., H]."""
-    a_z, a_h = jnp.split(a, 2, axis=-1)
-    z = jax.nn.sigmoid(a_z)
-    return 1.0 - z, z * _candidate(self.candidate, a_h)
-
-  def recurrence(self, params: Params, h_prev: jax.Array, a_t: jax.Array):
-    """h_t = A_t h_{t-1} + b_t, one step (the sequential reference)."""
-    del params
-    coefficient, offset = self.linear_coefficients(a_t)
-    h_t = coefficient * h_prev + offset
-    return h_t, h_t
-
-
-@dataclasses.dataclass(frozen=True)
-class MinLSTM(MinGRU):
-  """minLSTM (Feng et al. 2024): forget and input gates normalised to sum to one.
-
-    f_t = sigma(W_xf x_t + b_f);  i_t = sigma(W_xi x_t + b_i);  h~_t = W_xh~ x_t + b_h~ (or g(.))
-    f'_t = f_t / (f_t + i_t);  i'_t = i_t / (f_t + i_t)
-    h_t = f'_t * h_{t-1} + i'_t * h~_t
-
-  Params {w_xh: [3H, F], b: [3H]}, blocks (f, i, h~).
-  """
-  name = "minlstm"
-  num_gates = 3
-
-  def linear_coefficients(self, a: jax.Array):
-    """(f'_t, i'_t h~_t) from a_t: [..., 3H] -> 2 x [..., H]."""
-    a_f, a_i, a_h = jnp.split(a, 3, axis=-1)
-    f, i = jax.nn.sigmoid(a_f), jax.nn.sigmoid(a_i)
-    total = f + i
-    return f / total, (i / total) * _candidate(self.candidate, a_h)
-
 
 # ---- linear recurrences by associative scan ------------------------------------------
 

@@ -195,6 +195,8 @@ def run_cell(cell: Cell, params: Params, xs: jax.Array, length=None, *, initial_
   """
   if xs.ndim != 2:
     raise ValueError(f"{cell.name}: run_cell expects xs of shape [T, F], got {tuple(xs.shape)}")
+  cell.check_params(params)
+  check_lengths(cell.name, length, xs.shape[0])
   carry = cell.initial_carry(params) if initial_carry is None else initial_carry
   mask = None if length is None else jnp.arange(xs.shape[0]) < length
   carry, hs = _project_and_scan(cell, params, xs, carry, mask, reverse=reverse, unroll=unroll,
@@ -207,6 +209,19 @@ def run_cell(cell: Cell, params: Params, xs: jax.Array, length=None, *, initial_
 
 def _is_concrete(value) -> bool:
   return not isinstance(value, jax.core.Tracer)
+
+
+def check_lengths(name: str, length, T: int) -> None:
+  """A concrete scalar length must be an integer in [0, T] (a traced one cannot be checked)."""
+  if length is None or not _is_concrete(length):
+    return
+  value = np.asarray(length)
+  if value.ndim != 0:
+    raise ValueError(f"{name}: length must be a scalar (the number of real steps), got shape {value.shape}")
+  if not np.issubdtype(value.dtype, np.integer):
+    raise ValueError(f"{name}: length must be an integer, got {value.item()!r}")
+  if not 0 <= int(value) <= T:
+    raise ValueError(f"{name}: length must lie in [0, T={T}], got {int(value)}")
 
 
 def check_batch(name: str, xs, lengths, *, time_major: bool = False) -> tuple[int, int]:
@@ -288,6 +303,7 @@ def rnn(cell: Cell, params: Params, xs: jax.Array, lengths=None, *, initial_carr
     (final carry with leading B axis, ys: [B, T, O] or [T, B, O]).
   """
   B, T = check_batch(cell.name, xs, lengths, time_major=time_major)
+  cell.check_params(params)
   xs_time_major = xs if time_major else jnp.swapaxes(xs, 0, 1)
   carry = _broadcast_carry(cell, params, initial_carry, B)
   mask = None if lengths is None else jnp.arange(T)[:, None] < jnp.asarray(lengths)[None, :]

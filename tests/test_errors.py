@@ -30,6 +30,42 @@ def test_wrong_feature_size_in_rnn_bidirectional_stack_and_step():
     rnn(gru, gru.init(jax.random.key(2), F), jnp.ones((B, T, 1)))
 
 
+def test_wrong_feature_size_on_the_cpu_kernel_path_names_the_sizes():
+  cell = LSTM(16)  # a multiple of the vector width: the fused kernel's path
+  params = cell.init(jax.random.key(0), 8)
+  wrong = jnp.ones((B, T, 9))
+  for call in (lambda: rnn(cell, params, wrong), lambda: StackedRNN(cell)({"layer_0": {"forward": params}}, wrong),
+               lambda: bidirectional(cell, params, params, wrong)):
+    with pytest.raises(ValueError, match="lstm: x has 9 features, params expect 8"):
+      call()
+
+
+def test_params_of_another_cell_or_size_name_the_keys_and_shapes():
+  gru = GRU(H)
+  with pytest.raises(ValueError, match=r"gru: params do not match GRU\(hidden_size=4.*missing \['b_hn'\]; "
+                                       r"b has shape \(16,\), expected \(12,\)"):
+    rnn(gru, PARAMS, XS)
+  bigger = LSTM(H + 1)
+  with pytest.raises(ValueError, match=r"w_hh has shape \(16, 4\), expected \(20, 5\)"):
+    rnn(bigger, PARAMS, XS)
+  with pytest.raises(ValueError, match=r"unexpected \['extra'\]"):
+    rnn(CELL, {**PARAMS, "extra": jnp.ones(2)}, XS)
+
+
+def test_run_cell_checks_a_concrete_length_as_rnn_does():
+  from rnn_jax import run_cell
+  for length, message in ((9, r"length must lie in \[0, T=5\], got 9"), (-1, r"got -1"),
+                          (2.5, "length must be an integer, got 2.5"),
+                          (jnp.arange(T), r"length must be a scalar")):
+    with pytest.raises(ValueError, match=message):
+      run_cell(CELL, PARAMS, XS[0], length)
+
+
+def test_a_traced_hyper_parameter_says_the_cell_is_static():
+  with pytest.raises(TypeError, match="hyper-parameter hidden_size is a traced value; a cell is static"):
+    jax.jit(lambda size: LSTM(size))(3)
+
+
 def test_xs_of_the_wrong_rank():
   with pytest.raises(ValueError, match=r"lstm: xs must have shape \[B, T, F\], got shape \(5, 3\)"):
     rnn(CELL, PARAMS, jnp.ones((T, F)))
@@ -69,7 +105,7 @@ def test_non_integer_lengths():
 def test_unknown_activation_and_cell_name():
   with pytest.raises(ValueError, match=r"elman: unknown activation 'gelu'; expected one of \('tanh', 'relu'"):
     Elman(H, activation="gelu")
-  expected = r"unknown cell 'transformer'; expected one of \('elman', 'rnn', 'lstm', 'gru'\)"
+  expected = r"unknown cell 'transformer'; expected one of \('elman', 'tanh', 'relu', 'tanh_orthogonal', 'irnn'"
   with pytest.raises(ValueError, match=expected):
     make_cell("transformer", H)
 
