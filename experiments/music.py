@@ -134,7 +134,7 @@ def train_cell(run: RunDir, config: Config, cell: str, hidden_size: int, splits,
   logging.info("music %s: H=%d, %d params", cell, hidden_size, num_params)
 
   def loss_fn(params, batch, rng):
-    return model.nll(params, batch["frames"], batch["lengths"], train=True, dropout_key=rng), {}
+    return model.nll(params, batch["frames"], batch["lengths"], train=True, rng=rng), {}
 
   def evaluate(params, split):
     return {"nll": polyphonic.nll_per_step(model, params, splits[split], config.batch_size)}

@@ -200,7 +200,7 @@ def train_and_evaluate(config: Config, workdir: str, options=None) -> dict:
             "exact_match": scores["exact_match"]}
 
   def loss_fn(params, batch, rng):
-    return model.loss(params, batch, train=True, dropout_key=rng, reduction="mean"), {}
+    return model.loss(params, batch, train=True, rng=rng, reduction="mean"), {}
 
   steps_per_epoch = max(1, len(pairs["train"]) // config.batch_size)
   tokens_per_step = int(config.batch_size * np.mean([len(t) + 1 for t in encoded["train"][1]]))

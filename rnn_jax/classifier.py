@@ -101,18 +101,18 @@ class SentenceClassifier:
     }
 
   def sentence_vectors(self, params: dict, ids: jax.Array, lengths: jax.Array, *, train: bool = False,
-                       dropout_key: Optional[jax.Array] = None) -> jax.Array:
+                       rng: Optional[jax.Array] = None) -> jax.Array:
     """s for each sentence: ids [B, T] ints, lengths [B] -> [B, S], the state at each true length."""
     if ids.ndim != 2:
       raise ValueError(f"SentenceClassifier: ids must have shape [B, T], got {tuple(ids.shape)}")
-    if train and self.dropout > 0.0 and dropout_key is None:
-      raise ValueError("SentenceClassifier: train=True with dropout > 0 needs a dropout_key")
-    keys = jax.random.split(dropout_key, 3) if (train and self.dropout > 0.0) else [None] * 3
+    if train and self.dropout > 0.0 and rng is None:
+      raise ValueError("SentenceClassifier: train=True with dropout > 0 needs an rng key")
+    keys = jax.random.split(rng, 3) if (train and self.dropout > 0.0) else [None] * 3
     xs = layers.embed(params["embed"], ids)
     if keys[0] is not None:
       xs = dropout(keys[0], self.dropout, xs)
     encoder = self.encoder
-    final_carries, _ = encoder(params["encoder"], xs, lengths, train=train, dropout_key=keys[1])
+    final_carries, _ = encoder(params["encoder"], xs, lengths, train=train, rng=keys[1])
     last = final_carries[-1]
     if self.bidirectional:
       forward, backward = last
@@ -124,9 +124,9 @@ class SentenceClassifier:
     return vector
 
   def __call__(self, params: dict, ids: jax.Array, lengths: jax.Array, *, train: bool = False,
-               dropout_key: Optional[jax.Array] = None) -> jax.Array:
+               rng: Optional[jax.Array] = None) -> jax.Array:
     """Logits W_hy s + b_y: ids [B, T], lengths [B] -> [B, C]; softmax gives p(y | sentence)."""
-    vector = self.sentence_vectors(params, ids, lengths, train=train, dropout_key=dropout_key)
+    vector = self.sentence_vectors(params, ids, lengths, train=train, rng=rng)
     return layers.dense(params["output"], vector)
 
 
@@ -144,7 +144,7 @@ def make_loss_fn(model: SentenceClassifier):
   """
 
   def loss_fn(params, batch, rng):
-    logits = model(params, batch["ids"], batch["lengths"], train=True, dropout_key=rng)
+    logits = model(params, batch["ids"], batch["lengths"], train=True, rng=rng)
     loss = losses.cross_entropy(logits, batch["targets"], mask=batch["valid"], reduction="mean")
     return loss, {"accuracy": losses.accuracy(logits, batch["targets"], mask=batch["valid"])}
 

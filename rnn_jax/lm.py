@@ -23,7 +23,7 @@ import numpy as np
 from rnn_jax import initializers, layers
 from rnn_jax.cells import Cell
 from rnn_jax.losses import cross_entropy, recurrent_penalty, token_nll
-from rnn_jax.sequence import StackedRNN, dropout as apply_dropout
+from rnn_jax.sequence import ScanOptions, StackedRNN, dropout as apply_dropout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +38,7 @@ class LanguageModel:
     dropout: p on embeddings, between layers and before the read-out (train only).
     init_scale: if set, EVERY parameter is drawn from U(-init_scale, init_scale)
       (Zaremba et al.: 0.1 small, 0.05 medium, 0.04 large); otherwise each part's own default.
-    unroll: lax.scan unroll of the recurrence.
+    scan: how the recurrence is scanned and differentiated (``ScanOptions``: unroll, grad, remat).
   """
   cell: Cell
   vocab_size: int
@@ -46,7 +46,7 @@ class LanguageModel:
   num_layers: int = 1
   dropout: float = 0.0
   init_scale: Optional[float] = None
-  unroll: int = 1
+  scan: ScanOptions = ScanOptions()
 
   def __post_init__(self):
     if self.vocab_size < 2:
@@ -58,7 +58,7 @@ class LanguageModel:
 
   @property
   def stack(self) -> StackedRNN:
-    return StackedRNN(self.cell, num_layers=self.num_layers, dropout=self.dropout)
+    return StackedRNN(self.cell, num_layers=self.num_layers, dropout=self.dropout, scan=self.scan)
 
   def init(self, key) -> dict:
     """Fresh params; with ``init_scale`` every leaf ~ U(-init_scale, init_scale)."""
@@ -105,8 +105,7 @@ class LanguageModel:
     xs = layers.embed(params["embedding"], inputs)
     if use_dropout:
       xs = apply_dropout(keys[0], self.dropout, xs)
-    carries, hs = self.stack(params["rnn"], xs, lengths, train=train, dropout_key=keys[1],
-                             initial_carries=carries, unroll=self.unroll)
+    carries, hs = self.stack(params["rnn"], xs, lengths, train=train, rng=keys[1], initial_carries=carries)
     if use_dropout:
       hs = apply_dropout(keys[2], self.dropout, hs)
     return layers.dense(params["readout"], hs, self.cell.dtype), carries

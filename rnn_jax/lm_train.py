@@ -32,6 +32,7 @@ from rnn_jax.data.batching import check_stream
 from rnn_jax.lm import LanguageModel, evaluate_stream, make_loss_fn, sample
 from rnn_jax.losses import bits_per_char, perplexity
 from rnn_jax.rundir import LoadedRun, RunDir, RunOptions, load_run
+from rnn_jax.sequence import ScanOptions
 from rnn_jax.train import make_eval_step, train_and_test
 
 
@@ -72,7 +73,7 @@ def build_model(config: LMConfig, vocab_size: int) -> LanguageModel:
   cell = cells.make_cell(config.cell, config.hidden_size)
   return LanguageModel(cell, vocab_size, config.embed_size or config.hidden_size,
                        num_layers=config.num_layers, dropout=config.dropout,
-                       init_scale=config.init_scale or None, unroll=config.unroll)
+                       init_scale=config.init_scale or None, scan=ScanOptions(unroll=config.unroll))
 
 
 def named_metrics(nats: float, level: str) -> dict:

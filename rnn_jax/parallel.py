@@ -44,7 +44,7 @@ import numpy as np
 
 from rnn_jax import bptt, initializers
 from rnn_jax.cells import GRU, Cell, Elman, MinGRU, MinLSTM, Params, linear
-from rnn_jax.sequence import check_batch, rnn
+from rnn_jax.sequence import ScanOptions, check_batch, rnn
 
 # ---- linear recurrences by associative scan ------------------------------------------
 
@@ -241,7 +241,7 @@ def deer_rnn(cell: Cell, params: Params, xs: jax.Array, lengths=None, *, initial
     return _batch_major_outputs(hs, mask)
 
   def from_sequential(_):
-    return rnn(cell, params, xs, lengths, initial_carry=h0, backward="autodiff")
+    return rnn(cell, params, xs, lengths, initial_carry=h0, options=ScanOptions(grad="autodiff"))
 
   final, ys = jax.lax.cond(use_sequential, from_sequential, from_newton, None)
   return (final, ys), DeerInfo(iterations, converged, change, use_sequential)

@@ -66,7 +66,7 @@ class FrameModel:
                        f"got {tuple(frames.shape)}")
 
   def logits(self, params: dict, frames: jax.Array, lengths=None, *, train: bool = False,
-             dropout_key=None) -> jax.Array:
+             rng=None) -> jax.Array:
     """o_t for every frame from the frames before it: frames [B, T, K] -> logits [B, T, K].
 
     The inputs are the frames shifted right by one step: (0, x_1, ..., x_{T-1}).
@@ -74,13 +74,13 @@ class FrameModel:
     self._check_frames(frames)
     inputs = jnp.concatenate([jnp.zeros_like(frames[:, :1]), frames[:, :-1]], axis=1)
     _, hidden = self.rnn(params["rnn"], inputs.astype(jnp.float32), lengths, train=train,
-                         dropout_key=dropout_key)
+                         rng=rng)
     return layers.dense(params["readout"], hidden)
 
   def nll(self, params: dict, frames: jax.Array, lengths=None, *, train: bool = False,
-          dropout_key=None) -> jax.Array:
+          rng=None) -> jax.Array:
     """-1/N sum_{b, t < L_b} log p(x_bt | x_b<t), N the number of real frames (nats per time step)."""
-    logits = self.logits(params, frames, lengths, train=train, dropout_key=dropout_key)
+    logits = self.logits(params, frames, lengths, train=train, rng=rng)
     mask = None if lengths is None else jnp.arange(frames.shape[1])[None, :] < lengths[:, None]
     return losses.sigmoid_nll(logits, frames, mask)
 

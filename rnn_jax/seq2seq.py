@@ -210,7 +210,7 @@ class Seq2Seq:
 
   # ---- encoder ---------------------------------------------------------------
   def encode(self, params: dict, source: jax.Array, source_lengths: jax.Array, *, train: bool = False,
-             dropout_key=None) -> Encoded:
+             rng=None) -> Encoded:
     """Read the source and build the decoder's start: source [B, S], lengths [B] -> ``Encoded``."""
     if source.ndim != 2:
       raise ValueError(f"seq2seq: source must have shape [B, S], got {tuple(source.shape)}")
@@ -219,7 +219,7 @@ class Seq2Seq:
       source = reverse_padded(source, source_lengths, self.pad_id)
     xs = layers.embed(params["source_embedding"], source)
     final_carries, _ = self.encoder(params["encoder"], xs, source_lengths, train=train,
-                                    dropout_key=dropout_key)
+                                    rng=rng)
     if self.kind == "sutskever":
       return Encoded(tuple(final_carries), None)
     top_hidden = jax.vmap(self.cell.hidden)(final_carries[-1])
@@ -248,21 +248,21 @@ class Seq2Seq:
     return layers.dense(params["readout"], hidden)
 
   def teacher_forcing_logits(self, params: dict, batch: Batch, *, train: bool = False,
-                             dropout_key=None) -> jax.Array:
+                             rng=None) -> jax.Array:
     """Logits o_t for every target step given the gold prefix: -> [B, T, V_y]."""
-    keys = (None, None) if dropout_key is None else tuple(jax.random.split(dropout_key))
-    encoded = self.encode(params, batch.source, batch.source_lengths, train=train, dropout_key=keys[0])
+    keys = (None, None) if rng is None else tuple(jax.random.split(rng))
+    encoded = self.encode(params, batch.source, batch.source_lengths, train=train, rng=keys[0])
     layers.check_token_ids(batch.target_inputs, self.target_vocab_size, "seq2seq: target ids")
     embedded = layers.embed(params["target_embedding"], batch.target_inputs)
     inputs = self._decoder_inputs(embedded, encoded.context)
     _, hidden = self.decoder(params["decoder"], inputs, batch.target_lengths, train=train,
-                             dropout_key=keys[1], initial_carries=encoded.initial_carries)
+                             rng=keys[1], initial_carries=encoded.initial_carries)
     return self._readout(params, hidden, embedded, encoded.context)
 
-  def loss(self, params: dict, batch: Batch, *, train: bool = False, dropout_key=None,
+  def loss(self, params: dict, batch: Batch, *, train: bool = False, rng=None,
            reduction: str = "mean") -> jax.Array:
     """Teacher-forcing cross-entropy -sum_t log p(y_t | y_<t, x) over real target steps (nats)."""
-    logits = self.teacher_forcing_logits(params, batch, train=train, dropout_key=dropout_key)
+    logits = self.teacher_forcing_logits(params, batch, train=train, rng=rng)
     mask = jnp.arange(logits.shape[1])[None, :] < batch.target_lengths[:, None]
     return losses.cross_entropy(logits, batch.target_outputs, mask, reduction=reduction)
 

@@ -36,23 +36,48 @@ def _mask_tree(valid, new, old):
   return jax.tree_util.tree_map(lambda n, o: jnp.where(valid, n, o), new, old)
 
 
-BACKWARDS = ("auto", "manual", "autodiff")
+GRADS = ("auto", "manual", "autodiff")
 
 
-def _use_fused(cell: Cell, backward: str) -> bool:
-  """Resolve ``backward``: "manual" (hand-derived, rnn_jax.bptt), "autodiff" (jax.grad
-  through lax.scan) or "auto" (manual wherever bptt covers the cell, the default)."""
-  if backward not in BACKWARDS:
-    raise ValueError(f"{cell.name}: unknown backward {backward!r}; expected one of {BACKWARDS}")
-  if backward == "auto":
+@dataclasses.dataclass(frozen=True)
+class ScanOptions:
+  """How a recurrence is scanned and differentiated (one value, passed as ``options=``).
+
+  Attributes:
+    unroll: time steps per ``lax.scan`` iteration.
+    grad: the gradient method: "auto" (the hand-derived BPTT of ``rnn_jax.bptt`` where a rule
+      covers the cell, else autodiff), "manual" (require the hand-derived rule) or "autodiff"
+      (``jax.grad`` through ``lax.scan``).
+    remat_chunk: 0 keeps every step's activations; k > 0 checkpoints every k steps, so
+      activation memory grows like T/k + k instead of T.
+  """
+  unroll: int = 1
+  grad: str = "auto"
+  remat_chunk: int = 0
+
+  def __post_init__(self):
+    if self.grad not in GRADS:
+      raise ValueError(f"ScanOptions: unknown grad {self.grad!r}; expected one of {GRADS}")
+    for name in ("unroll", "remat_chunk"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < (1 if name == "unroll" else 0):
+        raise ValueError(f"ScanOptions: {name} must be an integer >= {1 if name == 'unroll' else 0}, got {value!r}")
+
+
+DEFAULT_OPTIONS = ScanOptions()
+
+
+def _use_manual(cell: Cell, grad: str) -> bool:
+  """Resolve ``grad``: True for the hand-derived BPTT, False for autodiff."""
+  if grad == "auto":
     return bptt.supports(cell)
-  return backward == "manual"
+  return grad == "manual"
 
 
 def _scan_steps(cell: Cell, params: Params, a: jax.Array, carry, mask, *, reverse: bool, unroll: int,
-                fused: bool):
+                manual: bool):
   """One lax.scan of the recurrence over a: [T, G*H] (or [T, B, G*H] with a batched carry)."""
-  if fused:
+  if manual:
     return bptt.manual_scan(cell, params, a, carry, mask, reverse=reverse, unroll=unroll)
   recurrence = cell.recurrence
   if a.ndim == 3:
@@ -106,8 +131,7 @@ def _remat_scan(scan_chunk, a: jax.Array, carry, mask, chunk: int, reverse: bool
 
 
 def scan_recurrence(cell: Cell, params: Params, a: jax.Array, carry, mask=None, *,
-                    reverse: bool = False, unroll: int = 1, backward: str = "auto",
-                    remat_chunk: Optional[int] = None):
+                    reverse: bool = False, options: ScanOptions = DEFAULT_OPTIONS):
   """The scanned recurrence over precomputed input projections.
 
     for t in (0..T-1, or T-1..0 if reverse):
@@ -120,64 +144,54 @@ def scan_recurrence(cell: Cell, params: Params, a: jax.Array, carry, mask=None, 
     carry: the initial carry.
     mask: optional [T] (or [T, B]) bool, True on real steps.
     reverse: scan t = T-1, ..., 0.
-    unroll: ``lax.scan`` unroll.
-    backward: "auto" (default: the hand-derived BPTT of rnn_jax.bptt where it
-      covers the cell, else autodiff), "fused" (require it) or "autodiff" (jax.grad
-      through lax.scan).
-    remat_chunk: if set to k, checkpoint every k steps (activation memory ~ T/k + k).
+    options: unroll, the gradient method and remat (``ScanOptions``).
   Returns:
     (final carry, hs: [T, (B,) state_size]); hs on masked steps are unspecified.
   """
   if a.ndim not in (2, 3):
     raise ValueError(f"{cell.name}: a must have shape [T, G*H] or [T, B, G*H], got {tuple(a.shape)}")
-  fused = _use_fused(cell, backward)
+  manual = _use_manual(cell, options.grad)
 
   def scan_chunk(a_chunk, carry_chunk, mask_chunk):
-    return _scan_steps(cell, params, a_chunk, carry_chunk, mask_chunk, reverse=reverse, unroll=unroll,
-                       fused=fused)
+    return _scan_steps(cell, params, a_chunk, carry_chunk, mask_chunk, reverse=reverse, unroll=options.unroll,
+                       manual=manual)
 
-  if remat_chunk is None:
+  if not options.remat_chunk:
     return scan_chunk(a, carry, mask)
-  return _remat_scan(scan_chunk, a, carry, mask, _check_remat_chunk(cell, remat_chunk), reverse)
-
-
-def _check_remat_chunk(cell: Cell, remat_chunk) -> int:
-  if isinstance(remat_chunk, bool) or not isinstance(remat_chunk, (int, np.integer)) or remat_chunk < 1:
-    raise ValueError(f"{cell.name}: remat_chunk must be a positive integer, got {remat_chunk!r}")
-  return int(remat_chunk)
+  return _remat_scan(scan_chunk, a, carry, mask, options.remat_chunk, reverse)
 
 
 def _project_and_scan(cell: Cell, params: Params, xs: jax.Array, carry, mask, *, reverse: bool,
-                      unroll: int, backward: str, remat_chunk: Optional[int]):
+                      options: ScanOptions):
   """a = W_xh xs + b (one matmul), then the scanned recurrence; xs: [T, F] or [T, B, F].
 
   With remat_chunk = k the projection moves inside each checkpointed chunk, so
   neither a: [T, (B,) G*H] nor its gradient is ever held for all T at once.
   """
-  fused = _use_fused(cell, backward)
+  manual = _use_manual(cell, options.grad)
+  unroll = options.unroll
   if mask is not None:
     # Padded inputs never reach the recurrence, so junk there (even NaN or inf) cannot
     # leak into gradients through 0 * NaN in the masked steps' backward pass.
     xs = jnp.where(mask[..., None], xs, jnp.zeros((), xs.dtype))
 
   def scan_chunk(xs_chunk, carry_chunk, mask_chunk):
-    if fused and bptt.kernel_adds_bias(cell, params, xs_chunk, carry_chunk):
+    if manual and bptt.kernel_adds_bias(cell, params, xs_chunk, carry_chunk):
       # The CPU LSTM kernel adds b while it reads a_t, which spares XLA a pass over a.
       a = cell.input_projection(params, xs_chunk, bias=False)
       return bptt.manual_scan(cell, params, a, carry_chunk, mask_chunk, reverse=reverse, unroll=unroll,
                               input_bias=cell.projection_bias(params))
     a = cell.input_projection(params, xs_chunk)
     return _scan_steps(cell, params, a, carry_chunk, mask_chunk, reverse=reverse, unroll=unroll,
-                       fused=fused)
+                       manual=manual)
 
-  if remat_chunk is None:
+  if not options.remat_chunk:
     return scan_chunk(xs, carry, mask)
-  return _remat_scan(scan_chunk, xs, carry, mask, _check_remat_chunk(cell, remat_chunk), reverse)
+  return _remat_scan(scan_chunk, xs, carry, mask, options.remat_chunk, reverse)
 
 
 def run_cell(cell: Cell, params: Params, xs: jax.Array, length=None, *, initial_carry=None,
-             reverse: bool = False, unroll: int = 1, backward: str = "auto",
-             remat_chunk: Optional[int] = None):
+             reverse: bool = False, options: ScanOptions = DEFAULT_OPTIONS):
   """Run ``cell`` over one sequence: xs: [T, F] -> (carry at the true end, ys: [T, O]).
 
     a = W_xh xs + b                 one matmul for all T steps, before the scan
@@ -189,9 +203,7 @@ def run_cell(cell: Cell, params: Params, xs: jax.Array, length=None, *, initial_
     length: optional scalar int, the number of real steps L (0 <= L <= T).
     initial_carry: optional carry; zeros if None.
     reverse: scan from the last real step back to t = 0.
-    unroll: steps per scan iteration (``lax.scan``'s unroll).
-    backward: "auto", "fused" or "autodiff"; see ``scan_recurrence``.
-    remat_chunk: checkpoint every k steps; see ``scan_recurrence``.
+    options: unroll, the gradient method and remat (``ScanOptions``).
   """
   if xs.ndim != 2:
     raise ValueError(f"{cell.name}: run_cell expects xs of shape [T, F], got {tuple(xs.shape)}")
@@ -199,8 +211,7 @@ def run_cell(cell: Cell, params: Params, xs: jax.Array, length=None, *, initial_
   check_lengths(cell.name, length, xs.shape[0])
   carry = cell.initial_carry(params) if initial_carry is None else initial_carry
   mask = None if length is None else jnp.arange(xs.shape[0]) < length
-  carry, hs = _project_and_scan(cell, params, xs, carry, mask, reverse=reverse, unroll=unroll,
-                                backward=backward, remat_chunk=remat_chunk)
+  carry, hs = _project_and_scan(cell, params, xs, carry, mask, reverse=reverse, options=options)
   ys = cell.output(params, hs)
   if mask is not None:
     ys = jnp.where(mask[:, None], ys, jnp.zeros((), ys.dtype))
@@ -280,8 +291,7 @@ def _broadcast_carry(cell: Cell, params: Params, initial_carry, batch_size: int)
 
 
 def rnn(cell: Cell, params: Params, xs: jax.Array, lengths=None, *, initial_carry=None,
-        reverse: bool = False, unroll: int = 1, time_major: bool = False, backward: str = "auto",
-        remat_chunk: Optional[int] = None):
+        reverse: bool = False, time_major: bool = False, options: ScanOptions = DEFAULT_OPTIONS):
   """Run ``cell`` over a batch of sequences.
 
     ys[b], carry[b] = run_cell(cell, params, xs[b], lengths[b])   for every b
@@ -296,9 +306,7 @@ def rnn(cell: Cell, params: Params, xs: jax.Array, lengths=None, *, initial_carr
     initial_carry: optional carry, unbatched (shared by all examples) or with a
       leading B axis; pass a params leaf to learn it.
     reverse: padding-aware reversal: example b is read from x_{L_b - 1} back to x_0.
-    unroll: ``lax.scan`` unroll.
-    backward: "auto" (hand-derived BPTT where available), "fused" or "autodiff".
-    remat_chunk: checkpoint every k steps (activation memory ~ T/k + k steps).
+    options: unroll, the gradient method and remat (``ScanOptions``).
   Returns:
     (final carry with leading B axis, ys: [B, T, O] or [T, B, O]).
   """
@@ -307,8 +315,7 @@ def rnn(cell: Cell, params: Params, xs: jax.Array, lengths=None, *, initial_carr
   xs_time_major = xs if time_major else jnp.swapaxes(xs, 0, 1)
   carry = _broadcast_carry(cell, params, initial_carry, B)
   mask = None if lengths is None else jnp.arange(T)[:, None] < jnp.asarray(lengths)[None, :]
-  carry, hs = _project_and_scan(cell, params, xs_time_major, carry, mask, reverse=reverse, unroll=unroll,
-                                backward=backward, remat_chunk=remat_chunk)
+  carry, hs = _project_and_scan(cell, params, xs_time_major, carry, mask, reverse=reverse, options=options)
   ys = cell.output(params, hs)
   if mask is not None:
     ys = jnp.where(mask[:, :, None], ys, jnp.zeros((), ys.dtype))
@@ -329,24 +336,23 @@ def merge_directions(forward: jax.Array, backward: jax.Array, merge: str) -> jax
 
 def bidirectional(cell: Cell, params_forward: Params, params_backward: Params, xs: jax.Array,
                   lengths=None, *, merge: str = "concat", initial_carry=(None, None),
-                  unroll: int = 1, time_major: bool = False, backward_cell: Optional[Cell] = None,
-                  backward: str = "auto", remat_chunk: Optional[int] = None):
+                  time_major: bool = False, backward_cell: Optional[Cell] = None,
+                  options: ScanOptions = DEFAULT_OPTIONS):
   """Bidirectional RNN (Schuster & Paliwal 1997).
 
     ->h_t = forward RNN over x_0 .. x_{L-1};   <-h_t = backward RNN over x_{L-1} .. x_0
     y_t = [->h_t ; <-h_t] (concat) or ->h_t + <-h_t (sum); y_t = 0 for t >= L
 
   Returns ((forward final carry, backward final carry), ys). The backward final
-  carry is its state after reading x_0. ``backward`` and ``remat_chunk`` are
-  those of ``rnn`` (the gradient method, not the direction).
+  carry is its state after reading x_0. ``backward_cell`` is the cell of the reverse
+  direction (default: ``cell``); ``options`` are those of ``rnn``.
   """
   if merge not in MERGES:
     raise ValueError(f"unknown merge {merge!r}; expected one of {MERGES}")
   carry_f, ys_f = rnn(cell, params_forward, xs, lengths, initial_carry=initial_carry[0],
-                      unroll=unroll, time_major=time_major, backward=backward, remat_chunk=remat_chunk)
+                      time_major=time_major, options=options)
   carry_b, ys_b = rnn(backward_cell or cell, params_backward, xs, lengths,
-                      initial_carry=initial_carry[1], reverse=True, unroll=unroll, time_major=time_major,
-                      backward=backward, remat_chunk=remat_chunk)
+                      initial_carry=initial_carry[1], reverse=True, time_major=time_major, options=options)
   return (carry_f, carry_b), merge_directions(ys_f, ys_b, merge)
 
 
@@ -372,6 +378,7 @@ class StackedRNN:
     dropout: rate applied to the inputs of layers 1..L-1 (between layers), only with train=True.
     residual: add each layer's input to its output for layers l >= 1 (Wu et al. 2016).
     learn_initial_state: keep h_0 (and c_0) per layer and direction as trainable params.
+    scan: how every layer is scanned and differentiated (``ScanOptions``).
 
   Params layout: {"layer_0": {"forward": cell params, "backward": ..., "initial_forward": carry}, ...}.
   """
@@ -382,14 +389,18 @@ class StackedRNN:
   dropout: float = 0.0
   residual: bool = False
   learn_initial_state: bool = False
+  scan: ScanOptions = DEFAULT_OPTIONS
 
   def __post_init__(self):
-    if self.num_layers < 1:
-      raise ValueError(f"StackedRNN: num_layers must be >= 1, got {self.num_layers}")
+    if isinstance(self.num_layers, bool) or not isinstance(self.num_layers, (int, np.integer)) \
+        or self.num_layers < 1:
+      raise ValueError(f"StackedRNN: num_layers must be an integer >= 1, got {self.num_layers!r}")
     if not 0.0 <= self.dropout < 1.0:
       raise ValueError(f"StackedRNN: dropout must be in [0, 1), got {self.dropout}")
     if self.merge not in MERGES:
       raise ValueError(f"StackedRNN: unknown merge {self.merge!r}; expected one of {MERGES}")
+    if not isinstance(self.scan, ScanOptions):
+      raise ValueError(f"StackedRNN: scan must be a ScanOptions, got {self.scan!r}")
 
   @property
   def directions(self) -> tuple[str, ...]:
@@ -415,18 +426,58 @@ class StackedRNN:
       params[f"layer_{layer}"] = layer_params
     return params
 
-  def __call__(self, params: Params, xs: jax.Array, lengths=None, *, train: bool = False,
-               dropout_key=None, initial_carries: Optional[Sequence] = None, unroll: int = 1,
-               time_major: bool = False, backward: str = "auto", remat_chunk: Optional[int] = None):
+  def initial_carries(self, params: Params, batch_size: Optional[int] = None) -> tuple:
+    """Every layer's initial carry (learned, or zeros), with a leading B axis if ``batch_size`` is set.
+
+    One carry per layer, a (forward, backward) pair per layer when bidirectional.
+    """
+    carries = []
+    for layer in range(self.num_layers):
+      layer_params = params[f"layer_{layer}"]
+      per_direction = []
+      for direction in self.directions:
+        carry = layer_params.get(f"initial_{direction}")
+        if carry is None:
+          carry = self.cell.initial_carry(layer_params[direction])
+        if batch_size is not None:
+          carry = jax.tree_util.tree_map(lambda c: jnp.broadcast_to(c, (batch_size, *c.shape)), carry)
+        per_direction.append(carry)
+      carries.append(tuple(per_direction) if self.bidirectional else per_direction[0])
+    return tuple(carries)
+
+  def step(self, params: Params, carries: Sequence, x_t: jax.Array):
+    """One time step of a unidirectional stack: (carries_{t-1}, x_t) -> (carries_t, y_t).
+
+    x_t: [..., F] (any leading batch axes, matching the carries'); carries: one per layer, as
+    returned by ``initial_carries`` or by ``__call__``. Decoding and generation call this once
+    per produced token; no dropout is applied.
+    """
+    if self.bidirectional:
+      raise ValueError("StackedRNN.step: a bidirectional stack reads the whole sequence; it has no step")
+    if len(carries) != self.num_layers:
+      raise ValueError(f"StackedRNN.step: carries has {len(carries)} entries, expected one per layer "
+                       f"({self.num_layers})")
+    new_carries, inputs = [], x_t
+    for layer in range(self.num_layers):
+      layer_params = params[f"layer_{layer}"]["forward"]
+      carry, outputs = self.cell.step(layer_params, carries[layer], inputs)
+      if self.residual and layer > 0:
+        outputs = outputs + inputs
+      new_carries.append(carry)
+      inputs = outputs
+    return tuple(new_carries), inputs
+
+  def __call__(self, params: Params, xs: jax.Array, lengths=None, *, train: bool = False, rng=None,
+               initial_carries: Optional[Sequence] = None, time_major: bool = False):
     """Run the stack: xs [B, T, F] -> (per-layer final carries, ys [B, T, output_size]).
 
     initial_carries: optional per-layer sequence of carries ((forward, backward)
     pairs when bidirectional); learned initial states are used when present.
     Each final carry is a carry (or a (forward, backward) pair) with a leading B axis.
-    backward ("auto", "fused" or "autodiff") and remat_chunk are passed to every ``rnn``.
+    rng: the dropout key, needed when train=True and dropout > 0.
     """
-    if train and self.dropout > 0.0 and dropout_key is None:
-      raise ValueError("StackedRNN: train=True with dropout > 0 needs a dropout_key")
+    if train and self.dropout > 0.0 and rng is None:
+      raise ValueError("StackedRNN: train=True with dropout > 0 needs an rng key")
     if initial_carries is not None and len(initial_carries) != self.num_layers:
       raise ValueError(f"StackedRNN: initial_carries has {len(initial_carries)} entries, "
                        f"expected one per layer ({self.num_layers})")
@@ -435,7 +486,7 @@ class StackedRNN:
     for layer in range(self.num_layers):
       layer_params = params[f"layer_{layer}"]
       if layer > 0 and train and self.dropout > 0.0:
-        dropout_key, sub = jax.random.split(dropout_key)
+        rng, sub = jax.random.split(rng)
         inputs = dropout(sub, self.dropout, inputs)
       starts = [layer_params.get(f"initial_{d}") for d in self.directions]
       if initial_carries is not None and initial_carries[layer] is not None:
@@ -444,12 +495,10 @@ class StackedRNN:
       if self.bidirectional:
         carry, outputs = bidirectional(
             self.cell, layer_params["forward"], layer_params["backward"], inputs, lengths,
-            merge=self.merge, initial_carry=tuple(starts), unroll=unroll, time_major=time_major,
-            backward=backward, remat_chunk=remat_chunk)
+            merge=self.merge, initial_carry=tuple(starts), time_major=time_major, options=self.scan)
       else:
         carry, outputs = rnn(self.cell, layer_params["forward"], inputs, lengths,
-                             initial_carry=starts[0], unroll=unroll, time_major=time_major,
-                             backward=backward, remat_chunk=remat_chunk)
+                             initial_carry=starts[0], time_major=time_major, options=self.scan)
       if self.residual and layer > 0:
         outputs = outputs + inputs
       final_carries.append(carry)

@@ -77,17 +77,17 @@ class SequenceTagger:
     }
 
   def __call__(self, params: dict, ids: jax.Array, lengths: jax.Array, *, train: bool = False,
-               dropout_key: Optional[jax.Array] = None) -> jax.Array:
+               rng: Optional[jax.Array] = None) -> jax.Array:
     """Tag logits: ids [B, T], lengths [B] -> [B, T, K] (rows t >= L are padding)."""
     if ids.ndim != 2:
       raise ValueError(f"SequenceTagger: ids must have shape [B, T], got {tuple(ids.shape)}")
-    if train and self.dropout > 0.0 and dropout_key is None:
-      raise ValueError("SequenceTagger: train=True with dropout > 0 needs a dropout_key")
-    keys = jax.random.split(dropout_key, 3) if (train and self.dropout > 0.0) else [None] * 3
+    if train and self.dropout > 0.0 and rng is None:
+      raise ValueError("SequenceTagger: train=True with dropout > 0 needs an rng key")
+    keys = jax.random.split(rng, 3) if (train and self.dropout > 0.0) else [None] * 3
     xs = layers.embed(params["embed"], ids)
     if keys[0] is not None:
       xs = dropout(keys[0], self.dropout, xs)
-    _, hs = self.encoder(params["encoder"], xs, lengths, train=train, dropout_key=keys[1])
+    _, hs = self.encoder(params["encoder"], xs, lengths, train=train, rng=keys[1])
     if keys[2] is not None:
       hs = dropout(keys[2], self.dropout, hs)
     return layers.dense(params["output"], hs)
@@ -112,11 +112,11 @@ def make_loss_fn(model: SequenceTagger, singletons: np.ndarray, unk_id: int, sin
 
   def loss_fn(params, batch, rng):
     ids, lengths = batch["ids"], batch["lengths"]
-    unk_key, dropout_key = jax.random.split(rng)
+    unk_key, rng = jax.random.split(rng)
     if singleton_unk_rate > 0:
       replace = singleton_mask[ids] & jax.random.bernoulli(unk_key, singleton_unk_rate, ids.shape)
       ids = jnp.where(replace, unk_id, ids)
-    logits = model(params, ids, lengths, train=True, dropout_key=dropout_key)
+    logits = model(params, ids, lengths, train=True, rng=rng)
     mask = jnp.arange(ids.shape[1])[None, :] < lengths[:, None]
     loss = losses.cross_entropy(logits, batch["targets"], mask=mask, reduction="mean")
     return loss, {"token_accuracy": losses.accuracy(logits, batch["targets"], mask=mask)}

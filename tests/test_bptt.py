@@ -1,10 +1,12 @@
 """The hand-derived BPTT (rnn_jax.bptt) equals jax.grad through lax.scan, and remat changes nothing.
 
-Every comparison runs the same model twice, once with ``backward="manual"`` and once
-with ``backward="autodiff"``, and checks the loss and the gradients of every
+Every comparison runs the same model twice, once with ``grad="manual"`` and once
+with ``grad="autodiff"`` (``ScanOptions``), and checks the loss and the gradients of every
 param and of the initial carry: float64 to 1e-10, float32 to 1e-5. Sequences have
 variable lengths (including 0 and T) and are read forwards and reversed.
 """
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +14,7 @@ import numpy as np
 import pytest
 
 from rnn_jax import GRU, LSTM, Elman, StackedRNN, bptt, rnn
-from rnn_jax.sequence import run_cell, scan_recurrence
+from rnn_jax.sequence import ScanOptions, run_cell, scan_recurrence
 
 B, T, F, H = 3, 6, 4, 5
 LENGTHS = np.array([6, 2, 0])
@@ -29,10 +31,10 @@ CELLS = {
 }
 
 
-def _loss(cell, params, initial_carry, xs, lengths, reverse, backward, remat_chunk=None):
+def _loss(cell, params, initial_carry, xs, lengths, reverse, backward, remat_chunk=0):
   """A loss that reads every output and the final carry, with uneven weights."""
   carry, ys = rnn(cell, params, xs, lengths, initial_carry=initial_carry, reverse=reverse,
-                  backward=backward, remat_chunk=remat_chunk)
+                  options=ScanOptions(grad=backward, remat_chunk=remat_chunk))
   weights = jnp.cos(jnp.arange(ys.size, dtype=ys.dtype)).reshape(ys.shape)
   carry_term = sum(jnp.sum(jnp.sin(3.0 * leaf)) for leaf in jax.tree_util.tree_leaves(carry))
   return jnp.sum(weights * ys ** 2) + jnp.sum(jnp.tanh(ys)) + carry_term
@@ -94,7 +96,7 @@ def test_run_cell_single_example_and_reverse():
 
   def loss(params, backward):
     def one(x, length):
-      _, ys = run_cell(cell, params, x, length, reverse=True, backward=backward)
+      _, ys = run_cell(cell, params, x, length, reverse=True, options=ScanOptions(grad=backward))
       return jnp.sum(ys ** 2)
     return jnp.sum(jax.vmap(one)(xs, jnp.asarray(LENGTHS)))
 
@@ -109,7 +111,7 @@ def test_backward_scan_carries_only_state_gradients():
   params, xs, _ = _inputs(cell, jnp.float32)
 
   def carried_shapes(backward):
-    jaxpr = jax.make_jaxpr(jax.grad(lambda p: jnp.sum(rnn(cell, p, xs, backward=backward)[1])))(params)
+    jaxpr = jax.make_jaxpr(jax.grad(lambda p: jnp.sum(rnn(cell, p, xs, options=ScanOptions(grad=backward))[1])))(params)
     shapes = []
     for eqn in jaxpr.jaxpr.eqns:
       if eqn.primitive.name == "scan":
@@ -126,13 +128,13 @@ def test_auto_falls_back_for_lstm_options_and_manual_refuses_them():
   cell = LSTM(H, layer_norm=True)
   params, xs, _ = _inputs(cell, jnp.float32)
   assert not bptt.supports(cell) and bptt.supports(LSTM(H)) and bptt.supports(LSTM(H, peephole=True))
-  auto = jax.grad(lambda p: jnp.sum(rnn(cell, p, xs, backward="auto")[1] ** 2))(params)
-  ref = jax.grad(lambda p: jnp.sum(rnn(cell, p, xs, backward="autodiff")[1] ** 2))(params)
+  auto = jax.grad(lambda p: jnp.sum(rnn(cell, p, xs, options=ScanOptions(grad="auto"))[1] ** 2))(params)
+  ref = jax.grad(lambda p: jnp.sum(rnn(cell, p, xs, options=ScanOptions(grad="autodiff"))[1] ** 2))(params)
   assert _max_difference(auto, ref) == 0.0
   with pytest.raises(ValueError, match="layer_norm"):
-    rnn(cell, params, xs, backward="manual")
-  with pytest.raises(ValueError, match="unknown backward"):
-    rnn(cell, params, xs, backward="fused")
+    rnn(cell, params, xs, options=ScanOptions(grad="manual"))
+  with pytest.raises(ValueError, match="unknown grad"):
+    rnn(cell, params, xs, options=ScanOptions(grad="fused"))
 
 
 @pytest.mark.parametrize("backward", ["manual", "autodiff"])
@@ -142,9 +144,10 @@ def test_remat_gives_identical_outputs_and_gradients(backward):
   params, xs, carry = _inputs(cell, jnp.float32)
   lengths = jnp.asarray(LENGTHS)
   for reverse in (False, True):
-    plain = rnn(cell, params, xs, lengths, initial_carry=carry, reverse=reverse, backward=backward)
-    remat = rnn(cell, params, xs, lengths, initial_carry=carry, reverse=reverse, backward=backward,
-                remat_chunk=4)
+    plain = rnn(cell, params, xs, lengths, initial_carry=carry, reverse=reverse,
+                options=ScanOptions(grad=backward))
+    remat = rnn(cell, params, xs, lengths, initial_carry=carry, reverse=reverse,
+                options=ScanOptions(grad=backward, remat_chunk=4))
     assert _max_difference(plain, remat) < 1e-6
     grad = jax.grad(_loss, argnums=(1, 2))
     plain_grads = grad(cell, params, carry, xs, lengths, reverse, backward)
@@ -155,8 +158,10 @@ def test_remat_gives_identical_outputs_and_gradients(backward):
 def test_remat_rejects_bad_chunk():
   cell = Elman(H)
   params, xs, _ = _inputs(cell, jnp.float32)
-  with pytest.raises(ValueError, match="remat_chunk must be a positive integer"):
-    rnn(cell, params, xs, remat_chunk=0)
+  with pytest.raises(ValueError, match="remat_chunk must be an integer >= 0"):
+    rnn(cell, params, xs, options=ScanOptions(remat_chunk=-1))
+  with pytest.raises(ValueError, match="unroll must be an integer >= 1"):
+    ScanOptions(unroll=0)
 
 
 def test_stacked_bidirectional_fused_equals_autodiff():
@@ -166,7 +171,8 @@ def test_stacked_bidirectional_fused_equals_autodiff():
   lengths = jnp.asarray(LENGTHS)
 
   def loss(params, backward):
-    return jnp.sum(stack(params, xs, lengths, backward=backward)[1] ** 2)
+    scanned = dataclasses.replace(stack, scan=ScanOptions(grad=backward))
+    return jnp.sum(scanned(params, xs, lengths)[1] ** 2)
 
   assert _max_difference(jax.grad(loss)(params, "manual"), jax.grad(loss)(params, "autodiff")) < 1e-5
 
@@ -205,7 +211,7 @@ def test_forward_mode_and_second_derivatives_through_the_default_path(cell):
   the scan under forward mode) and equal the autodiff path."""
   params = cell.init(jax.random.PRNGKey(0), 3)
   xs = jax.random.normal(jax.random.PRNGKey(1), (2, 4, 3))
-  loss = lambda p, x, backward: jnp.sum(jnp.tanh(rnn(cell, p, x, backward=backward)[1]))
+  loss = lambda p, x, backward: jnp.sum(jnp.tanh(rnn(cell, p, x, options=ScanOptions(grad=backward))[1]))
   tangent_auto = jax.jvp(lambda p: loss(p, xs, "auto"), (params,), (params,))[1]
   tangent_ref = jax.jvp(lambda p: loss(p, xs, "autodiff"), (params,), (params,))[1]
   np.testing.assert_allclose(float(tangent_auto), float(tangent_ref), rtol=1e-6)

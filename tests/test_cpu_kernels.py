@@ -1,12 +1,13 @@
 """The fused CPU LSTM kernel (rnn_jax.lstm_kernel): same numbers as the lax.scan path, used where it applies.
 
 Every check runs the same model with the kernel and with ``jax.grad`` through
-``lax.scan`` (``backward="autodiff"``), which tests/test_bptt.py, test_torch_parity.py
+``lax.scan`` (``grad="autodiff"``), which tests/test_bptt.py, test_torch_parity.py
 and test_flax_parity.py tie to numpy, PyTorch and Flax. H is a multiple of the
 vector width (16 floats with AVX-512) so that the kernel runs; B = 5 leaves a
 remainder after the kernel's blocks of 4 rows, and the lengths include 0 and T.
 """
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -19,6 +20,7 @@ import numpy as np
 import pytest
 
 from rnn_jax import LSTM, StackedRNN, bptt, lstm_kernel, rnn, run_cell
+from rnn_jax.sequence import ScanOptions
 from rnn_jax.cells import LSTMState
 
 pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None,
@@ -54,7 +56,8 @@ def _loss(cell, params, carry, xs, lengths, backward):
   """Both directions, every output and the final carries, with uneven weights."""
   total = 0.0
   for reverse in (False, True):
-    final, ys = rnn(cell, params, xs, lengths, initial_carry=carry, reverse=reverse, backward=backward)
+    final, ys = rnn(cell, params, xs, lengths, initial_carry=carry, reverse=reverse,
+                    options=ScanOptions(grad=backward))
     weights = jnp.cos(jnp.arange(ys.size, dtype=ys.dtype)).reshape(ys.shape)
     total += jnp.sum(weights * ys ** 2) + jnp.sum(jnp.sin(3.0 * final.h)) + jnp.sum(jnp.sin(2.0 * final.c))
   return total
@@ -166,7 +169,8 @@ def test_stacked_bidirectional_lstm_uses_the_kernel_and_matches_scan():
   model = StackedRNN(LSTM(H), num_layers=2, bidirectional=True)
   params = model.init(jax.random.PRNGKey(3), F)
   xs = jax.random.normal(jax.random.PRNGKey(4), (B, T, F))
-  loss = lambda p, backward: jnp.sum(jnp.tanh(model(p, xs, LENGTHS, backward=backward)[1]))
+  loss = lambda p, backward: jnp.sum(jnp.tanh(
+      dataclasses.replace(model, scan=ScanOptions(grad=backward))(p, xs, LENGTHS)[1]))
   text = jax.jit(jax.grad(loss), static_argnums=1).lower(params, "auto").as_text()
   assert text.count(lstm_kernel.BACKWARD_TARGET) >= 4
   grads_kernel = jax.grad(loss)(params, "auto")

@@ -125,8 +125,10 @@ def test_bad_hyper_parameters():
     StackedRNN(CELL, dropout=1.0)
   with pytest.raises(ValueError, match="StackedRNN: unknown merge 'max'; expected one of"):
     StackedRNN(CELL, bidirectional=True, merge="max")
-  with pytest.raises(ValueError, match="StackedRNN: num_layers must be >= 1, got 0"):
+  with pytest.raises(ValueError, match="StackedRNN: num_layers must be an integer >= 1, got 0"):
     StackedRNN(CELL, num_layers=0)
+  with pytest.raises(ValueError, match="StackedRNN: num_layers must be an integer >= 1, got 1.5"):
+    StackedRNN(CELL, num_layers=1.5)
   with pytest.raises(ValueError, match="unknown merge 'mean'"):
     bidirectional(CELL, PARAMS, PARAMS, XS, merge="mean")
 
@@ -152,7 +154,7 @@ def test_bad_initial_carry_for_elman():
 def test_stacked_rnn_call_errors():
   stack = StackedRNN(CELL, num_layers=2, dropout=0.5)
   params = stack.init(jax.random.key(0), F)
-  with pytest.raises(ValueError, match="StackedRNN: train=True with dropout > 0 needs a dropout_key"):
+  with pytest.raises(ValueError, match="StackedRNN: train=True with dropout > 0 needs an rng key"):
     stack(params, XS, train=True)
   expected = r"StackedRNN: initial_carries has 1 entries, expected one per layer \(2\)"
   with pytest.raises(ValueError, match=expected):

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rnn_jax import GRU, LSTM, Elman, LSTMState, StackedRNN, bidirectional, rnn
+from rnn_jax import GRU, LSTM, Elman, LSTMState, ScanOptions, StackedRNN, bidirectional, rnn
 
 F = 3
 
@@ -20,7 +20,7 @@ def leaves_close(a, b, atol, rtol=0.0):
 
 
 # Compiled once per (cell, options, shapes) and reused: eager rnn calls re-trace their scan every time.
-rnn_jit = jax.jit(rnn, static_argnums=0, static_argnames=("reverse", "time_major", "unroll"))
+rnn_jit = jax.jit(rnn, static_argnums=0, static_argnames=("reverse", "time_major", "options"))
 run_stack = jax.jit(StackedRNN.__call__, static_argnums=0, static_argnames=("train",))
 
 
@@ -240,7 +240,7 @@ def test_time_major_unroll_and_initial_carry_forms_agree():
   final_tm, ys_tm = rnn_jit(COMPOSE_CELL, COMPOSE_PARAMS, jnp.swapaxes(xs, 0, 1), lengths, time_major=True)
   np.testing.assert_allclose(jnp.swapaxes(ys_tm, 0, 1), ys, atol=1e-6)
   leaves_close(final_tm, final, atol=1e-6)
-  leaves_close(rnn_jit(COMPOSE_CELL, COMPOSE_PARAMS, xs, lengths, unroll=3), (final, ys), atol=1e-6)
+  leaves_close(rnn_jit(COMPOSE_CELL, COMPOSE_PARAMS, xs, lengths, options=ScanOptions(unroll=3)), (final, ys), atol=1e-6)
   # Default zeros == explicit zeros; a shared carry == the same carry repeated per example.
   zeros = COMPOSE_CELL.initial_carry(COMPOSE_PARAMS)
   leaves_close(rnn_jit(COMPOSE_CELL, COMPOSE_PARAMS, xs, lengths, initial_carry=zeros), (final, ys), atol=0)
@@ -289,13 +289,13 @@ def test_stacked_dropout_only_in_training():
   params = stack.init(jax.random.key(10), F)
   xs, lengths = random_inputs(11, (2, 5, F)), jnp.array([5, 2])
   eval_1 = run_stack(stack, params, xs, lengths)
-  eval_2 = run_stack(stack, params, xs, lengths, train=False, dropout_key=jax.random.key(0))
+  eval_2 = run_stack(stack, params, xs, lengths, train=False, rng=jax.random.key(0))
   no_dropout = run_stack(StackedRNN(GRU(6), num_layers=2), params, xs, lengths)
   leaves_close(eval_1, eval_2, atol=0)
   leaves_close(eval_1, no_dropout, atol=0)
-  train_a = run_stack(stack, params, xs, lengths, train=True, dropout_key=jax.random.key(1))
-  train_a_again = run_stack(stack, params, xs, lengths, train=True, dropout_key=jax.random.key(1))
-  train_b = run_stack(stack, params, xs, lengths, train=True, dropout_key=jax.random.key(2))
+  train_a = run_stack(stack, params, xs, lengths, train=True, rng=jax.random.key(1))
+  train_a_again = run_stack(stack, params, xs, lengths, train=True, rng=jax.random.key(1))
+  train_b = run_stack(stack, params, xs, lengths, train=True, rng=jax.random.key(2))
   leaves_close(train_a, train_a_again, atol=0)
   assert not np.allclose(train_a[1], eval_1[1])
   assert not np.allclose(train_a[1], train_b[1])
@@ -365,3 +365,23 @@ def test_stacked_given_initial_carries_and_jit():
   np.testing.assert_array_equal(finals[1][1], 0.0)          # layer 1 starts from zeros
   jitted = jax.jit(lambda p, x, l: stack(p, x, l, initial_carries=starts))(params, xs, lengths)
   leaves_close(jitted, (finals, ys), atol=1e-6)
+
+
+@pytest.mark.parametrize("cell", [LSTM(5), GRU(4), Elman(3, readout_size=2)], ids=["lstm", "gru", "elman"])
+def test_stacked_step_by_step_equals_the_whole_sequence(cell):
+  """StackedRNN.step, called once per token from initial_carries, gives the carries and outputs
+  of the scanned stack (the decoding and generation path)."""
+  stack = StackedRNN(cell, num_layers=3, residual=cell.output_size == cell.state_size,
+                     learn_initial_state=True)
+  params = stack.init(jax.random.key(0), F)
+  xs = jax.random.normal(jax.random.key(1), (2, 6, F))
+  final, ys = stack(params, xs)
+  carries = stack.initial_carries(params, batch_size=2)
+  outputs = []
+  for t in range(xs.shape[1]):
+    carries, y_t = stack.step(params, carries, xs[:, t])
+    outputs.append(y_t)
+  leaves_close(jnp.stack(outputs, axis=1), ys, atol=1e-5)
+  leaves_close(carries, final, atol=1e-5)
+  with pytest.raises(ValueError, match="bidirectional stack reads the whole sequence"):
+    StackedRNN(cell, bidirectional=True).step(params, carries, xs[:, 0])

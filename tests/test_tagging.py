@@ -69,9 +69,9 @@ def test_tagger_real_positions_ignore_padding():
   for row, length in enumerate([3, 2]):
     np.testing.assert_allclose(wider_logits[row, :length], logits[row, :length], atol=1e-6)
   # Dropout is active only with train=True and a key.
-  noisy = model(params, ids, lengths, train=True, dropout_key=jax.random.PRNGKey(1))
+  noisy = model(params, ids, lengths, train=True, rng=jax.random.PRNGKey(1))
   assert not np.allclose(noisy, logits)
-  with pytest.raises(ValueError, match="needs a dropout_key"):
+  with pytest.raises(ValueError, match="needs an rng key"):
     model(params, ids, lengths, train=True)
 
 

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from rnn_jax import GRU, LSTM, Elman, StackedRNN, rnn
-from rnn_jax.nn import NNXRNNCell, NNXRNNLayer, RNNCell, RNNLayer
+from rnn_jax.flax_modules import CellLayer, NNXRNNCell, NNXRNNLayer, RNNCell, RNNLayer
 
 F = 3
 LENGTHS = jnp.array([5, 2, 0])
@@ -173,3 +173,18 @@ def test_nnx_cell_and_layer_equal_the_functional_api_and_get_gradients():
 
   grads = grads_of(layer)
   assert all(np.abs(g).max() > 0 for g in jax.tree_util.tree_leaves(nnx.state(grads, nnx.Param)))
+
+
+def test_cell_layer_is_rnn_with_flax_params_and_reverses_with_padding():
+  cell = GRU(4)
+  xs = jax.random.normal(jax.random.key(3), (2, 5, 3))
+  lengths = jnp.array([5, 2])
+  layer = CellLayer(cell, reverse=True)
+  variables = layer.init(jax.random.key(4), xs, lengths)
+  params = variables["params"]
+  assert set(params) == {"w_xh", "w_hh", "b", "b_hn"}
+  final, ys = layer.apply(variables, xs, lengths)
+  expected_final, expected_ys = rnn(cell, dict(params), xs, lengths, reverse=True)
+  np.testing.assert_allclose(ys, expected_ys, atol=1e-6)
+  np.testing.assert_allclose(final, expected_final, atol=1e-6)
+  assert float(jnp.abs(ys[1, 2:]).max()) == 0.0

@@ -9,9 +9,16 @@ cell's (or stack's) own ``init`` and passed unchanged to its functions, so
 and weights move freely between a Flax model, the functional API, PyTorch and
 checkpoints. Nothing here adds computation: every call is one of ours.
 
+The module is named so that it sits beside ``import flax.linen as nn`` without a clash::
+
+  from rnn_jax import flax_modules
+
 linen:
   RNNCell(cell)     (carry, x_t: [..., F]) -> (carry, y_t: [..., O]); a
                     ``flax.linen.RNNCellBase``, so ``flax.linen.RNN`` can scan it.
+  CellLayer(cell)   one layer of one cell over a sequence: xs: [B, T, F], lengths: [B]
+                    -> (final carry, ys: [B, T, O]), the whole-sequence ``rnn`` (one input
+                    matmul for all steps, padding-aware ``reverse``).
   RNNLayer(stack)   xs: [B, T, F], lengths: [B] -> (final carries, ys: [B, T, O']);
                     one ``StackedRNN`` (layers, bidirectional, residual, learned h_0),
                     with dropout drawn from the 'dropout' rng when ``train=True``.
@@ -21,7 +28,6 @@ nnx:
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Optional, Sequence
 
 import flax.linen as linen
@@ -30,14 +36,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rnn_jax.cells import Cell, Params
-from rnn_jax.sequence import StackedRNN
-
-
-def _shape_only(owner):
-  """A copy whose ``init`` can be traced abstractly (spectral-radius rescaling runs on the host)."""
-  if isinstance(owner, StackedRNN):
-    return dataclasses.replace(owner, cell=_shape_only(owner.cell))
-  return dataclasses.replace(owner, spectral_radius=None)
+from rnn_jax.sequence import ScanOptions, StackedRNN, rnn
 
 
 def _check_layout(name: str, params: Params, expected: Params) -> None:
@@ -60,8 +59,7 @@ def _declare_params(module: linen.Module, owner, input_size: int) -> Params:
     created = owner.init(module.make_rng("params"), input_size)
     return {name: module.param(name, lambda _, value=value: value) for name, value in created.items()}
   params = dict(stored)
-  traceable = _shape_only(owner)
-  expected = jax.eval_shape(lambda key: traceable.init(key, input_size), jax.random.key(0))
+  expected = jax.eval_shape(lambda key: owner.init(key, input_size), jax.random.key(0))
   _check_layout(f"{type(module).__name__}({owner.name if isinstance(owner, Cell) else 'stack'})",
                 params, expected)
   return params
@@ -77,9 +75,7 @@ def _step_batched(cell: Cell, params: Params, carry, x: jax.Array):
 
 def _zero_carry(cell: Cell, batch_shape: tuple, input_size: int) -> Any:
   """The cell's zero carry with leading batch axes: leaves [*batch_shape, ...]."""
-  traceable = _shape_only(cell)
-  reference = jax.eval_shape(lambda key: traceable.initial_carry(traceable.init(key, input_size)),
-                             jax.random.key(0))
+  reference = jax.eval_shape(lambda key: cell.initial_carry(cell.init(key, input_size)), jax.random.key(0))
   return jax.tree_util.tree_map(lambda leaf: jnp.zeros(batch_shape + leaf.shape, leaf.dtype), reference)
 
 
@@ -112,6 +108,27 @@ class RNNCell(linen.RNNCellBase):
     return 1
 
 
+class CellLayer(linen.Module):
+  """One recurrent layer of one cell as a ``flax.linen`` module, over whole sequences.
+
+    carry, ys = rnn(cell, params, xs, lengths, reverse=reverse, time_major=time_major, options=options)
+
+  Params are ``cell.init(key, F)``, one flax param per name. Padded steps (t >= lengths[b])
+  hold the carry and give y_t = 0; ``reverse=True`` reads each sequence from its last real step.
+  """
+  cell: Cell
+  reverse: bool = False
+  time_major: bool = False
+  options: ScanOptions = ScanOptions()
+
+  @linen.compact
+  def __call__(self, xs: jax.Array, lengths: Optional[jax.Array] = None, *, initial_carry=None):
+    """xs: [B, T, F] (or [T, B, F] if time_major) -> (final carry [B, ...], ys [B, T, O])."""
+    params = _declare_params(self, self.cell, xs.shape[-1])
+    return rnn(self.cell, params, xs, lengths, initial_carry=initial_carry, reverse=self.reverse,
+               time_major=self.time_major, options=self.options)
+
+
 class RNNLayer(linen.Module):
   """A ``flax.linen`` layer over ``StackedRNN``: xs [B, T, F] -> (final carries, ys [B, T, O']).
 
@@ -120,7 +137,6 @@ class RNNLayer(linen.Module):
   from the 'dropout' rng (``apply(..., rngs={"dropout": key})``); otherwise it is off.
   """
   stack: StackedRNN
-  unroll: int = 1
   time_major: bool = False
 
   @linen.compact
@@ -128,9 +144,9 @@ class RNNLayer(linen.Module):
                initial_carries: Optional[Sequence] = None):
     """xs: [B, T, F] (or [T, B, F] if time_major), lengths: optional [B] ints in [0, T]."""
     params = _declare_params(self, self.stack, xs.shape[-1])
-    dropout_key = self.make_rng("dropout") if (train and self.stack.dropout > 0.0) else None
-    return self.stack(params, xs, lengths, train=train, dropout_key=dropout_key,
-                      initial_carries=initial_carries, unroll=self.unroll, time_major=self.time_major)
+    rng = self.make_rng("dropout") if (train and self.stack.dropout > 0.0) else None
+    return self.stack(params, xs, lengths, train=train, rng=rng,
+                      initial_carries=initial_carries, time_major=self.time_major)
 
 
 class NNXRNNCell(nnx.Module):
@@ -160,6 +176,6 @@ class NNXRNNLayer(nnx.Module):
   def __call__(self, xs: jax.Array, lengths: Optional[jax.Array] = None, *, train: bool = False,
                initial_carries: Optional[Sequence] = None):
     """xs: [B, T, F], lengths: optional [B] -> (final carries, ys: [B, T, O'])."""
-    dropout_key = self.rngs.dropout() if (train and self.stack.dropout > 0.0) else None
-    return self.stack(self.params.value, xs, lengths, train=train, dropout_key=dropout_key,
+    rng = self.rngs.dropout() if (train and self.stack.dropout > 0.0) else None
+    return self.stack(self.params.value, xs, lengths, train=train, rng=rng,
                       initial_carries=initial_carries)
