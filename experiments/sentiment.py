@@ -42,7 +42,7 @@ else:  # run as a script: experiments/ is on sys.path
   import common
 from rnn_jax import classifier, metrics, plots, rundir
 from rnn_jax import predict as predict_io
-from rnn_jax.classifier import CELL_NAMES, SentenceClassifier
+from rnn_jax.classifier import CELL_NAMES, SentenceClassifier, keras_cell
 from rnn_jax.config import TrainingConfig, field
 from rnn_jax.data import sentiment as sentiment_data
 from rnn_jax.data.sentences import SentenceBatches
@@ -104,9 +104,9 @@ def cell_name(config: Config, cell: str) -> str:
 
 
 def build_model(config: Config, cell: str, vocab_size: int, num_classes: int) -> SentenceClassifier:
-  return SentenceClassifier(vocab_size=vocab_size, num_classes=num_classes, cell=cell,
-                            embed_size=config.embed_size, hidden_size=config.hidden_size,
-                            activation=config.activation, bidirectional=config.bidirectional,
+  return SentenceClassifier(vocab_size=vocab_size, num_classes=num_classes,
+                            cell=keras_cell(cell, config.hidden_size, config.activation),
+                            embed_size=config.embed_size, bidirectional=config.bidirectional,
                             num_layers=config.num_layers, dropout=config.dropout)
 
 

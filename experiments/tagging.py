@@ -41,6 +41,7 @@ else:  # run as a script: experiments/ is on sys.path
   import common
 from rnn_jax import load_run, metrics, plots, rundir, tagger
 from rnn_jax import predict as predict_io
+from rnn_jax.cells import make_cell
 from rnn_jax.config import TrainingConfig, field
 from rnn_jax.data import conll
 from rnn_jax.data.sentences import SentenceBatches
@@ -107,7 +108,7 @@ def train_and_evaluate(config: Config, workdir: str, options=None) -> dict:
   run = rundir.RunDir(workdir, "tagging", config, options, label=label)
   sizes = {name: len(split[0]) for name, split in data.splits.items()}
   model = SequenceTagger(vocab_size=len(data.vocab), num_tags=len(data.tag_names),
-                         embed_size=config.embed_size, hidden_size=config.hidden_size, cell=config.cell,
+                         embed_size=config.embed_size, cell=make_cell(config.cell, config.hidden_size),
                          num_layers=config.num_layers, dropout=config.dropout)
   metric = best_metric(config.task)
   run.save_model(model, data.vocab, best_metric=metric, best_mode="max", task=config.task,

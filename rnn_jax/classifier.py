@@ -30,13 +30,21 @@ import jax.numpy as jnp
 import numpy as np
 
 from rnn_jax import layers, losses, metrics
-from rnn_jax.cells import make_cell
+from rnn_jax.cells import Cell, make_cell
 from rnn_jax.data import sentiment
 from rnn_jax.data.sentences import evaluation_batches
 from rnn_jax.rundir import LoadedRun, load_run, read_json
-from rnn_jax.sequence import StackedRNN, dropout
+from rnn_jax.sequence import StackedRNN
 
 CELL_NAMES = ("elman", "lstm", "gru")
+
+
+def keras_cell(name: str, hidden_size: int, activation: str = "relu") -> Cell:
+  """A cell with Keras' defaults (orthogonal W_hh, Glorot W_xh; the Elman cell with ``activation``)."""
+  options = {"recurrent_init": "orthogonal", "input_init": "glorot"}
+  if name == "elman":
+    options["activation"] = activation
+  return make_cell(name, hidden_size, **options)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,30 +54,26 @@ class SentenceClassifier:
   Attributes:
     vocab_size: V, rows of the embedding table (id 0 is conventionally padding).
     num_classes: C.
-    cell: "elman", "lstm" or "gru".
-    embed_size, hidden_size: D and H.
-    activation: f of the Elman cell ("relu" as in the Keras SimpleRNN example, or "tanh").
+    cell: the recurrent cell (its hidden size H), e.g. ``make_cell("relu", 64,
+      recurrent_init="orthogonal", input_init="glorot")`` for Keras' SimpleRNN defaults.
+    embed_size: D.
     bidirectional: read the sentence both ways and concatenate the two final states.
     num_layers: stacked RNN layers.
     dropout: inverted-dropout rate on the embeddings and on the sentence vector (training only).
-    recurrent_init, input_init: cell initialisers (Keras' defaults: "orthogonal", "glorot").
   """
   vocab_size: int
   num_classes: int
-  cell: str = "lstm"
+  cell: Cell
   embed_size: int = 64
-  hidden_size: int = 64
-  activation: str = "relu"
   bidirectional: bool = False
   num_layers: int = 1
   dropout: float = 0.0
-  recurrent_init: str = "orthogonal"
-  input_init: str = "glorot"
 
   def __post_init__(self):
-    if self.cell not in CELL_NAMES:
-      raise ValueError(f"SentenceClassifier: unknown cell {self.cell!r}; expected one of {CELL_NAMES}")
-    for name in ("vocab_size", "num_classes", "embed_size", "hidden_size", "num_layers"):
+    if not isinstance(self.cell, Cell):
+      raise ValueError(f"SentenceClassifier: cell must be an rnn_jax Cell (e.g. make_cell('lstm', 64)), "
+                       f"got {self.cell!r}")
+    for name in ("vocab_size", "num_classes", "embed_size", "num_layers"):
       if getattr(self, name) < 1:
         raise ValueError(f"SentenceClassifier: {name} must be >= 1, got {getattr(self, name)}")
     if self.num_classes < 2:
@@ -80,54 +84,37 @@ class SentenceClassifier:
   @property
   def encoder(self) -> StackedRNN:
     """The (bi)directional stacked RNN over the embeddings."""
-    options = {"recurrent_init": self.recurrent_init, "input_init": self.input_init}
-    if self.cell == "elman":
-      options["activation"] = self.activation
-    return StackedRNN(make_cell(self.cell, self.hidden_size, **options), num_layers=self.num_layers,
-                      bidirectional=self.bidirectional, dropout=self.dropout)
+    return StackedRNN(self.cell, num_layers=self.num_layers, bidirectional=self.bidirectional,
+                      dropout=self.dropout)
+
+  @property
+  def body(self) -> layers.TokenRNN:
+    return layers.TokenRNN(self.vocab_size, self.embed_size, self.encoder, self.dropout)
 
   @property
   def sentence_size(self) -> int:
     """Size of s: H, or 2H when bidirectional."""
-    return self.hidden_size * (2 if self.bidirectional else 1)
+    return self.cell.output_size * (2 if self.bidirectional else 1)
 
   def init(self, key) -> dict:
-    """Params {"embed": {table: [V, D]}, "encoder": stacked RNN params, "output": {w: [C, S], b: [C]}}."""
-    key_embed, key_encoder, key_output = jax.random.split(key, 3)
-    return {
-        "embed": layers.embedding_init(key_embed, self.vocab_size, self.embed_size),
-        "encoder": self.encoder.init(key_encoder, self.embed_size),
-        "output": layers.dense_init(key_output, self.sentence_size, self.num_classes),
-    }
+    """Params {"embedding": {table: [V, D]}, "rnn": stacked RNN params, "readout": {w: [C, S], b: [C]}}."""
+    key_embed, key_rnn, key_output = jax.random.split(key, 3)
+    return {**self.body.init(key_embed, key_rnn),
+            "readout": layers.dense_init(key_output, self.sentence_size, self.num_classes)}
 
   def sentence_vectors(self, params: dict, ids: jax.Array, lengths: jax.Array, *, train: bool = False,
                        rng: Optional[jax.Array] = None) -> jax.Array:
     """s for each sentence: ids [B, T] ints, lengths [B] -> [B, S], the state at each true length."""
-    if ids.ndim != 2:
-      raise ValueError(f"SentenceClassifier: ids must have shape [B, T], got {tuple(ids.shape)}")
-    if train and self.dropout > 0.0 and rng is None:
-      raise ValueError("SentenceClassifier: train=True with dropout > 0 needs an rng key")
-    keys = jax.random.split(rng, 3) if (train and self.dropout > 0.0) else [None] * 3
-    xs = layers.embed(params["embed"], ids)
-    if keys[0] is not None:
-      xs = dropout(keys[0], self.dropout, xs)
-    encoder = self.encoder
-    final_carries, _ = encoder(params["encoder"], xs, lengths, train=train, rng=keys[1])
-    last = final_carries[-1]
-    if self.bidirectional:
-      forward, backward = last
-      vector = jnp.concatenate([encoder.cell.hidden(forward), encoder.cell.hidden(backward)], axis=-1)
-    else:
-      vector = encoder.cell.hidden(last)
-    if keys[2] is not None:
-      vector = dropout(keys[2], self.dropout, vector)
-    return vector
+    output = self.body(params, ids, lengths, train=train, rng=rng)
+    last = output.carries[-1]
+    hidden = self.cell.hidden
+    vector = jnp.concatenate([hidden(last[0]), hidden(last[1])], axis=-1) if self.bidirectional else hidden(last)
+    return self.body.output_dropout(output, vector)
 
-  def __call__(self, params: dict, ids: jax.Array, lengths: jax.Array, *, train: bool = False,
-               rng: Optional[jax.Array] = None) -> jax.Array:
-    """Logits W_hy s + b_y: ids [B, T], lengths [B] -> [B, C]; softmax gives p(y | sentence)."""
-    vector = self.sentence_vectors(params, ids, lengths, train=train, rng=rng)
-    return layers.dense(params["output"], vector)
+  def __call__(self, params: dict, batch: dict, *, train: bool = False, rng: Optional[jax.Array] = None):
+    """Logits W_hy s + b_y: batch {"ids": [B, T], "lengths": [B]} -> [B, C]; softmax gives p(y | sentence)."""
+    vector = self.sentence_vectors(params, batch["ids"], batch["lengths"], train=train, rng=rng)
+    return layers.dense(params["readout"], vector)
 
 
 # ---------------------------------------------------------------------------
@@ -144,7 +131,7 @@ def make_loss_fn(model: SentenceClassifier):
   """
 
   def loss_fn(params, batch, rng):
-    logits = model(params, batch["ids"], batch["lengths"], train=True, rng=rng)
+    logits = model(params, batch, train=True, rng=rng)
     loss = losses.cross_entropy(logits, batch["targets"], mask=batch["valid"], reduction="mean")
     return loss, {"accuracy": losses.accuracy(logits, batch["targets"], mask=batch["valid"])}
 
@@ -154,7 +141,7 @@ def make_loss_fn(model: SentenceClassifier):
 @functools.lru_cache(maxsize=32)
 def logits_fn(model: SentenceClassifier):
   """Jitted ``logits(params, ids [B, T], lengths [B]) -> [B, C]`` without dropout (one per model)."""
-  return jax.jit(lambda params, ids, lengths: model(params, ids, lengths))
+  return jax.jit(lambda params, ids, lengths: model(params, {"ids": ids, "lengths": lengths}))
 
 
 def log_probabilities(model: SentenceClassifier, params, sequences: Sequence[np.ndarray], *,
@@ -259,7 +246,7 @@ def predict(loaded: LoadedRun, texts: Sequence[str], *, batch_size: int = 64) ->
   probabilities = np.exp(log_probabilities(loaded.model, loaded.params, sequences, batch_size=batch_size,
                                            pad_multiple=int(loaded.extra.get("pad_multiple", 8)),
                                            max_length=max_length))
-  cell = loaded.extra.get("cell", loaded.model.cell)
+  cell = loaded.extra.get("cell", loaded.model.cell.name)
   return [{"text": text, "label": label_names[int(p.argmax())],
            "probabilities": {name: round(float(v), 6) for name, v in zip(label_names, p)},
            "tokens": loaded.vocab.decode(ids, sep=" "), "cell": cell}

@@ -1,9 +1,13 @@
-"""Non-recurrent building blocks shared by every model: embeddings, dense read-outs, id checks.
+"""Building blocks shared by every model: embeddings, dense read-outs, id checks, and ``TokenRNN``
+(embedding -> dropout -> stacked RNN), the body of the language model, classifier and tagger.
 
 Params are plain dicts, weights in math layout [out, in] like the cells.
 """
 
 from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +15,7 @@ import numpy as np
 
 from rnn_jax import initializers
 from rnn_jax.cells import linear
+from rnn_jax.sequence import dropout as _dropout
 
 
 def check_token_ids(ids, vocab_size: int, what: str = "token ids") -> None:
@@ -59,3 +64,63 @@ def dense(params: dict, h: jax.Array, compute_dtype: str | None = None) -> jax.A
   if h.shape[-1] != params["w"].shape[1]:
     raise ValueError(f"dense: input has {h.shape[-1]} features, params expect {params['w'].shape[1]}")
   return linear(h, params["w"], compute_dtype) + params["b"]
+
+
+class TokenRNNOutput(NamedTuple):
+  """What ``TokenRNN`` returns: each layer's final carry, the top layer's h_t [B, T, O], and the
+  key for the model's own dropout after the RNN (None when dropout is off)."""
+  carries: tuple
+  hs: jax.Array
+  output_rng: Optional[jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenRNN:
+  """The body the language model, the classifier and the tagger share.
+
+    x_t = dropout(E[w_t])                 E: [V, D]  (embedding, dropout on training only)
+    h_t^(1..L) = StackedRNN(x_t)          any cell, L layers, (bi)directional, dropout between layers
+
+  Params {"embedding": {"table": [V, D]}, "rnn": StackedRNN params}; the model adds its own
+  "readout". ``output_dropout`` applies the same rate after the RNN (Zaremba et al. 2014 put
+  dropout on every non-recurrent connection).
+  """
+  vocab_size: int
+  embed_size: int
+  stack: Any
+  dropout: float = 0.0
+
+  def __post_init__(self):
+    if self.vocab_size < 2:
+      raise ValueError(f"TokenRNN: vocab_size must be >= 2, got {self.vocab_size}")
+    if self.embed_size < 1:
+      raise ValueError(f"TokenRNN: embed_size must be >= 1, got {self.embed_size}")
+    if not 0.0 <= self.dropout < 1.0:
+      raise ValueError(f"TokenRNN: dropout must be in [0, 1), got {self.dropout}")
+
+  def init(self, key_embed, key_rnn) -> dict:
+    """{"embedding": E from key_embed, "rnn": the stack's params from key_rnn}."""
+    return {"embedding": embedding_init(key_embed, self.vocab_size, self.embed_size),
+            "rnn": self.stack.init(key_rnn, self.embed_size)}
+
+  def __call__(self, params: dict, ids: jax.Array, lengths=None, *, initial_carries=None, train: bool = False,
+               rng=None) -> TokenRNNOutput:
+    """ids [B, T] in [0, V) (checked when concrete) -> TokenRNNOutput(carries, hs [B, T, O], output_rng)."""
+    if ids.ndim != 2:
+      raise ValueError(f"TokenRNN: ids must have shape [B, T], got {tuple(ids.shape)}")
+    use_dropout = train and self.dropout > 0.0
+    if use_dropout and rng is None:
+      raise ValueError("train=True with dropout > 0 needs an rng key")
+    keys = jax.random.split(rng, 3) if use_dropout else (None, None, None)
+    xs = embed(params["embedding"], ids)
+    if use_dropout:
+      xs = _dropout(keys[0], self.dropout, xs)
+    carries, hs = self.stack(params["rnn"], xs, lengths, train=train, rng=keys[1],
+                             initial_carries=initial_carries)
+    return TokenRNNOutput(carries, hs, keys[2])
+
+  def output_dropout(self, output: TokenRNNOutput, x: jax.Array) -> jax.Array:
+    """x after the model's dropout past the RNN (identity when off)."""
+    if output.output_rng is None:
+      return x
+    return _dropout(output.output_rng, self.dropout, x)

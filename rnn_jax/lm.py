@@ -23,7 +23,7 @@ import numpy as np
 from rnn_jax import initializers, layers
 from rnn_jax.cells import Cell
 from rnn_jax.losses import cross_entropy, recurrent_penalty, token_nll
-from rnn_jax.sequence import ScanOptions, StackedRNN, dropout as apply_dropout
+from rnn_jax.sequence import ScanOptions, StackedRNN
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,26 +48,24 @@ class LanguageModel:
   init_scale: Optional[float] = None
   scan: ScanOptions = ScanOptions()
 
+  @property
+  def body(self) -> layers.TokenRNN:
+    """Embedding -> dropout -> StackedRNN, shared with the classifier and the tagger."""
+    return layers.TokenRNN(self.vocab_size, self.embed_size, self.stack, self.dropout)
+
   def __post_init__(self):
-    if self.vocab_size < 2:
-      raise ValueError(f"LanguageModel: vocab_size must be >= 2, got {self.vocab_size}")
-    if self.embed_size < 1:
-      raise ValueError(f"LanguageModel: embed_size must be >= 1, got {self.embed_size}")
-    if not 0.0 <= self.dropout < 1.0:
-      raise ValueError(f"LanguageModel: dropout must be in [0, 1), got {self.dropout}")
+    self.body  # checks vocab_size, embed_size and dropout
 
   @property
   def stack(self) -> StackedRNN:
     return StackedRNN(self.cell, num_layers=self.num_layers, dropout=self.dropout, scan=self.scan)
 
   def init(self, key) -> dict:
-    """Fresh params; with ``init_scale`` every leaf ~ U(-init_scale, init_scale)."""
+    """Params {"embedding", "rnn", "readout": {w: [V, H], b: [V]}}; with ``init_scale`` every leaf
+    ~ U(-init_scale, init_scale)."""
     key_embed, key_rnn, key_out = jax.random.split(key, 3)
-    params = {
-        "embedding": layers.embedding_init(key_embed, self.vocab_size, self.embed_size),
-        "rnn": self.stack.init(key_rnn, self.embed_size),
-        "readout": layers.dense_init(key_out, self.stack.output_size, self.vocab_size),
-    }
+    params = {**self.body.init(key_embed, key_rnn),
+              "readout": layers.dense_init(key_out, self.stack.output_size, self.vocab_size)}
     if self.init_scale is not None:
       leaves, treedef = jax.tree_util.tree_flatten(params)
       keys = jax.random.split(jax.random.fold_in(key, 1), len(leaves))
@@ -78,37 +76,28 @@ class LanguageModel:
 
   def initial_carries(self, params: dict, batch_size: int) -> tuple:
     """Zero carries for every layer with a leading batch axis B."""
-    carries = []
-    for layer in range(self.num_layers):
-      carry = self.cell.initial_carry(params["rnn"][f"layer_{layer}"]["forward"])
-      carries.append(jax.tree_util.tree_map(
-          lambda c: jnp.broadcast_to(c, (batch_size, *c.shape)), carry))
-    return tuple(carries)
+    return self.stack.initial_carries(params["rnn"], batch_size)
 
-  def apply(self, params: dict, inputs, carries=None, lengths=None, *, train: bool = False, rng=None):
-    """Logits for a batch of token windows.
+  def __call__(self, params: dict, batch: dict, *, train: bool = False, rng=None):
+    """Logits for a batch of token windows: (logits [B, T, V], final carries).
 
-    Args:
-      inputs: [B, T] int ids in [0, V) (checked when concrete).
-      carries: per-layer carries with a leading B axis (None: zeros).
-      lengths: optional [B] real lengths (padded steps leave the carry unchanged).
-      train: apply dropout (needs ``rng``).
-    Returns:
-      (logits [B, T, V], final carries).
+    batch: {"inputs": [B, T] int ids in [0, V) (checked when concrete), optional "carry"
+    (per-layer carries with a leading B axis; zeros if absent), optional "lengths" [B]}.
+    The final carries start the next window in truncated BPTT. train: apply dropout (needs rng).
     """
+    inputs = batch["inputs"]
     if inputs.ndim != 2:
       raise ValueError(f"LanguageModel: inputs must be [B, T] token ids, got shape {tuple(inputs.shape)}")
-    use_dropout = train and self.dropout > 0.0
-    if use_dropout and rng is None:
-      raise ValueError("LanguageModel: train=True with dropout > 0 needs an rng key")
-    keys = jax.random.split(rng, 3) if use_dropout else (None, None, None)
-    xs = layers.embed(params["embedding"], inputs)
-    if use_dropout:
-      xs = apply_dropout(keys[0], self.dropout, xs)
-    carries, hs = self.stack(params["rnn"], xs, lengths, train=train, rng=keys[1], initial_carries=carries)
-    if use_dropout:
-      hs = apply_dropout(keys[2], self.dropout, hs)
-    return layers.dense(params["readout"], hs, self.cell.dtype), carries
+    output = self.body(params, inputs, batch.get("lengths"), initial_carries=batch.get("carry"),
+                       train=train, rng=rng)
+    hs = self.body.output_dropout(output, output.hs)
+    return layers.dense(params["readout"], hs, self.cell.dtype), output.carries
+
+  def next_token_logits(self, params: dict, carries: tuple, tokens: jax.Array):
+    """One step of generation: tokens [B] -> (carries, logits [B, V]) through ``StackedRNN.step``."""
+    x = layers.embed(params["embedding"], tokens)
+    carries, h = self.stack.step(params["rnn"], carries, x)
+    return carries, layers.dense(params["readout"], h, self.cell.dtype)
 
   def num_params(self, params: dict) -> int:
     return int(sum(np.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(params)))
@@ -126,8 +115,7 @@ def make_loss_fn(model: LanguageModel, *, train: bool = True, reduction: str = "
 
   def loss_fn(params, batch, rng):
     mask = batch.get("mask")
-    logits, carries = model.apply(params, batch["inputs"], batch.get("carry"), batch.get("lengths"),
-                                  train=train, rng=rng)
+    logits, carries = model(params, batch, train=train, rng=rng)
     loss = cross_entropy(logits, batch["targets"], mask, reduction=reduction)
     if l1 or l2:
       loss = loss + recurrent_penalty(params, l1, l2)
@@ -172,8 +160,8 @@ def _sample_tokens(model: LanguageModel, params, carries, last_logits, key, leng
   def body(state, key_t):
     carries, logits = state
     token = jax.random.categorical(key_t, _filter_logits(logits, temperature, top_k), axis=-1)
-    next_logits, carries = model.apply(params, token[:, None], carries)
-    return (carries, next_logits[:, 0]), token
+    carries, next_logits = model.next_token_logits(params, carries, token)
+    return (carries, next_logits), token
 
   keys = jax.random.split(key, length)
   _, tokens = jax.lax.scan(body, (carries, last_logits), keys)
@@ -204,7 +192,7 @@ def sample(model: LanguageModel, params, prime_ids, length: int, key, *, tempera
   if length < 1:
     raise ValueError(f"sample: length must be >= 1, got {length}")
   layers.check_token_ids(prime, model.vocab_size, "sample: prime ids")
-  logits, carries = jax.jit(model.apply)(params, prime[None, :])
+  logits, carries = jax.jit(model)(params, {"inputs": jnp.asarray(prime[None, :])})
   tokens = _sample_tokens(model, params, carries, logits[:, -1], key, length,
                           jnp.float32(temperature), top_k)
   return np.asarray(tokens[0])

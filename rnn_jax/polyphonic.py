@@ -65,12 +65,13 @@ class FrameModel:
       raise ValueError(f"FrameModel: frames must have shape [B, T, {self.num_pitches}], "
                        f"got {tuple(frames.shape)}")
 
-  def logits(self, params: dict, frames: jax.Array, lengths=None, *, train: bool = False,
-             rng=None) -> jax.Array:
-    """o_t for every frame from the frames before it: frames [B, T, K] -> logits [B, T, K].
+  def __call__(self, params: dict, batch: dict, *, train: bool = False, rng=None) -> jax.Array:
+    """o_t for every frame from the frames before it: batch {"frames": [B, T, K], optional
+    "lengths": [B]} -> logits [B, T, K].
 
     The inputs are the frames shifted right by one step: (0, x_1, ..., x_{T-1}).
     """
+    frames, lengths = batch["frames"], batch.get("lengths")
     self._check_frames(frames)
     inputs = jnp.concatenate([jnp.zeros_like(frames[:, :1]), frames[:, :-1]], axis=1)
     _, hidden = self.rnn(params["rnn"], inputs.astype(jnp.float32), lengths, train=train,
@@ -80,7 +81,7 @@ class FrameModel:
   def nll(self, params: dict, frames: jax.Array, lengths=None, *, train: bool = False,
           rng=None) -> jax.Array:
     """-1/N sum_{b, t < L_b} log p(x_bt | x_b<t), N the number of real frames (nats per time step)."""
-    logits = self.logits(params, frames, lengths, train=train, rng=rng)
+    logits = self(params, {"frames": frames, "lengths": lengths}, train=train, rng=rng)
     mask = None if lengths is None else jnp.arange(frames.shape[1])[None, :] < lengths[:, None]
     return losses.sigmoid_nll(logits, frames, mask)
 
@@ -94,17 +95,13 @@ class FrameModel:
                        f"got {tuple(seed_frame.shape)}")
     if num_frames < 1:
       raise ValueError(f"FrameModel.generate: num_frames must be >= 1, got {num_frames}")
-    rnn_params = [params["rnn"][f"layer_{layer}"]["forward"] for layer in range(self.num_layers)]
+    stack = self.rnn
 
     def advance(carries, x):
-      new_carries = []
-      for layer_params, carry in zip(rnn_params, carries):
-        carry, x = self.cell.step(layer_params, carry, x)
-        new_carries.append(carry)
-      return tuple(new_carries), layers.dense(params["readout"], x)
+      carries, h = stack.step(params["rnn"], carries, x)
+      return carries, layers.dense(params["readout"], h)
 
-    carries = tuple(self.cell.initial_carry(p) for p in rnn_params)
-    carries, _ = advance(carries, jnp.zeros((self.num_pitches,), jnp.float32))   # reads x_0 = 0
+    carries, _ = advance(stack.initial_carries(params["rnn"]), jnp.zeros((self.num_pitches,), jnp.float32))
     seed = seed_frame.astype(jnp.float32)
 
     def body(state, step_key):

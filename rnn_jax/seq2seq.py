@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rnn_jax import layers, losses
-from rnn_jax.cells import Cell, LSTMState
+from rnn_jax.cells import Cell
 from rnn_jax.sequence import StackedRNN
 
 KINDS = ("cho", "sutskever")
@@ -114,13 +114,6 @@ def make_batch(sources, targets, bos_id: int, eos_id: int, pad_id: int = 0, pad_
     inputs[b, :len(t) + 1] = [bos_id, *t]
     outputs[b, :len(t) + 1] = [*t, eos_id]
   return Batch(source, source_lengths, inputs, outputs, target_lengths)
-
-
-def _carry_with_hidden(carry, h: jax.Array):
-  """A carry whose hidden state h_t is replaced by h (an LSTM keeps its cell state c_t)."""
-  if isinstance(carry, LSTMState):
-    return carry._replace(h=h)
-  return h
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,7 +222,7 @@ class Seq2Seq:
       start = jnp.tanh(layers.dense(params["bridge"][layer], context))
       zeros = self.cell.initial_carry(params["decoder"][f"layer_{layer}"]["forward"])
       batched = jax.tree_util.tree_map(lambda z: jnp.broadcast_to(z, start.shape[:1] + z.shape), zeros)
-      carries.append(_carry_with_hidden(batched, start))
+      carries.append(self.cell.with_hidden(batched, start))
     return Encoded(tuple(carries), context)
 
   # ---- decoder ---------------------------------------------------------------
@@ -247,9 +240,8 @@ class Seq2Seq:
       hidden = self._decoder_inputs(jnp.concatenate([hidden, embedded], axis=-1), context)
     return layers.dense(params["readout"], hidden)
 
-  def teacher_forcing_logits(self, params: dict, batch: Batch, *, train: bool = False,
-                             rng=None) -> jax.Array:
-    """Logits o_t for every target step given the gold prefix: -> [B, T, V_y]."""
+  def __call__(self, params: dict, batch: Batch, *, train: bool = False, rng=None) -> jax.Array:
+    """Teacher forcing: the logits o_t of every target step given the gold prefix -> [B, T, V_y]."""
     keys = (None, None) if rng is None else tuple(jax.random.split(rng))
     encoded = self.encode(params, batch.source, batch.source_lengths, train=train, rng=keys[0])
     layers.check_token_ids(batch.target_inputs, self.target_vocab_size, "seq2seq: target ids")
@@ -262,7 +254,7 @@ class Seq2Seq:
   def loss(self, params: dict, batch: Batch, *, train: bool = False, rng=None,
            reduction: str = "mean") -> jax.Array:
     """Teacher-forcing cross-entropy -sum_t log p(y_t | y_<t, x) over real target steps (nats)."""
-    logits = self.teacher_forcing_logits(params, batch, train=train, rng=rng)
+    logits = self(params, batch, train=train, rng=rng)
     mask = jnp.arange(logits.shape[1])[None, :] < batch.target_lengths[:, None]
     return losses.cross_entropy(logits, batch.target_outputs, mask, reduction=reduction)
 
@@ -272,13 +264,8 @@ class Seq2Seq:
       s_t^(l) = cell.step(s_{t-1}^(l), x_t^(l)),  x_t^(0) = decoder input,  x_t^(l+1) = s_t^(l)
     """
     embedded = layers.embed(params["target_embedding"], previous)
-    x = self._decoder_inputs(embedded, context)
-    new_carries = []
-    for layer, carry in enumerate(carries):
-      layer_params = params["decoder"][f"layer_{layer}"]["forward"]
-      carry, x = jax.vmap(self.cell.step, in_axes=(None, 0, 0))(layer_params, carry, x)
-      new_carries.append(carry)
-    return tuple(new_carries), self._readout(params, x, embedded, context)
+    carries, x = self.decoder.step(params["decoder"], carries, self._decoder_inputs(embedded, context))
+    return carries, self._readout(params, x, embedded, context)
 
   def _next_token_logits(self, logits: jax.Array) -> jax.Array:
     """Decoding never emits <pad> or <bos>: their logits are set to -1e9 (in float32)."""

@@ -27,11 +27,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from rnn_jax import layers, losses, metrics
-from rnn_jax.cells import make_cell
+from rnn_jax.cells import LSTM, Cell
 from rnn_jax.data.conll import normalise
 from rnn_jax.data.sentences import evaluation_batches
 from rnn_jax.rundir import LoadedRun
-from rnn_jax.sequence import StackedRNN, dropout
+from rnn_jax.sequence import StackedRNN
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,22 +40,24 @@ class SequenceTagger:
 
   Attributes:
     vocab_size: V words; num_tags: K.
-    embed_size, hidden_size: D, and H per direction.
-    cell: "lstm" by default ("gru" and "elman" also work).
+    cell: the recurrent cell of each direction (its hidden size H), an LSTM by default.
+    embed_size: D.
     num_layers: stacked bidirectional layers.
     dropout: inverted dropout on the embeddings and on the BiLSTM outputs (training only),
       as in Lample et al. (2016).
   """
   vocab_size: int
   num_tags: int
+  cell: Cell = LSTM(100)
   embed_size: int = 100
-  hidden_size: int = 100
-  cell: str = "lstm"
   num_layers: int = 1
   dropout: float = 0.5
 
   def __post_init__(self):
-    for name in ("vocab_size", "num_tags", "embed_size", "hidden_size", "num_layers"):
+    if not isinstance(self.cell, Cell):
+      raise ValueError(f"SequenceTagger: cell must be an rnn_jax Cell (e.g. make_cell('lstm', 100)), "
+                       f"got {self.cell!r}")
+    for name in ("vocab_size", "num_tags", "embed_size", "num_layers"):
       if getattr(self, name) < 1:
         raise ValueError(f"SequenceTagger: {name} must be >= 1, got {getattr(self, name)}")
     if not 0.0 <= self.dropout < 1.0:
@@ -64,33 +66,22 @@ class SequenceTagger:
   @property
   def encoder(self) -> StackedRNN:
     """The bidirectional stacked RNN; outputs [->h_t ; <-h_t] of size 2H."""
-    return StackedRNN(make_cell(self.cell, self.hidden_size), num_layers=self.num_layers,
-                      bidirectional=True, dropout=self.dropout)
+    return StackedRNN(self.cell, num_layers=self.num_layers, bidirectional=True, dropout=self.dropout)
+
+  @property
+  def body(self) -> layers.TokenRNN:
+    return layers.TokenRNN(self.vocab_size, self.embed_size, self.encoder, self.dropout)
 
   def init(self, key) -> dict:
-    """Params {"embed": {table: [V, D]}, "encoder": ..., "output": {w: [K, 2H], b: [K]}}."""
-    key_embed, key_encoder, key_output = jax.random.split(key, 3)
-    return {
-        "embed": layers.embedding_init(key_embed, self.vocab_size, self.embed_size),
-        "encoder": self.encoder.init(key_encoder, self.embed_size),
-        "output": layers.dense_init(key_output, self.encoder.output_size, self.num_tags),
-    }
+    """Params {"embedding": {table: [V, D]}, "rnn": ..., "readout": {w: [K, 2H], b: [K]}}."""
+    key_embed, key_rnn, key_output = jax.random.split(key, 3)
+    return {**self.body.init(key_embed, key_rnn),
+            "readout": layers.dense_init(key_output, self.encoder.output_size, self.num_tags)}
 
-  def __call__(self, params: dict, ids: jax.Array, lengths: jax.Array, *, train: bool = False,
-               rng: Optional[jax.Array] = None) -> jax.Array:
-    """Tag logits: ids [B, T], lengths [B] -> [B, T, K] (rows t >= L are padding)."""
-    if ids.ndim != 2:
-      raise ValueError(f"SequenceTagger: ids must have shape [B, T], got {tuple(ids.shape)}")
-    if train and self.dropout > 0.0 and rng is None:
-      raise ValueError("SequenceTagger: train=True with dropout > 0 needs an rng key")
-    keys = jax.random.split(rng, 3) if (train and self.dropout > 0.0) else [None] * 3
-    xs = layers.embed(params["embed"], ids)
-    if keys[0] is not None:
-      xs = dropout(keys[0], self.dropout, xs)
-    _, hs = self.encoder(params["encoder"], xs, lengths, train=train, rng=keys[1])
-    if keys[2] is not None:
-      hs = dropout(keys[2], self.dropout, hs)
-    return layers.dense(params["output"], hs)
+  def __call__(self, params: dict, batch: dict, *, train: bool = False, rng: Optional[jax.Array] = None):
+    """Tag logits: batch {"ids": [B, T], "lengths": [B]} -> [B, T, K] (rows t >= L are padding)."""
+    output = self.body(params, batch["ids"], batch["lengths"], train=train, rng=rng)
+    return layers.dense(params["readout"], self.body.output_dropout(output, output.hs))
 
 
 # ---------------------------------------------------------------------------
@@ -116,7 +107,7 @@ def make_loss_fn(model: SequenceTagger, singletons: np.ndarray, unk_id: int, sin
     if singleton_unk_rate > 0:
       replace = singleton_mask[ids] & jax.random.bernoulli(unk_key, singleton_unk_rate, ids.shape)
       ids = jnp.where(replace, unk_id, ids)
-    logits = model(params, ids, lengths, train=True, rng=rng)
+    logits = model(params, {"ids": ids, "lengths": lengths}, train=True, rng=rng)
     mask = jnp.arange(ids.shape[1])[None, :] < lengths[:, None]
     loss = losses.cross_entropy(logits, batch["targets"], mask=mask, reduction="mean")
     return loss, {"token_accuracy": losses.accuracy(logits, batch["targets"], mask=mask)}
@@ -127,7 +118,8 @@ def make_loss_fn(model: SequenceTagger, singletons: np.ndarray, unk_id: int, sin
 @functools.lru_cache(maxsize=32)
 def log_probabilities_fn(model: SequenceTagger):
   """Jitted ``log_p(params, ids [B, T], lengths [B]) -> [B, T, K]`` without dropout (one per model)."""
-  return jax.jit(lambda params, ids, lengths: jax.nn.log_softmax(model(params, ids, lengths), axis=-1))
+  return jax.jit(lambda params, ids, lengths: jax.nn.log_softmax(
+      model(params, {"ids": ids, "lengths": lengths}), axis=-1))
 
 
 def tag_log_probabilities(model: SequenceTagger, params, words: Sequence[np.ndarray], *, batch_size: int = 32,

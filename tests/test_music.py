@@ -97,7 +97,7 @@ def test_frame_model_nll_matches_a_hand_computation():
   params = model.init(jax.random.PRNGKey(0))
   frames = jnp.asarray(np.random.default_rng(0).integers(0, 2, (2, 4, 5)), jnp.float32)
   lengths = jnp.array([4, 2])
-  logits = np.asarray(model.logits(params, frames, lengths), np.float64)
+  logits = np.asarray(model(params, {"frames": frames, "lengths": lengths}), np.float64)
   p = 1 / (1 + np.exp(-logits))
   x = np.asarray(frames)
   per_frame = -(x * np.log(p) + (1 - x) * np.log(1 - p)).sum(-1)
@@ -110,7 +110,7 @@ def test_frame_model_is_causal_and_padding_free():
   params = model.init(jax.random.PRNGKey(1))
   frames = jnp.asarray(np.random.default_rng(1).integers(0, 2, (1, 6, 5)), jnp.float32)
   changed = frames.at[0, 3].set(1.0 - frames[0, 3])
-  a, b = model.logits(params, frames), model.logits(params, changed)
+  a, b = model(params, {"frames": frames}), model(params, {"frames": changed})
   np.testing.assert_allclose(a[0, :4], b[0, :4], atol=1e-6)   # o_t depends on x_<t only
   assert not np.allclose(a[0, 4:], b[0, 4:])
   padded = jnp.concatenate([frames, jnp.ones((1, 3, 5))], axis=1)

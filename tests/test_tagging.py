@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from experiments import common
-from rnn_jax import load_run, tagger
+from rnn_jax import LSTM, load_run, tagger
 from rnn_jax.data import conll
 from rnn_jax.tagger import SequenceTagger
 
@@ -58,21 +58,21 @@ def test_missing_package_gives_the_install_command(monkeypatch):
 
 
 def test_tagger_real_positions_ignore_padding():
-  model = SequenceTagger(vocab_size=40, num_tags=9, embed_size=8, hidden_size=6, dropout=0.5)
+  model = SequenceTagger(vocab_size=40, num_tags=9, embed_size=8, cell=LSTM(6), dropout=0.5)
   params = model.init(jax.random.PRNGKey(0))
   ids = jnp.array([[5, 7, 9, 0], [3, 4, 0, 0]])
   lengths = jnp.array([3, 2])
-  logits = model(params, ids, lengths)
+  logits = model(params, {"ids": ids, "lengths": lengths})
   assert logits.shape == (2, 4, 9)
   wider = jnp.concatenate([ids, jnp.full((2, 6), 21)], axis=1)
-  wider_logits = model(params, wider, lengths)
+  wider_logits = model(params, {"ids": wider, "lengths": lengths})
   for row, length in enumerate([3, 2]):
     np.testing.assert_allclose(wider_logits[row, :length], logits[row, :length], atol=1e-6)
   # Dropout is active only with train=True and a key.
-  noisy = model(params, ids, lengths, train=True, rng=jax.random.PRNGKey(1))
+  noisy = model(params, {"ids": ids, "lengths": lengths}, train=True, rng=jax.random.PRNGKey(1))
   assert not np.allclose(noisy, logits)
   with pytest.raises(ValueError, match="needs an rng key"):
-    model(params, ids, lengths, train=True)
+    model(params, {"ids": ids, "lengths": lengths}, train=True)
 
 
 def test_prepare_tagging_maps_digits_and_refuses_unseen_tags():
