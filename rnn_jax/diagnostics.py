@@ -26,6 +26,7 @@ from typing import Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from rnn_jax.cells import LSTMState
 
@@ -179,24 +180,74 @@ def is_exploding(grad_norm, threshold: Optional[float]) -> bool:
   return threshold is not None and value > threshold
 
 
+def tap_gradient_norm(tree, callback: Callable[[jax.Array], None]):
+  """``tree`` unchanged, with ``callback(||g||_2)`` called on the host when gradients flow back.
+
+  An identity with a custom VJP: the forward pass returns ``tree``; the backward pass receives
+  the cotangent g = dL/d tree, calls ``callback`` with its global norm
+  ||g||_2 = sqrt(sum over leaves of sum g^2) (through ``jax.debug.callback``, so it works under
+  ``jit``) and passes g on untouched. Applied to the params at the top of a loss function, g is
+  the full gradient of that loss, before any clipping in the optimiser. Forward-only
+  evaluations never call ``callback``.
+  """
+
+  @jax.custom_vjp
+  def identity(tree):
+    return tree
+
+  def forward(tree):
+    return tree, None
+
+  def backward(_, cotangent):
+    jax.debug.callback(callback, optax.global_norm(cotangent))   # the norm train steps log
+    return (cotangent,)
+
+  identity.defvjp(forward, backward)
+  return identity(tree)
+
+
 class GradientMonitor:
   """Records the per-step gradient global norm ||g||_2 and counts exploding events.
 
   An event is a step where ||g|| is non-finite or above ``threshold`` (the clip threshold;
   None counts only non-finite norms). The norm is taken before clipping.
+
+  ``until_non_finite``: ignore every step after the first non-finite norm (from there on the
+  params are no longer finite, so later norms say nothing about the dynamics).
+
+  ``watch(loss_fn)`` wraps a loss function ``(params, batch, rng) -> (loss, aux)`` so that
+  every gradient step taken through it is recorded (``tap_gradient_norm``), whatever loop
+  runs the steps.
   """
 
-  def __init__(self, threshold: Optional[float] = None):
+  def __init__(self, threshold: Optional[float] = None, *, until_non_finite: bool = False):
     if threshold is not None and not threshold > 0:
       raise ValueError(f"GradientMonitor: threshold must be positive or None, got {threshold}")
     self.threshold = threshold
+    self.until_non_finite = until_non_finite
     self.norms: list[float] = []
     self.exploding_steps: list[int] = []
     self.non_finite_steps: list[int] = []
+    self.next_step = 1
+
+  def watch(self, loss_fn: Callable, start_step: int = 0) -> Callable:
+    """``loss_fn`` with its params tapped: step start_step + 1, + 2, ... are recorded in order."""
+    self.next_step = start_step + 1
+
+    def record_next(norm) -> None:
+      self.record(self.next_step, norm)
+      self.next_step += 1
+
+    def watched(params, *args, **kwargs):
+      return loss_fn(tap_gradient_norm(params, record_next), *args, **kwargs)
+
+    return watched
 
   def record(self, step: int, grad_norm) -> bool:
     """Add step's ||g||; returns True if it is an exploding event."""
     value = float(grad_norm)
+    if self.until_non_finite and self.non_finite_steps:
+      return False
     self.norms.append(value)
     exploding = is_exploding(value, self.threshold)
     if exploding:

@@ -92,6 +92,18 @@ class Reservoir:
         "b": initializers.uniform(self.bias_scaling)(key_b, (H,), dtype),
     }
 
+  def check_params(self, params: Params) -> None:
+    """Raise ValueError unless ``params`` holds exactly w_xh [H, F], w_hh [H, H] and b [H]."""
+    if not isinstance(params, dict):
+      raise ValueError(f"reservoir: params must be a dict of arrays, got {type(params).__name__}")
+    if sorted(params) != ["b", "w_hh", "w_xh"]:
+      raise ValueError(f"reservoir: params must have the keys ['b', 'w_hh', 'w_xh'], got {sorted(params)}")
+    H = self.hidden_size
+    shapes = {name: tuple(np.shape(value)) for name, value in params.items()}
+    if len(shapes["w_xh"]) != 2 or shapes["w_xh"][0] != H or shapes["w_hh"] != (H, H) or shapes["b"] != (H,):
+      raise ValueError(f"reservoir: params have shapes {shapes}, expected w_xh [{H}, F], w_hh [{H}, {H}], "
+                       f"b [{H}]")
+
   def initial_carry(self, params: Params) -> jax.Array:
     """h_0 = 0: [H]."""
     return jnp.zeros((self.hidden_size,), params["w_hh"].dtype)

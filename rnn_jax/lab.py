@@ -1,4 +1,4 @@
-"""The gradient lab: the seeds' cures compared on long-range tasks.
+"""The gradient lab: cures for vanishing and exploding gradients compared on long-range tasks.
 
 Models (``MODEL_NAMES``), all with hidden size H and a dense read-out W_hy:
 
@@ -9,30 +9,40 @@ Models (``MODEL_NAMES``), all with hidden size H and a dense read-out W_hy:
   gru              GRU (Cho et al. 2014)
   esn              a fixed reservoir (rnn_jax.esn) with a closed-form ridge read-out: no BPTT
 
-Tasks (``TaskSpec``) and what "solved" means:
+Tasks (``TaskSpec``) and what "solved" means, judged on the validation set:
 
   adding   y = W_hy h_T, MSE;                 solved: MSE < 0.01 (baseline 0.167)
-  copy     o_t = W_hy h_t at every step, CE;  solved: all 10 answer symbols right on >= 99% of steps
-           (the memoryless baseline CE is 10 log 8 / (T + 20))
-  digits   o = W_hy h_64, CE over 10 classes; solved: test accuracy >= ``target`` (0.9 by default)
+  copy     o_t = W_hy h_t at every step, CE;  solved: all 10 answer symbols right on >= 99% of
+           sequences (without memory: 8^-10 of them; the memoryless CE is 10 log 8 / (T + 20))
+  digits   o = W_hy h_64, CE over 10 classes; solved: accuracy >= ``target`` (0.9 by default)
 
-Gradient models are trained with rnn_jax.train (optax chain with clipping, jitted steps, the run
-loop with its early stop when solved); every step's gradient global norm goes to a
-``diagnostics.GradientMonitor``.
+Data (``task_data``): adding and copy draw fresh training batches from a key for every step and
+hold out a validation and a test set of ``eval_sequences`` sequences each; digits split
+scikit-learn's 1797 images into train / valid / test (64 / 16 / 20 %).
+
+Gradient models train through the one recipe ``rnn_jax.train.train_and_test`` (``train_model``):
+early stop at the first evaluation where the task is solved on the validation set, the best
+checkpoint on the validation metric tested at the end. Every step's gradient global norm
+||g||_2 (before clipping) is recorded by a ``diagnostics.GradientMonitor`` that taps the
+gradient inside the loss function.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 
-from rnn_jax import cells, diagnostics, esn, layers, losses, tasks, train
+from rnn_jax import cells, diagnostics, esn, layers, losses, plots, tasks
+from rnn_jax.config import TrainingConfig, field
+from rnn_jax.rundir import RunDir, latest_checkpoint_step, load_run, read_json, read_metrics, to_python
 from rnn_jax.sequence import rnn, run_cell
+from rnn_jax.train import make_eval_step, train_and_test
 
 MODEL_NAMES = ("tanh", "tanh_orthogonal", "irnn", "lstm", "gru", "esn")
 TASK_NAMES = ("adding", "copy", "digits", "permuted_digits")
@@ -82,7 +92,14 @@ class TaskSpec:
     """"final" (from h_T) or "per_step" (from every h_t)."""
     return "per_step" if self.name == "copy" else "final"
 
+  @property
+  def mode(self) -> str:
+    """"min" if a lower metric is better (mse), else "max"."""
+    return "min" if self.metric == "mse" else "max"
+
   def is_solved(self, value) -> bool:
+    if value is None:
+      return False
     value = float(value)
     if not math.isfinite(value):
       return False
@@ -94,8 +111,9 @@ def make_task(name: str, length: int = 0, digits_target: float = 0.9) -> TaskSpe
   if name == "adding":
     return TaskSpec(name, length, 2, 1, "mse", tasks.ADDING_SOLVED_MSE, tasks.adding_baseline_mse())
   if name == "copy":
+    # Without memory each answer symbol is a guess among 8, so all 10 are right with probability 8^-10.
     return TaskSpec(name, length, tasks.COPY_VOCAB, tasks.COPY_VOCAB, "answer_accuracy", 0.99,
-                    1.0 / tasks.COPY_NUM_SYMBOLS)
+                    float(tasks.COPY_NUM_SYMBOLS) ** -tasks.COPY_LENGTH)
   if name in ("digits", "permuted_digits"):
     return TaskSpec(name, 64, 1, 10, "accuracy", digits_target, 0.1)
   raise ValueError(f"unknown task {name!r}; expected one of {TASK_NAMES}")
@@ -153,100 +171,229 @@ def task_metrics(task: TaskSpec, outputs: jax.Array, targets: jax.Array) -> tupl
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
-  """Optimisation settings of one gradient-trained run (the cures: clip, clip_mode, l1/l2 on W_hh).
+class TaskModel:
+  """A recurrent cell and a dense read-out for one task; ``rnn_jax.load_run`` rebuilds it.
 
-  clip=None trains without clipping; ``exploding_threshold`` sets the ||g|| that counts as an
-  exploding event (default: the clip threshold).
+    model = TaskModel(make_model_cell("gru", 64), make_task("adding", 100))
+    params = model.init(key)                     # {"rnn": cell params, "head": {w: [O, H], b: [O]}}
+    outputs = model(params, xs)                  # xs [B, T, F] -> see ``readout_outputs``
   """
-  optimizer: str = "adam"
-  learning_rate: float = 1e-3
-  clip: Optional[float] = 1.0
-  clip_mode: str = "norm"
-  l1: float = 0.0
-  l2: float = 0.0
-  steps: int = 1000
-  eval_every: int = 100
-  log_every: int = 50
-  exploding_threshold: Optional[float] = None
+  cell: Any
+  task: TaskSpec
 
-  @property
-  def event_threshold(self) -> Optional[float]:
-    """||g|| above which a step is an exploding event: ``exploding_threshold``, else the norm-clip
-    threshold, else None (only non-finite norms count)."""
-    if self.exploding_threshold is not None:
-      return self.exploding_threshold
-    return self.clip if self.clip_mode == "norm" else None
+  def init(self, key) -> dict:
+    return init_model(self.cell, self.task, key)
+
+  def __call__(self, params: dict, xs: jax.Array) -> jax.Array:
+    return model_outputs(self.cell, self.task, params, xs)
 
 
-def train_model(cell, task: TaskSpec, stream, eval_batch: tasks.Batch, config: TrainConfig,
-                run: train.RunDir, key, progress: bool = True) -> dict:
-  """Train ``cell`` + read-out on ``task`` with rnn_jax.train until solved or ``config.steps``.
+@dataclasses.dataclass(frozen=True)
+class CellModel:
+  """One cell over inputs of a fixed size F, so that ``init(key)`` needs no other argument.
 
-  Loss: task loss + lambda1 ||W_hh||_1 + lambda2 ||W_hh||_2^2 (train.recurrent_penalty).
-  Evaluates on ``eval_batch`` every ``eval_every`` steps and stops at the first evaluation
-  where the task counts as solved. Every step's ||g|| (before clipping) is recorded; an
-  exploding event is ||g|| > clip or non-finite. A non-finite training loss ends the run
-  (reported as diverged).
+    init(key) = cell.init(key, input_size);   model(params, xs [T, F]) -> (h_T, y: [T, O])
 
-  Returns {"solved", "steps", "steps_to_solve", "diverged", "best_<metric>", "final_<metric>",
-  "final_eval", "gradient": monitor summary, "grad_norms": ||g|| of every step, "train_wall_s",
-  "params": the trained params (None if diverged)}.
+  The smallest model a run directory can describe (model.json) and ``rnn_jax.load_run`` rebuild,
+  e.g. an Elman cell with its own read-out (``readout_size``).
   """
-  params = init_model(cell, task, key)
+  cell: Any
+  input_size: int
+
+  def init(self, key) -> dict:
+    return self.cell.init(key, self.input_size)
+
+  def __call__(self, params: dict, xs: jax.Array):
+    return run_cell(self.cell, params, xs)
+
+
+@dataclasses.dataclass(frozen=True)
+class LabConfig(TrainingConfig):
+  """The settings of a gradient-trained lab run: the cell size and the cures.
+
+  The cures: clip (0 = off) and clip_mode from the shared vocabulary, l1 / l2 penalties on W_hh,
+  the LSTM's forget-gate bias, and the recurrent initialisation (the model name).
+  """
+  hidden_size: int = field(64, "Hidden size H of every gradient-trained model.", minimum=1, fixed=True)
+  lstm_forget_bias: float = field(1.0, "Initial forget-gate bias b_f of the LSTM.", fixed=True)
+  l1: float = field(0.0, "L1 penalty on the recurrent weights W_hh only.", minimum=0.0)
+  l2: float = field(0.0, "L2 penalty on the recurrent weights W_hh only.", minimum=0.0)
+  eval_sequences: int = field(500, "Sequences in each of the validation and test sets (adding, copy).",
+                              minimum=1, fixed=True)
+  steps: int = field(1000, "Step budget of every gradient-trained run (it stops earlier when solved).",
+                     minimum=1)
+  epochs: float = field(1.0, "Not used: every run has a step budget (the generated tasks have no epochs).",
+                        minimum=0.0)
+  eval_every: int = field(100, "Steps between validations (and solved checks); 0 validates at the end "
+                          "(digits: once per pass over the training images).", minimum=0)
+  learning_rate: float = 1e-2
+  clip: float = 1.0
+  batch_size: int = 50
+
+
+@dataclasses.dataclass
+class TaskData:
+  """A task's data: a fresh training stream per run, validation, test and ESN-training batches.
+
+  batch_size: B of the training batches. batches_per_epoch: training batches per pass over a
+  fixed training set (digits); 0 for the endless generated tasks (adding, copy).
+  """
+  task: TaskSpec
+  make_stream: Callable[[], Any]
+  valid: tasks.Batch
+  test: tasks.Batch
+  esn_train: tasks.Batch
+  batch_size: int
+  batches_per_epoch: int = 0
+
+
+def task_data(task: TaskSpec, key, *, batch_size: int, eval_sequences: int = 500,
+              esn_train_sequences: int = 2000, valid_fraction: float = 0.2) -> TaskData:
+  """The data of ``task`` drawn from ``key`` (the same key gives the same data).
+
+  adding / copy: training batch i = generate(fold_in(key_stream, i), batch_size, T); the
+  validation and test sets hold ``eval_sequences`` sequences each and the ESN read-out is fitted
+  on ``esn_train_sequences``. digits: ``tasks.digits`` (20 % test), then the first
+  ``valid_fraction`` of the training part is held out for validation; the ESN fits on the rest.
+  """
+  key_stream, key_esn, key_valid, key_test, key_split, key_perm = jax.random.split(key, 6)
+  if task.name in ("adding", "copy"):
+    # One compiled program per batch shape instead of one per random op (the same numbers).
+    generate = jax.jit(tasks.adding_problem if task.name == "adding" else tasks.copy_task,
+                       static_argnums=(1, 2))
+    return TaskData(
+        task=task,
+        make_stream=lambda: tasks.GeneratedStream(lambda k: generate(k, batch_size, task.length), key_stream),
+        valid=generate(key_valid, eval_sequences, task.length),
+        test=generate(key_test, eval_sequences, task.length),
+        esn_train=generate(key_esn, esn_train_sequences, task.length), batch_size=batch_size)
+  split = tasks.digits(key_split, permuted=task.name == "permuted_digits", permutation_key=key_perm)
+  num_valid = int(round(valid_fraction * len(split.train_xs)))
+  train_xs, train_labels = split.train_xs[num_valid:], split.train_labels[num_valid:]
+  if not 0 < batch_size <= len(train_xs):
+    raise ValueError(f"batch_size must be in [1, {len(train_xs)}] (the digits training images), "
+                     f"got {batch_size}")
+  return TaskData(
+      task=task, make_stream=lambda: tasks.ArrayStream(train_xs, train_labels, batch_size, key_stream),
+      valid=tasks.Batch(split.train_xs[:num_valid], split.train_labels[:num_valid]),
+      test=tasks.Batch(split.test_xs, split.test_labels), esn_train=tasks.Batch(train_xs, train_labels),
+      batch_size=batch_size, batches_per_epoch=len(train_xs) // batch_size)
+
+
+def _saved_outcome(run: RunDir, config) -> Optional[dict]:
+  """The outcome of a finished run being resumed with an unchanged config, else None."""
+  if not run.resuming or not os.path.exists(run.path("results.json")):
+    return None
+  saved = read_json(run.path("results.json"))
+  if saved.get("config") != to_python(config):
+    return None
+  norms_path = run.path("grad_norms.json")
+  norms = read_json(norms_path)["grad_norms"] if os.path.exists(norms_path) else []
+  params = None if saved.get("diverged") else load_run(run.workdir).params
+  keep = {k: v for k, v in saved.items() if k not in ("experiment", "config", "wall_time_s", "device")}
+  return {**keep, "params": params, "grad_norms": [float(v) for v in norms]}
+
+
+def train_model(cell, data: TaskData, config: LabConfig, run: RunDir, key, *, params=None,
+                progress: bool = True, exploding_threshold: Optional[float] = None) -> dict:
+  """Train ``cell`` + read-out on ``data.task`` through ``train_and_test``; finishes ``run``.
+
+    loss = task loss + lambda1 ||W_hh||_1 + lambda2 ||W_hh||_2^2       (losses.recurrent_penalty)
+
+  Evaluates on the validation set every ``eval_every`` steps and stops at the first evaluation
+  where the task counts as solved (else after ``config.steps``); the best checkpoint on the
+  validation metric is evaluated on the validation and test sets. Every step's ||g|| (before
+  clipping) is recorded; an exploding event is ||g|| > ``exploding_threshold`` (default: the
+  norm-clip threshold; only non-finite norms count when there is none) or non-finite. A
+  non-finite training loss ends the run, reported as diverged at the first non-finite ||g||.
+
+  params: the initial params (default: ``TaskModel(cell, data.task).init(key)``).
+
+  Resuming a run that finished with the same config returns its saved outcome (the params from
+  its best checkpoint) instead of training again.
+
+  Returns {"solved", "steps", "steps_to_solve", "diverged", "best_step", "valid_<metric>",
+  "test_<metric>", "valid", "test" (every metric of each split), "gradient" (the monitor's
+  summary), "train_wall_s", "grad_norms" (||g|| of every step), "params" (best; None if diverged)};
+  results.json holds all but the last two, grad_norms.json the per-step norms (from step
+  ``first_step``: a run resumed after an interrupt records the norms of the steps it ran).
+  """
+  task = data.task
+  model = TaskModel(cell, task)
+  run.save_model(model, best_metric=task.metric, best_mode=task.mode)
+  saved = _saved_outcome(run, config)
+  if saved is not None:
+    return saved
+  if exploding_threshold is None and config.clip_mode == "norm" and config.clip > 0:
+    exploding_threshold = config.clip
+  monitor = diagnostics.GradientMonitor(exploding_threshold, until_non_finite=True)
+  start_step = (latest_checkpoint_step(run.workdir) or 0) if run.resuming else 0
+  loss_metric = "mse" if task.metric == "mse" else "cross_entropy"
 
   def loss_fn(params, batch, rng):
     del rng
-    loss, metrics = task_metrics(task, model_outputs(cell, task, params, batch.xs), batch.targets)
-    return loss + train.recurrent_penalty(params, config.l1, config.l2), metrics
+    loss, metrics = task_metrics(task, model(params, batch.xs), batch.targets)
+    aux = {k: v for k, v in metrics.items() if k != loss_metric}     # "loss" already holds it
+    return loss + losses.recurrent_penalty(params, config.l1, config.l2), aux
 
-  optimizer = train.make_optimizer(config.optimizer, config.learning_rate, clip=config.clip,
-                                   clip_mode=config.clip_mode)
-  state = train.create_train_state(params, optimizer, key)
-  train_step = train.make_train_step(loss_fn, optimizer)
-  eval_step = train.make_eval_step(loss_fn)
-  monitor = diagnostics.GradientMonitor(config.event_threshold)
-  history = []
+  eval_step = make_eval_step(lambda params, batch, rng: task_metrics(task, model(params, batch.xs),
+                                                                      batch.targets))
+  batches = {"valid": data.valid, "test": data.test}
 
-  def monitored_step(state, batch):
-    state, metrics = train_step(state, batch)
-    monitor.record(int(state.step), metrics["grad_norm"])
-    return state, metrics
+  def evaluate(params, split):
+    _, metrics = eval_step(params, batches[split])
+    return {k: float(v) for k, v in metrics.items()}
 
-  def evaluate(state):
-    _, metrics = eval_step(state.params, eval_batch)
-    metrics = {k: float(v) for k, v in metrics.items()}
-    history.append(metrics[task.metric])
-    return metrics
-
-  T = eval_batch.xs.shape[1]
+  stream = data.make_stream()
   start = time.time()
-  diverged, final_eval, steps, trained = False, {}, 0, None
+  diverged, outcome = False, None
   try:
-    result = train.fit(state, monitored_step, stream, num_steps=config.steps, run=run, evaluate=evaluate,
-                       eval_every=config.eval_every, log_every=config.log_every,
-                       tokens_per_step=stream_batch_size(stream) * T, progress=progress,
-                       stop_when=lambda metrics: task.is_solved(metrics[task.metric]))
-    final_eval, steps, trained = result.eval, result.step, result.state.params
+    outcome = train_and_test(
+        run, config, params=model.init(key) if params is None else params,
+        loss_fn=monitor.watch(loss_fn, start_step), stream=stream,
+        steps_per_epoch=data.batches_per_epoch or config.steps, evaluate=evaluate, best_metric=task.metric,
+        best_mode=task.mode, splits=("valid", "test"),
+        tokens_per_step=data.batch_size * data.valid.xs.shape[1],
+        stop_when=lambda metrics: task.is_solved(metrics[task.metric]), progress=progress)
   except FloatingPointError:
-    diverged, steps = True, len(monitor.norms)
-  finite = [v for v in history if math.isfinite(v)]
-  best = (min(finite) if task.metric == "mse" else max(finite)) if finite else None
-  solved = bool(final_eval) and task.is_solved(final_eval[task.metric])
-  return {
-      "solved": solved, "steps": steps, "steps_to_solve": steps if solved else None, "diverged": diverged,
-      f"best_{task.metric}": best, f"final_{task.metric}": final_eval.get(task.metric),
-      "final_eval": {k: v for k, v in final_eval.items() if k not in ("step", "split", "time_s")},
-      "gradient": monitor.summary(), "grad_norms": list(monitor.norms), "train_wall_s": time.time() - start,
-      "params": trained,
+    diverged = True
+  jax.effects_barrier()                          # every tapped ||g|| has been recorded
+  gradient = monitor.summary()
+  if diverged:
+    steps = gradient["first_non_finite_step"] or start_step + gradient["steps"]
+    valid, test, best_step, params = {}, {}, None, None
+  else:
+    steps, best_step, params = outcome.step, outcome.best_step, outcome.params
+    valid = {k[len("valid_"):]: v for k, v in outcome.results.items() if k.startswith("valid_")}
+    test = {k[len("test_"):]: v for k, v in outcome.results.items() if k.startswith("test_")}
+  solved = task.is_solved(valid.get(task.metric))
+  summary = {
+      "task": task.name, "T": task.length, "solved": solved, "steps": steps,
+      "steps_to_solve": steps if solved else None, "diverged": diverged, "best_step": best_step,
+      f"valid_{task.metric}": valid.get(task.metric), f"test_{task.metric}": test.get(task.metric),
+      "valid": valid, "test": test, "gradient": gradient, "train_wall_s": time.time() - start,
+      "resumed_from_step": start_step,
   }
+  run.write_json("grad_norms.json", {"first_step": start_step + 1, "grad_norms": monitor.norms})
+  run.finish(summary)
+  return {**summary, "grad_norms": list(monitor.norms), "params": params}
 
 
-def stream_batch_size(stream) -> int:
-  """B of the batches a stream yields (peeked from its generator or its arrays)."""
-  if isinstance(stream, tasks.ArrayStream):
-    return stream.batch_size
-  return int(stream.make_batch(jax.random.key(0)).xs.shape[0])
+METRIC_LABELS = {"loss": "training loss (task loss + penalty)", "mse": "mean squared error",
+                 "answer_accuracy": "sequences copied exactly (fraction)", "accuracy": "accuracy (fraction)",
+                 "cross_entropy": "cross-entropy (nats)", "grad_norm": "gradient norm ||g||_2"}
+
+
+def plot_training(run: RunDir, title: str, task: TaskSpec) -> Optional[str]:
+  """curves.png of one training run: the training loss, the task's validation metric with the
+  solved threshold as a labelled line, and ||g||. None if the run logged too few points to draw
+  a curve (e.g. it diverged at once)."""
+  if not plots.curve_metrics(read_metrics(run.workdir), ["loss", task.metric]):
+    return None
+  reference = {task.metric: (task.target, f"solved: {task.metric} {'<' if task.mode == 'min' else '>='} "
+                                          f"{task.target:g}")}
+  return plots.plot_run(run.workdir, title, metrics=["loss", task.metric, "grad_norm"], reference=reference,
+                        labels=METRIC_LABELS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,14 +409,15 @@ class ESNConfig:
 
 
 def esn_on_task(task: TaskSpec, train_batch: tasks.Batch, eval_batch: tasks.Batch, config: ESNConfig,
-                key) -> dict:
+                key, test_batch: Optional[tasks.Batch] = None) -> dict:
   """Fit an ESN read-out in closed form on ``train_batch`` and score it on ``eval_batch``.
 
     z = [1; x_T; h_T] (final read-outs) or z_t = [1; x_t; h_t] (copy, every step)
     W_hy = ridge(Z, D) with D the targets (one-hot for classification); o = W_hy z
 
   Classification scores are linear, not probabilities, so only the task's accuracy (or MSE)
-  is reported. Returns {"solved", "<metric>", "fit_wall_s"}.
+  is reported. Returns {"solved" (on ``eval_batch``), "<metric>", "test_<metric>" (if
+  ``test_batch`` is given), "fit_wall_s"}.
   """
   reservoir = esn.Reservoir(config.hidden_size, spectral_radius=config.spectral_radius,
                             density=config.density, input_scaling=config.input_scaling,
@@ -292,13 +440,19 @@ def esn_on_task(task: TaskSpec, train_batch: tasks.Batch, eval_batch: tasks.Batc
 
   z_train, d_train = design(train_batch)
   w_hy = esn.ridge_readout(z_train, d_train, config.ridge)
-  z_eval = features(eval_batch.xs)
-  outputs = z_eval @ w_hy.T
-  if task.metric == "mse":
-    value = float(jnp.mean(jnp.square(outputs[:, 0] - eval_batch.targets)))
-  elif task.readout == "per_step":
-    answers = jnp.argmax(outputs[:, -tasks.COPY_LENGTH:], -1) == eval_batch.targets[:, -tasks.COPY_LENGTH:]
-    value = float(jnp.mean(jnp.all(answers, axis=-1)))
-  else:
-    value = float(jnp.mean(jnp.argmax(outputs, -1) == eval_batch.targets))
-  return {"solved": task.is_solved(value), task.metric: value, "fit_wall_s": time.time() - start}
+
+  def score(batch) -> float:
+    outputs = features(batch.xs) @ w_hy.T
+    if task.metric == "mse":
+      return float(jnp.mean(jnp.square(outputs[:, 0] - batch.targets)))
+    if task.readout == "per_step":
+      answers = jnp.argmax(outputs[:, -tasks.COPY_LENGTH:], -1) == batch.targets[:, -tasks.COPY_LENGTH:]
+      return float(jnp.mean(jnp.all(answers, axis=-1)))
+    return float(jnp.mean(jnp.argmax(outputs, -1) == batch.targets))
+
+  value = score(eval_batch)
+  outcome = {"solved": task.is_solved(value), task.metric: value}
+  if test_batch is not None:
+    outcome[f"test_{task.metric}"] = score(test_batch)
+  outcome["fit_wall_s"] = time.time() - start
+  return outcome

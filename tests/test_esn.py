@@ -77,3 +77,13 @@ def test_fit_rejects_a_washout_longer_than_the_data():
   params = reservoir.init(jax.random.key(0), 1)
   with pytest.raises(ValueError, match="longer than the washout"):
     esn.ESN(reservoir, washout=20).fit(params, jnp.zeros((10, 1)), jnp.zeros((10, 1)))
+
+
+def test_reservoir_params_are_checked_against_its_size():
+  reservoir = esn.Reservoir(8)
+  params = reservoir.init(jax.random.key(0), 2)
+  reservoir.check_params(params)
+  with pytest.raises(ValueError, match=r"w_hh \[8, 8\]"):
+    reservoir.check_params({**params, "w_hh": params["w_hh"][:4]})
+  with pytest.raises(ValueError, match="keys"):
+    reservoir.check_params({"w_xh": params["w_xh"]})
