@@ -44,7 +44,7 @@ from rnn_jax.train import Interrupted
 
 RUN_FLAGS = ("workdir", "preset", "smoke", "resume", "overwrite", "progress", "tensorboard")
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
-               NotADirectoryError, CheckpointError, ImportError, UnicodeDecodeError)
+               NotADirectoryError, CheckpointError, ImportError, UnicodeDecodeError, FloatingPointError)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -64,9 +64,15 @@ def _strip_split(record: dict) -> dict:
   return out
 
 
-def use_log_scale(values: Sequence[float]) -> bool:
-  """True when positive values span more than a decade (perplexity, gradient norms)."""
+FRACTIONS = ("accuracy", "f1", "precision", "recall", "bleu", "exact_match", "probability")
+
+
+def use_log_scale(values: Sequence[float], metric: str = "") -> bool:
+  """True when positive values span more than a decade (perplexity, gradient norms); a fraction
+  in [0, 1] (accuracy, F1, BLEU, ...) keeps a linear axis."""
   positive = [v for v in values if v > 0]
+  if any(name in metric for name in FRACTIONS) and values and max(values) <= 1.0:
+    return False
   return len(positive) == len(values) and len(values) > 1 and max(positive) / min(positive) > 10.0
 
 
@@ -75,7 +81,7 @@ def _decorate(axis, metric: str, values, reference: Optional[Reference], labels:
     value, text = reference[metric]
     axis.axhline(value, color="black", linestyle="--", linewidth=1.0, label=text)
     values = [*values, value]
-  if use_log_scale(values):
+  if use_log_scale(values, metric):
     axis.set_yscale("log")
   axis.set_xlabel("step")
   axis.set_ylabel(labels.get(metric, metric))
@@ -154,7 +160,7 @@ def plot_comparison(runs: Mapping[str, str], metrics: Sequence[str], title: str,
                     reference: Optional[Mapping[str, Reference]] = None,
                     final: Optional[Mapping[str, str]] = None) -> str:
   """One panel per metric, one line per run ({name: workdir}) of that metric on ``split``,
-  plus every run's training loss in its own first panel (dashed).
+  plus every run's training loss in its own first panel.
 
   reference: {metric: {run_name_or_label: (value, label)}} published figures as dashed lines, in
   the run's colour when keyed by a run's name, else black (dashed, dotted, dash-dotted in turn);
@@ -184,7 +190,7 @@ def plot_comparison(runs: Mapping[str, str], metrics: Sequence[str], title: str,
         task_lines += 1
       axis.axhline(value, color=color, linestyle=style, linewidth=1.0, label=text)
       values.append(value)
-    if use_log_scale(values):
+    if use_log_scale(values, metric):
       axis.set_yscale("log")
     axis.set_title("training loss" if metric == "loss" else f"{split} {metric}", fontsize=10)
     axis.set_xlabel("step")

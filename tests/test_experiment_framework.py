@@ -149,12 +149,22 @@ def test_every_script_speaks_the_one_vocabulary(name):
   assert callable(getattr(sys.modules[f"experiments.{name}"], "train_and_evaluate"))
 
 
+def _kind(flag) -> str:
+  """A flag's value type, a list of X counting as X (a sweep) and an enum as a string."""
+  kind = flag.flag_type()
+  if kind.startswith(("list", "multi")) or kind == "comma separated list of strings":
+    default = flag.default or [""]
+    value = str(default[0]) if isinstance(default, (list, tuple)) else str(default)
+    kind = "int" if value.lstrip("-").isdigit() else "float" if value.replace(".", "", 1).isdigit() else "string"
+  return {"string enum": "string"}.get(kind, kind)
+
+
 def test_the_same_name_means_the_same_type_in_every_script():
   kinds = {}
   for name in SCRIPTS:
     _, script_flags = _flags_of(name)
     for flag_name, flag in script_flags.items():
-      kinds.setdefault(flag_name, set()).add(flag.flag_type())
+      kinds.setdefault(flag_name, set()).add(_kind(flag))
   mixed = {k: v for k, v in kinds.items() if len(v) > 1}
   assert not mixed, mixed
 
