@@ -559,6 +559,70 @@ class MinLSTM(MinGRU):
     return f / total, (i / total) * _candidate(self.candidate, a_h)
 
 
+@dataclasses.dataclass(frozen=True)
+class Reservoir(Cell):
+  """An echo-state reservoir (Jaeger 2001): a leaky-integrator tanh cell with fixed random weights.
+
+    h_t = (1 - alpha) h_{t-1} + alpha tanh(W_xh x_t + W_hh h_{t-1} + b)
+    x_t: [F], h_t: [H], W_xh: [H, F] ~ input_scaling * U(-1, 1), b: [H] ~ bias_scaling * U(-1, 1)
+    W_hh: [H, H] ~ U(-1, 1) with each entry kept with probability ``density`` (sparse when
+    density < 1), then rescaled to spectral radius rho.
+
+  The weights are not trained (``rnn_jax.esn`` fits a ridge read-out on the states), but the
+  reservoir is a cell like any other: ``rnn``, ``bidirectional``, ``StackedRNN`` and the Flax
+  modules run it.
+
+  Attributes:
+    spectral_radius: rho = max |lambda(W_hh)| after rescaling (the echo state property needs
+      rho < 1 in the usual regime).
+    density: the fraction of non-zero entries of W_hh (1.0: dense).
+    input_scaling: the scale of W_xh.
+    bias_scaling: the scale of b (0: no bias).
+    leak_rate: alpha in (0, 1]; 1 is the plain (non-leaky) reservoir.
+  """
+  spectral_radius: float = 0.9
+  density: float = 1.0
+  input_scaling: float = 1.0
+  bias_scaling: float = 0.0
+  leak_rate: float = 1.0
+
+  name = "reservoir"
+  num_gates = 1
+
+  def __post_init__(self):
+    super().__post_init__()
+    if not (self.spectral_radius is not None and self.spectral_radius > 0):
+      raise ValueError(f"reservoir: spectral_radius must be positive, got {self.spectral_radius}")
+    if not 0.0 < self.density <= 1.0:
+      raise ValueError(f"reservoir: density must be in (0, 1], got {self.density}")
+    if not 0.0 < self.leak_rate <= 1.0:
+      raise ValueError(f"reservoir: leak_rate must be in (0, 1], got {self.leak_rate}")
+    if self.input_scaling < 0 or self.bias_scaling < 0:
+      raise ValueError(f"reservoir: input_scaling and bias_scaling must be >= 0, got "
+                       f"{self.input_scaling} and {self.bias_scaling}")
+
+  def init(self, key, input_size: int) -> Params:
+    """Params {w_xh: [H, F], w_hh: [H, H] with rho(W_hh) = spectral_radius, b: [H]}."""
+    if not isinstance(input_size, (int, np.integer)) or input_size <= 0:
+      raise ValueError(f"reservoir: input_size must be a positive integer, got {input_size!r}")
+    H, dtype = self.hidden_size, jnp.dtype(self.param_dtype)
+    key_x, key_h, key_mask, key_b = jax.random.split(key, 4)
+    w_hh = initializers.uniform(1.0)(key_h, (H, H), dtype)
+    if self.density < 1.0:
+      w_hh = jnp.where(jax.random.bernoulli(key_mask, self.density, (H, H)), w_hh, 0.0)
+    return {
+        "w_xh": initializers.uniform(self.input_scaling)(key_x, (H, input_size), dtype),
+        "w_hh": initializers.scale_to_spectral_radius(w_hh, self.spectral_radius).astype(dtype),
+        "b": initializers.uniform(self.bias_scaling)(key_b, (H,), dtype),
+    }
+
+  def recurrence(self, params: Params, h_prev: jax.Array, a_t: jax.Array):
+    """h_t = (1 - alpha) h_{t-1} + alpha tanh(a_t + W_hh h_{t-1}); returns (h_t, h_t)."""
+    update = jnp.tanh(a_t + recurrent_product(params["w_hh"], h_prev, self.dtype))
+    h_t = (1.0 - self.leak_rate) * h_prev + self.leak_rate * update
+    return h_t, h_t
+
+
 # ---------------------------------------------------------------------------
 # The registry of cell names and presets
 # ---------------------------------------------------------------------------
@@ -576,6 +640,7 @@ PRESETS: dict[str, tuple[type, dict]] = {
     "gru_reset_before": (GRU, {"reset_after": False}),
     "mingru": (MinGRU, {}),
     "minlstm": (MinLSTM, {}),
+    "reservoir": (Reservoir, {}),
 }
 """Every named cell: {name: (class, hyper-parameters)}. Scripts and models take these names."""
 

@@ -30,13 +30,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from rnn_jax import layers, losses, metrics
+from rnn_jax import cells as cells_lib
 from rnn_jax.cells import Cell, make_cell
 from rnn_jax.data import sentiment
 from rnn_jax.data.sentences import evaluation_batches
 from rnn_jax.rundir import LoadedRun, load_run, read_json
 from rnn_jax.sequence import StackedRNN
 
-CELL_NAMES = ("elman", "lstm", "gru")
+CELL_NAMES = cells_lib.CELL_NAMES
 
 
 def keras_cell(name: str, hidden_size: int, activation: str = "relu") -> Cell:

@@ -28,20 +28,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rnn_jax.cells import LSTMState
 
 NORMS = ("spectral", "frobenius")
 
 
-def add_to_hidden(carry, delta: jax.Array):
-  """carry with its hidden state h replaced by h + delta (the LSTM's c is left untouched)."""
-  if isinstance(carry, LSTMState):
-    return carry._replace(h=carry.h + delta)
-  return carry + delta
-
-
-def _hidden(carry) -> jax.Array:
-  return carry.h if isinstance(carry, LSTMState) else carry
+def add_to_hidden(cell, carry, delta: jax.Array):
+  """carry with its hidden state h replaced by h + delta (an LSTM's c is left untouched)."""
+  return cell.with_hidden(carry, cell.hidden(carry) + delta)
 
 
 def perturbed_hidden_states(cell, params, xs: jax.Array, deltas: jax.Array, initial_carry=None):
@@ -64,8 +57,8 @@ def perturbed_hidden_states(cell, params, xs: jax.Array, deltas: jax.Array, init
   def body(carry, inputs):
     a_t, delta_t = inputs
     carry, _ = cell.recurrence(params, carry, a_t)
-    carry = add_to_hidden(carry, delta_t)
-    return carry, _hidden(carry)
+    carry = add_to_hidden(cell, carry, delta_t)
+    return carry, cell.hidden(carry)
 
   _, hs = jax.lax.scan(body, carry, (a, deltas))
   return hs

@@ -54,16 +54,8 @@ def make_model_cell(name: str, hidden_size: int, forget_bias: float = 1.0):
   ``forget_bias`` is the LSTM's initial forget-gate bias b_f: at init f = sigma(b_f), so a memory
   decays like sigma(b_f)^lag (0.73^lag for b_f = 1, 0.95^lag for b_f = 3).
   """
-  if name == "tanh":
-    return cells.Elman(hidden_size, activation="tanh")
-  if name == "tanh_orthogonal":
-    return cells.Elman(hidden_size, activation="tanh", recurrent_init="orthogonal")
-  if name == "irnn":
-    return cells.Elman(hidden_size, activation="relu", recurrent_init="identity")
-  if name == "lstm":
-    return cells.LSTM(hidden_size, forget_bias=forget_bias)
-  if name == "gru":
-    return cells.GRU(hidden_size)
+  if name in MODEL_NAMES and name != "esn":
+    return cells.make_cell(name, hidden_size, **({"forget_bias": forget_bias} if name == "lstm" else {}))
   raise ValueError(f"unknown model {name!r}; expected one of {MODEL_NAMES[:-1]} (or 'esn', which has no cell)")
 
 

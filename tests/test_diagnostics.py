@@ -61,7 +61,7 @@ def test_jacobians_match_restarting_the_scan_from_h_k(cell):
     carries.append(carry)
   for k in (0, 5):                        # restart after step k+1 and differentiate h_T by h_{k+1}
     def final_hidden(h, k=k):
-      start = diagnostics.add_to_hidden(carries[k], h - cell.hidden(carries[k]))
+      start = diagnostics.add_to_hidden(cell, carries[k], h - cell.hidden(carries[k]))
       final, _ = run_cell(cell, params, xs[k + 1:], initial_carry=start)
       return cell.hidden(final)
     expected = jax.jacrev(final_hidden)(cell.hidden(carries[k]))

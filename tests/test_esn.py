@@ -83,7 +83,30 @@ def test_reservoir_params_are_checked_against_its_size():
   reservoir = esn.Reservoir(8)
   params = reservoir.init(jax.random.key(0), 2)
   reservoir.check_params(params)
-  with pytest.raises(ValueError, match=r"w_hh \[8, 8\]"):
+  with pytest.raises(ValueError, match=r"w_hh has shape \(4, 8\), expected \(8, 8\)"):
     reservoir.check_params({**params, "w_hh": params["w_hh"][:4]})
-  with pytest.raises(ValueError, match="keys"):
+  with pytest.raises(ValueError, match=r"missing \['b', 'w_hh'\]"):
     reservoir.check_params({"w_xh": params["w_xh"]})
+
+
+def test_a_reservoir_is_a_cell_that_runs_in_every_layer():
+  """The reservoir in rnn, a bidirectional StackedRNN and the Flax CellLayer, named in the registry."""
+  from rnn_jax import StackedRNN, make_cell, rnn
+  from rnn_jax.flax_modules import CellLayer
+  reservoir = make_cell("reservoir", 6, spectral_radius=0.8, leak_rate=0.5)
+  assert isinstance(reservoir, esn.Reservoir)
+  params = reservoir.init(jax.random.key(1), 3)
+  xs = jax.random.normal(jax.random.key(2), (2, 5, 3))
+  lengths = jnp.array([5, 3])
+  _, ys = rnn(reservoir, params, xs, lengths)
+  for t in range(5):  # h_t = (1 - a) h_{t-1} + a tanh(W_xh x_t + W_hh h_{t-1} + b), by hand for example 0
+    h = (np.zeros(6) if t == 0 else h)
+    h = 0.5 * h + 0.5 * np.tanh(np.asarray(params["w_xh"]) @ np.asarray(xs[0, t]) + np.asarray(params["w_hh"]) @ h
+                                + np.asarray(params["b"]))
+    np.testing.assert_allclose(ys[0, t], h, atol=1e-5)
+  assert float(jnp.abs(ys[1, 3:]).max()) == 0.0
+  stack = StackedRNN(reservoir, num_layers=2, bidirectional=True)
+  assert stack(stack.init(jax.random.key(3), 3), xs, lengths)[1].shape == (2, 5, 12)
+  layer = CellLayer(reservoir)
+  variables = layer.init(jax.random.key(4), xs, lengths)
+  assert layer.apply(variables, xs, lengths)[1].shape == (2, 5, 6)

@@ -126,3 +126,20 @@ def test_parallel_rejects_cells_it_cannot_evaluate():
   with pytest.raises(ValueError, match="max_iterations"):
     elman = Elman(H)
     parallel.deer_rnn(elman, elman.init(jax.random.PRNGKey(0), F), xs, max_iterations=0)
+
+
+def test_min_cells_run_in_every_layer_of_the_sequence_api():
+  """minGRU and minLSTM are cells: bidirectional StackedRNN and the Flax CellLayer run them."""
+  from rnn_jax import StackedRNN, make_cell
+  from rnn_jax.flax_modules import CellLayer
+  xs = jax.random.normal(jax.random.key(0), (2, 6, 3))
+  lengths = jnp.array([6, 2])
+  for name in ("mingru", "minlstm"):
+    cell = make_cell(name, 4)
+    stack = StackedRNN(cell, num_layers=2, bidirectional=True)
+    _, ys = stack(stack.init(jax.random.key(1), 3), xs, lengths)
+    assert ys.shape == (2, 6, 8) and float(jnp.abs(ys[1, 2:]).max()) == 0.0
+    layer = CellLayer(cell)
+    variables = layer.init(jax.random.key(2), xs, lengths)
+    np.testing.assert_allclose(layer.apply(variables, xs, lengths)[1],
+                               rnn(cell, dict(variables["params"]), xs, lengths)[1], atol=1e-6)
