@@ -124,6 +124,14 @@ def define_run_flags(experiment: Experiment, flag_values: flags.FlagValues, modu
                     **kwargs)
 
 
+def define_input_flag(flag_values: flags.FlagValues, name: str, action: str, unit: str = "text") -> None:
+  """An inference flag that reads its inputs the same way in every script: ``--<name>=TEXT``,
+  ``@FILE`` (one per line) or ``-`` (standard input, one per line); see ``rnn_jax.predict``."""
+  flags.DEFINE_string(name, None, f"{action} with the run in --workdir instead of training: the {unit} "
+                      f"itself, @FILE (one {unit} per line) or - (standard input, one per line).",
+                      flag_values=flag_values)
+
+
 def define_all_flags(experiment: Experiment, flag_values: flags.FlagValues) -> None:
   module_name = sys.argv[0] if flag_values is flags.FLAGS else experiment.name
   define_config_flags(experiment.config_class, flag_values, module_name)

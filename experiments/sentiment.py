@@ -225,9 +225,7 @@ def train_and_evaluate(config: Config, workdir: str, options=None) -> dict:
 
 def define_predict_flags(flag_values) -> None:
   """The flags of --predict, which classifies texts with a trained run instead of training."""
-  flags.DEFINE_string("predict", None, "Classify texts with the run in --workdir and exit: the text itself, "
-                      "@FILE (one text per line) or - (standard input, one per line). Prints one JSON "
-                      "line per text.", flag_values=flag_values)
+  common.define_input_flag(flag_values, "predict", "Classify texts (one JSON line each)", "text")
   flags.DEFINE_string("predict_cell", "", "Cell used by --predict (default: the best validation accuracy).",
                       flag_values=flag_values)
 

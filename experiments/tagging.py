@@ -178,9 +178,7 @@ def train_and_evaluate(config: Config, workdir: str, options=None) -> dict:
 
 def define_predict_flags(flag_values) -> None:
   """The flag of --predict, which tags sentences with a trained run instead of training."""
-  flags.DEFINE_string("predict", None, "Tag sentences with the run in --workdir and exit: the sentence "
-                      "itself, @FILE (one sentence per line) or - (standard input, one per line). Prints "
-                      "one JSON line per sentence.", flag_values=flag_values)
+  common.define_input_flag(flag_values, "predict", "Tag sentences (one JSON line each)", "sentence")
 
 
 def answer(text: str, tagged: list, task: str) -> dict:

@@ -36,7 +36,6 @@ test_translations.tsv (every test pair: reference, source, target, greedy, beam)
 from __future__ import annotations
 
 import dataclasses
-import sys
 
 import jax
 import numpy as np
@@ -47,6 +46,7 @@ if __package__:
 else:  # run as a script: experiments/ is on sys.path
   import common
 from rnn_jax import cells, load_run, metrics, plots, seq2seq
+from rnn_jax import predict as predict_io
 from rnn_jax.config import TrainingConfig, field
 from rnn_jax.data import translation
 from rnn_jax.layers import check_token_ids
@@ -249,30 +249,15 @@ def train_and_evaluate(config: Config, workdir: str, options=None) -> dict:
 # ---------------------------------------------------------------------------
 
 def define_translate_flags(flag_values) -> None:
-  flags.DEFINE_string("translate", "", "Translate with the best checkpoint in --workdir instead of training: "
-                      "a sentence, @FILE (one sentence per line) or - (stdin); greedy unless --beam_size is "
-                      "given.", flag_values=flag_values)
-
-
-def read_sentences(argument: str) -> list[str]:
-  """The sentences of --translate: the text itself, the lines of @FILE, or the lines of stdin ("-")."""
-  if argument == "-":
-    lines = sys.stdin.read().splitlines()
-  elif argument.startswith("@"):
-    with open(argument[1:], encoding="utf-8") as handle:
-      lines = handle.read().splitlines()
-  else:
-    lines = [argument]
-  sentences = [line.strip() for line in lines if line.strip()]
-  if not sentences:
-    raise ValueError(f"translate: {argument!r} holds no sentence to translate")
-  return sentences
+  """--translate (greedy unless --beam_size is given), which decodes with a trained run."""
+  common.define_input_flag(flag_values, "translate", "Translate sentences (greedy unless --beam_size is "
+                           "given)", "sentence")
 
 
 def translate_mode(flag_values, workdir: str) -> bool:
-  if not flag_values.translate:
+  if flag_values.translate is None:
     return False
-  sentences = read_sentences(flag_values.translate)
+  sentences = predict_io.read_texts(flag_values.translate)
   loaded = load_run(workdir)
   beam_size = flag_values.beam_size if flag_values["beam_size"].present else 1
   length_penalty = flag_values.length_penalty if flag_values["length_penalty"].present else None

@@ -274,7 +274,7 @@ def _expected_shapes(cell: "Cell", input_size: int) -> dict:
 
 @dataclasses.dataclass(frozen=True)
 class Elman(Cell):
-  """Elman RNN (the seeds' vanilla RNN).
+  """Elman RNN (Elman 1990), the vanilla RNN.
 
     h_t = f(W_xh x_t + W_hh h_{t-1} + b)        x_t: [F], h_t: [H], W_xh: [H, F], W_hh: [H, H]
     y_t = W_hy h_t + b_y   (only if output_size is set; W_hy: [O, H])

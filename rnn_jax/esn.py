@@ -1,7 +1,7 @@
 """Echo state networks (Jaeger 2001; Jaeger & Haas 2004): a fixed random reservoir and a ridge read-out.
 
 Only the read-out is trained, in closed form, so no gradient flows through time at all:
-the ESN is the seeds' cure that sidesteps vanishing and exploding gradients.
+the ESN sidesteps vanishing and exploding gradients (Jaeger 2001).
 
     h_t = (1 - alpha) h_{t-1} + alpha tanh(W_xh x_t + W_hh h_{t-1} + b)     reservoir, fixed
     y_t = W_hy z_t,   z_t = [1; x_t; h_t]                                    read-out, trained

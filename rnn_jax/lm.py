@@ -184,7 +184,7 @@ def sample(model: LanguageModel, params, prime_ids, length: int, key, *, tempera
   """
   prime = np.asarray(prime_ids, dtype=np.int32).reshape(-1)
   if prime.size == 0:
-    raise ValueError("sample: the prime is empty; give at least one token (e.g. --prime='The ')")
+    raise ValueError("sample: the prime is empty; give at least one token")
   if not temperature > 0:
     raise ValueError(f"sample: temperature must be > 0, got {temperature}")
   if not 0 <= top_k <= model.vocab_size:

@@ -45,7 +45,7 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, mask=None, reduction: s
 
     l_t = -log p(y_t | x_<=t) = logsumexp(o_t) - o_t[y_t],   o_t = W_hy h_t + b_y
 
-  reduction="sum":  L = mean over the batch of sum_t m_t l_t (the seeds' loss, summed over time;
+  reduction="sum":  L = mean over the batch of sum_t m_t l_t (the loss summed over time, as in Zaremba et al. 2014;
                     with no batch axis the sum over time itself).
   reduction="mean": L = sum_{b,t} m_t l_t / sum_{b,t} m_t, the per-token average (0 if no token is real).
 

@@ -189,8 +189,8 @@ def test_cell_matches_numpy_reference_float32(name):
   check_against_reference(CELLS[name], np.float32, atol=1e-5, seed=sorted(CELLS).index(name))
 
 
-def test_seeds_worked_example_hello():
-  """The seeds' char-RNN on vocabulary {h, e, l, o}: one-hot x, 3 hidden units, W_xh: 3x4, W_hy: 4x3.
+def test_worked_example_hello():
+  """The char-RNN worked example (Karpathy 2015) on vocabulary {h, e, l, o}: one-hot x, 3 hidden units, W_xh: 3x4, W_hy: 4x3.
 
   Step 1 reads "h" = [1, 0, 0, 0] from h_0 = 0, so W_hh drops out:
     W_xh x = first column of W_xh = [0.5, -1.0, 0.0]

@@ -136,15 +136,15 @@ def shakespeare_text() -> dict[str, str]:
 def file_text(path: str) -> dict[str, str]:
   """A user text file split 90/5/5 by lines; raises if it is missing, empty or too short."""
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"--dataset=file:{path}: no such file")
+    raise FileNotFoundError(f"dataset=file:{path}: no such file")
   with open(path, encoding="utf-8", errors="replace") as f:
     text = f.read()
   if not text.strip():
-    raise ValueError(f"--dataset=file:{path}: the file is empty; give a text file with content")
+    raise ValueError(f"dataset=file:{path}: the file is empty; give a text file with content")
   splits = split_lines(text)
   empty = [s for s in SPLITS if not splits[s]]
   if empty:
-    raise ValueError(f"--dataset=file:{path}: too few lines ({len(text.splitlines())}) to give "
+    raise ValueError(f"dataset=file:{path}: too few lines ({len(text.splitlines())}) to give "
                      f"non-empty {', '.join(empty)} splits (90/5/5 by lines); use a longer file")
   return splits
 
@@ -175,7 +175,7 @@ def load_corpus(dataset: str, level: Optional[str] = None) -> Corpus:
   if dataset.startswith("file:"):
     path = dataset[len("file:"):]
     if not path:
-      raise ValueError("--dataset=file:PATH needs a path after 'file:'")
+      raise ValueError("dataset=file:PATH needs a path after 'file:'")
     texts = file_text(os.path.expanduser(path))
     level = level or "char"
     if level == "char":
