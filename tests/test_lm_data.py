@@ -112,10 +112,10 @@ def test_eval_windows_score_every_token_once():
 
 @pytest.mark.parametrize("ids, batch, seq_len, message", [
     (np.array([], np.int32), 2, 3, "empty"),
-    (np.arange(10), 4, 5, "too few for --batch=4 rows of --seq_len=5"),
+    (np.arange(10), 4, 5, "too few for batch_size=4 rows of seq_len=5"),
     (np.array([0, 1, 60] * 10), 2, 3, r"must lie in \[0, 50\)"),
-    (np.arange(40), 0, 3, "--batch"),
-    (np.arange(40), 2, -1, "--seq_len"),
+    (np.arange(40), 0, 3, "batch_size must be a positive integer, got 0"),
+    (np.arange(40), 2, -1, "seq_len must be a positive integer, got -1"),
     (np.arange(40).reshape(4, 10), 2, 3, "1-D"),
 ])
 def test_bad_streams_say_what_to_change(ids, batch, seq_len, message):
