@@ -208,6 +208,8 @@ class TrainingConfig:
   keep: int = field(2, "Latest checkpoints kept, besides the best one.", minimum=1)
   log_every: int = field(50, "Steps between training log lines.", minimum=1)
   seed: int = field(0, "Seed of the initialisation, the data order, dropout and sampling.")
+  num_devices: int = field(0, "Devices of the data-parallel mesh (the batch is split over them); 0 uses "
+                           "every local device.", minimum=0)
 
   def validate(self) -> None:
     if self.learning_rate <= 0:

@@ -43,6 +43,7 @@ import numpy as np
 import optax
 from absl import logging
 
+from rnn_jax import mesh as mesh_lib
 from rnn_jax import optim
 from rnn_jax.checkpoint import CheckpointManager
 from rnn_jax.rundir import RunDir
@@ -361,12 +362,20 @@ def train_and_test(run: RunDir, config, *, params, loss_fn: LossFn, stream: Stre
   (``best_mode`` "min" or "max"). carry: the initial truncated-BPTT carry, for a stream of
   windows (see ``make_tbptt_step``); None for independent batches.
 
+  Data parallelism (``rnn_jax.mesh``): the batch (and the truncated-BPTT carry) is split over
+  ``config.num_devices`` local devices (0: all), params and optimiser state are replicated,
+  and results["mesh"] records the mesh. Evaluation runs replicated on the mesh.
+
   Resuming (``run.resuming``): the latest checkpoint's state and stream position are
-  restored, so the trajectory is the uninterrupted one. If the planned number of steps
+  restored onto this run's mesh, so the trajectory is the uninterrupted one, also when the
+  checkpoint was saved on another number of devices. If the planned number of steps
   changed, training is extended (or shortened) with a logged note, and a cosine schedule
   decays from its value at the resume step to 0 at the new end instead of jumping.
   """
   num_steps = planned_steps(config, steps_per_epoch)
+  mesh = mesh_lib.make_mesh(getattr(config, "num_devices", 0))
+  if hasattr(config, "batch_size"):
+    mesh_lib.check_divisible(config.batch_size, mesh)
   checkpoints = CheckpointManager(run.path("checkpoints"), keep=config.keep, best_metric=best_metric,
                                   best_mode=best_mode)
   start_step = (checkpoints.latest_step() or 0) if run.resuming else 0
@@ -392,14 +401,16 @@ def train_and_test(run: RunDir, config, *, params, loss_fn: LossFn, stream: Stre
   schedule, optimizer = optim.from_config(config, steps_per_epoch=steps_per_epoch, total_steps=planned,
                                           horizons=horizons)
   train_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
-  state = create_train_state(params, optimizer, train_key)
+  state = mesh_lib.replicate(create_train_state(params, optimizer, train_key), mesh)
   step_fn = make_train_step(loss_fn, optimizer, schedule)
   if carry is not None:
-    state, step_fn = {"train": state, "carry": carry}, make_tbptt_step(step_fn)
-  if start_step:
+    state = {"train": state, "carry": mesh_lib.shard_batch(carry, mesh)}
+    step_fn = make_tbptt_step(step_fn)
+  if start_step:  # restored onto this run's mesh, whatever the device count it was saved from
     state, extra = checkpoints.restore(state)
     stream.seek(extra["data"])
     run.mark_resume(start_step, notes)
+  stream = mesh_lib.ShardedStream(stream, mesh)
   eval_every = config.eval_every or steps_per_epoch
   outcome = fit(state, step_fn, stream, num_steps=num_steps, run=run, start_step=start_step,
                 evaluate=lambda s: evaluate(_params_of(s), "valid"), eval_every=eval_every,
@@ -418,7 +429,7 @@ def train_and_test(run: RunDir, config, *, params, loss_fn: LossFn, stream: Stre
     if split != "valid":  # the figures of the best checkpoint, logged at its step
       run.log(best_step if best_step is not None else outcome.step, split, **metrics)
   results.update(steps=outcome.step, epochs=outcome.step / steps_per_epoch, best_step=best_step,
-                 resumed_from_step=start_step, final_train=outcome.train)
+                 resumed_from_step=start_step, final_train=outcome.train, mesh=mesh_lib.describe(mesh))
   checkpoints.close()
   return TrainOutcome(params=best_params, state=outcome.state, results=results, step=outcome.step,
                       best_step=best_step, start_step=start_step, num_steps=num_steps)
