@@ -118,11 +118,12 @@ def train_lm(config: LMConfig, workdir: str, options: RunOptions = RunOptions(),
     return named_metrics(evaluate_stream(model, eval_step, params, windows)["nats"], corpus.level)
 
   def train_summary(metrics):
-    """The optimised loss plus bpc or perplexity of the window's mean nats per token."""
-    shown = {k: v for k, v in metrics.items() if k not in ("nats", "nll_sum", "tokens")}
-    derived = named_metrics(metrics["nats"], corpus.level)
-    del derived["loss"]
-    return {**shown, **derived}
+    """loss in nats per token (as for valid and test) plus bpc or perplexity; when the optimised
+    objective differs (summed over the T steps, or with the W_hh penalty) it is kept as objective."""
+    shown = {k: v for k, v in metrics.items() if k not in ("nats", "nll_sum", "tokens", "loss")}
+    if config.reduction == "sum" or config.l1 or config.l2:
+      shown["objective"] = metrics["loss"]
+    return {**shown, **named_metrics(metrics["nats"], corpus.level)}
 
   logging.info("%s: %s on %s, %d params, B=%d T=%d, %d windows per epoch", label, config.cell, corpus.name,
                model.num_params(params), config.batch_size, config.seq_len, stream.windows_per_epoch)

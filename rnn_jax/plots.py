@@ -24,7 +24,7 @@ from rnn_jax.rundir import read_metrics
 SPLIT_COLORS = {"train": "tab:blue", "valid": "tab:orange", "test": "tab:green"}
 RUN_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink",
               "tab:gray", "tab:olive", "tab:cyan")
-NOT_PLOTTED = {"step", "split", "time_s", "epoch", "tokens_per_s", "learning_rate", "cell", "run"}
+NOT_PLOTTED = {"step", "split", "time_s", "epoch", "tokens_per_s", "learning_rate", "cell", "run", "objective"}
 MAX_COLUMNS = 4
 REFERENCE_STYLES = ("--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)))
 
