@@ -108,6 +108,7 @@ def train_lm(config: LMConfig, workdir: str, options: RunOptions = RunOptions(),
   model = build_model(config, vocab_size)
   label = f"{experiment} {config.cell}"
   run = RunDir(workdir, experiment, config, options, label=label)
+  run.check_data(corpus.fingerprint(), f"the corpus {config.dataset!r}")
   run.save_model(model, corpus.vocab, best_metric="loss", best_mode="min", level=corpus.level,
                  corpus=corpus.summary())
   params = model.init(jax.random.PRNGKey(config.seed))

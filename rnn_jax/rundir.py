@@ -244,6 +244,16 @@ class RunDir:
     return RunDir(self.path(name), self.experiment, config if config is not None else self.config, options,
                   label=label or f"{self.label} {name}")
 
+  def check_data(self, fingerprint: str, what: str = "the data") -> None:
+    """Record ``fingerprint`` (a content hash of the run's data) in config.json; a resumed run
+    whose data changed since it was saved raises ValueError, since its ids would mean other tokens."""
+    saved = self.meta.get("data_fingerprint")
+    if self.resuming and saved and saved != fingerprint:
+      raise ValueError(f"{what} changed since the run in {self.workdir} was saved (sha256 {saved[:12]}... "
+                       f"now {fingerprint[:12]}...); resume with the original data or start a new run")
+    self.meta["data_fingerprint"] = fingerprint
+    self.write_meta()
+
   # ---- metrics -------------------------------------------------------------------
   def log(self, step: int, split: str, **metrics) -> dict:
     """Append {"step", "split", "time_s", **metrics} to metrics.jsonl and log one line naming the run."""

@@ -373,6 +373,9 @@ def train_and_test(run: RunDir, config, *, params, loss_fn: LossFn, stream: Stre
   decays from its value at the resume step to 0 at the new end instead of jumping.
   """
   num_steps = planned_steps(config, steps_per_epoch)
+  if not config.steps:
+    logging.info("%s: steps=0, so the run trains %g epochs of %d steps = %d steps", run.label, config.epochs,
+                 steps_per_epoch, num_steps)
   mesh = mesh_lib.make_mesh(getattr(config, "num_devices", 0))
   if hasattr(config, "batch_size"):
     mesh_lib.check_divisible(config.batch_size, mesh)

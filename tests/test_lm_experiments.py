@@ -115,6 +115,20 @@ def test_inference_needs_only_the_workdir(run_experiment, tmp_path):
   assert resumed.code == 2 and "no such file" in resumed.err.lower()
 
 
+def test_a_non_utf8_file_and_a_corpus_edited_before_resume_are_refused(run_experiment, tmp_path):
+  binary = tmp_path / "binary.txt"
+  binary.write_bytes(b"some text\n" * 50 + b"\xff\xfe\x00 bytes\n" + b"more text\n" * 50)
+  done = run_experiment("char_lm", "--smoke", f"--dataset=file:{binary}", f"--workdir={tmp_path / 'b'}")
+  assert done.code == 2 and "not UTF-8 text (byte 500 is b'\\xff')" in done.err
+  text = tmp_path / "corpus.txt"
+  text.write_text("the quick brown fox jumps over the lazy dog.\n" * 400)
+  workdir = str(tmp_path / "edited")
+  assert run_experiment("char_lm", "--smoke", "--steps=4", f"--dataset=file:{text}", f"--workdir={workdir}").code == 0
+  text.write_text("the quick brown fox jumps over the lazy dgo.\n" * 400)  # same name, size and letters
+  resumed = run_experiment("char_lm", f"--workdir={workdir}", "--resume", "--steps=8")
+  assert resumed.code == 2 and "changed since the run" in resumed.err and "Traceback" not in resumed.err
+
+
 @pytest.mark.slow
 def test_char_lm_killed_with_sigkill_resumes_to_the_same_results(tmp_path):
   """A real process killed (SIGKILL) after its step-30 checkpoint, resumed by a new process,

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import hashlib
 import os
 from typing import Optional
 
@@ -69,6 +70,15 @@ class Corpus:
   def summary(self) -> dict:
     return {"dataset": self.name, "level": self.level, "vocab_size": len(self.vocab),
             **{f"{s}_tokens": int(len(self.splits[s])) for s in SPLITS}}
+
+  def fingerprint(self) -> str:
+    """sha256 of the vocabulary and every split's ids: equal exactly when the data is the same."""
+    digest = hashlib.sha256()
+    digest.update("\0".join(self.vocab.tokens).encode("utf-8"))
+    for split in SPLITS:
+      digest.update(split.encode())
+      digest.update(np.ascontiguousarray(self.splits[split], dtype=np.int32).tobytes())
+    return digest.hexdigest()
 
 
 # ---- raw text ------------------------------------------------------------------
@@ -137,8 +147,12 @@ def file_text(path: str) -> dict[str, str]:
   """A user text file split 90/5/5 by lines; raises if it is missing, empty or too short."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f"dataset=file:{path}: no such file")
-  with open(path, encoding="utf-8", errors="replace") as f:
-    text = f.read()
+  try:
+    with open(path, encoding="utf-8") as f:
+      text = f.read()
+  except UnicodeDecodeError as error:
+    raise ValueError(f"dataset=file:{path}: not UTF-8 text (byte {error.start} is "
+                     f"{error.object[error.start:error.start + 1]!r}); give a UTF-8 text file") from None
   if not text.strip():
     raise ValueError(f"dataset=file:{path}: the file is empty; give a text file with content")
   splits = split_lines(text)
