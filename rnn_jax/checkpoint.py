@@ -19,6 +19,7 @@ another architecture cannot be loaded silently. A checkpoint that cannot be read
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from typing import Any, Optional
@@ -101,6 +102,56 @@ def quiet_orbax_logs() -> None:
     handler.addFilter(_DropOrbaxInfo())
 
 
+CHECKSUMS = "rnn_jax_checksums.json"
+
+
+def _file_digests(step_dir: str) -> dict[str, str]:
+  """{relative path: sha256} of every file of a checkpoint step but the checksum file itself."""
+  digests = {}
+  for root, _, files in os.walk(step_dir):
+    for name in sorted(files):
+      path = os.path.join(root, name)
+      relative = os.path.relpath(path, step_dir)
+      if relative.startswith(CHECKSUMS):
+        continue
+      digest = hashlib.sha256()
+      with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+          digest.update(block)
+      digests[relative] = digest.hexdigest()
+  return digests
+
+
+def _write_checksums(step_dir: str) -> None:
+  path = os.path.join(step_dir, CHECKSUMS)
+  digests = _file_digests(step_dir)
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as handle:
+    json.dump(digests, handle, indent=1, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def verify_checksums(step_dir: str) -> None:
+  """Raise CorruptCheckpointError if a file of the step changed, vanished or appeared since it was
+  saved (its sha256 differs from the one recorded at save time). Steps saved without checksums
+  are not checked."""
+  path = os.path.join(step_dir, CHECKSUMS)
+  if not os.path.exists(path):
+    return
+  try:
+    with open(path) as handle:
+      saved = json.load(handle)
+  except (OSError, ValueError) as error:
+    raise CorruptCheckpointError(f"checkpoint {step_dir}: its checksum file is unreadable ({error}); delete "
+                                 f"the step to fall back to an earlier checkpoint") from None
+  now = _file_digests(step_dir)
+  changed = sorted(name for name in saved if now.get(name) != saved[name])
+  if changed:
+    raise CorruptCheckpointError(f"checkpoint {step_dir} is corrupt: {len(changed)} file(s) differ from what was "
+                                 f"saved ({', '.join(changed[:3])}); delete the step to fall back to an earlier "
+                                 f"checkpoint")
+
+
 class CheckpointManager:
   """Save every so often, keep the last ``keep`` checkpoints plus the best on a validation metric.
 
@@ -168,6 +219,9 @@ class CheckpointManager:
         state=ocp.args.StandardSave(state), extra=ocp.args.JsonSave(extra)),
         metrics=metrics, force=True)
     self._manager.wait_until_finished()
+    step_dir = os.path.join(self.directory, str(step))
+    if os.path.isdir(step_dir):
+      _write_checksums(step_dir)
 
   def check_compatible(self, step: int, target) -> None:
     """Raise CheckpointMismatchError if step's saved tree differs from ``target``'s."""
@@ -201,6 +255,7 @@ class CheckpointManager:
     step = steps[-1] if step is None else int(step)
     if step not in steps:
       raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}; available: {steps}")
+    verify_checksums(os.path.join(self.directory, str(step)))
     self.check_compatible(step, target)
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
     try:
@@ -218,6 +273,7 @@ class CheckpointManager:
   def restore_raw(self, step: int) -> tuple[Any, dict]:
     """(state, extra) of ``step`` as saved, as nested dicts of arrays, with no target tree."""
     step_dir = os.path.join(self.directory, str(step))
+    verify_checksums(step_dir)
     try:
       restored = self._manager.restore(int(step), args=ocp.args.Composite(
           state=ocp.args.StandardRestore(), extra=ocp.args.JsonRestore()))

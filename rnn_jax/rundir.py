@@ -19,6 +19,7 @@ these files alone, so inference needs neither the training data nor the experime
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import importlib
 import json
@@ -124,6 +125,60 @@ def _format(value) -> str:
   return str(value)
 
 
+LOCK_NAME = ".lock"
+_held_locks: set = set()
+
+
+def _process_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+def _take_lock(workdir: str) -> None:
+  """Mark ``workdir`` as used by this process (<workdir>/.lock holds the pid and host).
+
+  Another live process on this host holding it raises RunExistsError; a lock left by a process
+  that died (a kill -9) is taken over; this process may reopen its own workdir.
+  """
+  path = os.path.join(workdir, LOCK_NAME)
+  mine = {"pid": os.getpid(), "host": platform.node()}
+  try:  # the common case, a free workdir: create the lock atomically
+    with open(path, "x") as handle:
+      json.dump(mine, handle)
+  except FileExistsError:
+    try:
+      holder = read_json(path)
+    except (OSError, ValueError):
+      holder = None
+    if holder and holder != mine and holder.get("host") == mine["host"] and _process_alive(int(holder["pid"])):
+      raise RunExistsError(f"{workdir} is in use by another process (pid {holder['pid']}); wait for it to "
+                           f"end or stop it (two runs in one workdir would overwrite each other)") from None
+    if holder != mine:  # left by a process that is gone
+      write_json(path, mine)
+  _held_locks.add(os.path.abspath(workdir))
+
+
+def _release_lock(workdir: str) -> None:
+  path = os.path.join(workdir, LOCK_NAME)
+  try:
+    if read_json(path).get("pid") == os.getpid():
+      os.remove(path)
+  except (OSError, ValueError):
+    pass
+  _held_locks.discard(os.path.abspath(workdir))
+
+
+@atexit.register
+def _release_all_locks() -> None:
+  for workdir in list(_held_locks):
+    _release_lock(workdir)
+
+
 @dataclasses.dataclass(frozen=True)
 class RunOptions:
   """How to open a run directory and how to show the run, apart from its config.
@@ -169,6 +224,8 @@ class RunDir:
     self.meta = {"experiment": experiment, "config": to_python(config) if config is not None else {},
                  "preset": options.preset, "smoke": options.smoke, "schedule_horizons": [], "resumes": []}
     existing = holds_run(self.workdir)
+    if existing:
+      _take_lock(self.workdir)  # another live process in this workdir is refused before anything changes
     if existing and overwrite:
       self._remove_old_run()
       existing = False
@@ -183,6 +240,7 @@ class RunDir:
       raise OSError(f"cannot create the workdir {self.workdir}: {error.strerror}") from None
     if not os.access(self.workdir, os.W_OK):
       raise PermissionError(f"the workdir {self.workdir} is not writable; choose another workdir")
+    _take_lock(self.workdir)
     config_path = self.path("config.json")
     if existing and os.path.exists(config_path):
       saved = read_json(config_path)
@@ -213,6 +271,8 @@ class RunDir:
       raise RunExistsError(f"{self.workdir} has files but no config.json of a run; refusing to delete "
                            f"them to overwrite it: choose another workdir")
     for name in os.listdir(self.workdir):
+      if name == LOCK_NAME:
+        continue
       target = self.path(name)
       if os.path.isdir(target) and not os.path.islink(target):
         shutil.rmtree(target)
@@ -295,6 +355,7 @@ class RunDir:
     write_json(self.path("results.json"), payload)
     if self._tensorboard is not None:
       self._tensorboard.close()
+    _release_lock(self.workdir)
     return payload
 
   # ---- what inference needs ----------------------------------------------------------

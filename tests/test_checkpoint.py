@@ -71,8 +71,29 @@ def test_corrupt_checkpoint_gives_clear_error(tmp_path):
     for name in files:
       with open(os.path.join(root, name), "wb") as f:
         f.write(b"\x00garbage")
-  with pytest.raises(CorruptCheckpointError, match=r"checkpoint .*7.* (unreadable|could not be read)"):
+  with pytest.raises(CorruptCheckpointError, match=r"checkpoint .*7.* (unreadable|could not be read|is corrupt)"):
     CheckpointManager(str(directory), keep=2).restore(lm_state(5))
+
+
+def test_bytes_overwritten_inside_a_data_file_are_caught_on_restore(tmp_path):
+  """64 bytes changed in the middle of the largest array file: the restore refuses, naming the step,
+  instead of loading silently different weights; the step before it still restores."""
+  directory = tmp_path / "ckpt"
+  manager = CheckpointManager(str(directory), keep=3)
+  manager.save(1, lm_state(5, seed=1), extra={"step": 1})
+  manager.save(2, lm_state(5, seed=2), extra={"step": 2})
+  files = [os.path.join(root, name) for root, _, names in os.walk(directory / "2" / "state") for name in names]
+  largest = max(files, key=os.path.getsize)
+  data = bytearray(open(largest, "rb").read())
+  middle = len(data) // 2
+  data[middle:middle + 64] = bytes(64)
+  open(largest, "wb").write(bytes(data))
+  reopened = CheckpointManager(str(directory), keep=3)
+  with pytest.raises(CorruptCheckpointError, match=r"checkpoint .*2 is corrupt: 1 file\(s\) differ"):
+    reopened.restore(lm_state(5))
+  restored, extra = reopened.restore(lm_state(5), step=1)
+  assert extra == {"step": 1}
+  assert_trees_equal(restored, lm_state(5, seed=1))
 
 
 def test_other_architecture_gives_error_naming_the_difference(tmp_path):

@@ -197,3 +197,22 @@ def test_tensorboard_flag_writes_event_files_with_the_logged_scalars(run_experim
       handle.read(4)
       tags.update(value.tag for value in event.summary.value)
   assert {"train/loss", "valid/bpc", "test/bpc"} <= tags, tags
+
+
+def test_a_workdir_in_use_by_another_live_process_is_refused(run_experiment, tmp_path):
+  """A second process may not train into a workdir a live process holds; a lock left by a dead
+  process (kill -9) is taken over; the lock is gone once the run finishes."""
+  from rnn_jax.rundir import LOCK_NAME
+  workdir = tmp_path / "busy"
+  workdir.mkdir()
+  sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+  try:
+    (workdir / LOCK_NAME).write_text(json.dumps({"pid": sleeper.pid, "host": os.uname().nodename}))
+    busy = run_experiment("char_lm", "--smoke", "--steps=4", f"--workdir={workdir}", "--overwrite")
+    assert busy.code == 2 and f"in use by another process (pid {sleeper.pid})" in busy.err
+  finally:
+    sleeper.kill()
+    sleeper.wait()
+  done = run_experiment("char_lm", "--smoke", "--steps=4", "--eval_every=2", f"--workdir={workdir}")
+  assert done.code == 0, done.err
+  assert not (workdir / LOCK_NAME).exists() and (workdir / "results.json").exists()
