@@ -21,9 +21,11 @@ from rnn_jax.sequence import dropout as _dropout
 def check_token_ids(ids, vocab_size: int, what: str = "token ids") -> None:
   """Raise ValueError unless every id is an integer in [0, vocab_size).
 
-  JAX clamps out-of-range gather indices silently, so ids are checked on the host
-  before any lookup. Traced ids (inside jit) cannot be checked here; check the
-  batch before it enters the jitted step.
+  A JAX gather cannot raise: an id >= V reads NaN and a negative id wraps to the end of the
+  table. So ids are checked on the host before any lookup. Traced ids (inside jit) cannot be
+  checked here; ``embed`` then turns every out-of-range id into a NaN row, so a bad batch
+  makes the loss non-finite instead of silently wrong. The training streams check their
+  batches before they enter the jitted step.
   """
   if isinstance(ids, jax.core.Tracer):
     return
@@ -45,9 +47,16 @@ def embedding_init(key, vocab_size: int, embed_size: int, scale: float = 0.1,
 
 
 def embed(params: dict, ids) -> jax.Array:
-  """x_t = E[id_t]: ids [...] -> [..., D], after checking 0 <= id < V."""
-  check_token_ids(ids, params["table"].shape[0])
-  return jnp.take(params["table"], ids, axis=0)
+  """x_t = E[id_t]: ids [...] -> [..., D], after checking 0 <= id < V.
+
+  Under jit (traced ids) an id outside [0, V) gives a row of NaN, never another token's row.
+  """
+  table = params["table"]
+  check_token_ids(ids, table.shape[0])
+  ids = jnp.asarray(ids)
+  valid = (ids >= 0) & (ids < table.shape[0])
+  rows = jnp.take(table, jnp.where(valid, ids, 0), axis=0)
+  return jnp.where(valid[..., None], rows, jnp.asarray(jnp.nan, table.dtype))
 
 
 def dense_init(key, in_size: int, out_size: int, scale: float | None = None,

@@ -295,7 +295,8 @@ def fit(state, step_fn, stream: Stream, *, num_steps: int, run: RunDir, start_st
         if not all(math.isfinite(v) for v in summary.values()):
           run.log(step, "train", **summary)
           raise FloatingPointError(f"{run.label}: non-finite training metrics at step {step}: {summary}; "
-                                   f"lower the learning rate or enable clipping")
+                                   f"lower the learning rate or enable clipping (or check that the batch's "
+                                   f"token ids lie in the vocabulary)")
         last_train = run.log(step, "train", **summary)
         postfix = {"loss": f"{summary['loss']:.4g}"}
         if tokens_per_step:

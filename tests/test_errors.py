@@ -159,3 +159,15 @@ def test_stacked_rnn_call_errors():
   expected = r"StackedRNN: initial_carries has 1 entries, expected one per layer \(2\)"
   with pytest.raises(ValueError, match=expected):
     stack(params, XS, initial_carries=[None])
+
+
+def test_out_of_range_ids_under_jit_give_nan_rows_never_another_token():
+  """Concrete ids are refused; traced ids outside [0, V), negative ones included, embed as NaN."""
+  from rnn_jax import layers
+  table = {"table": jnp.arange(12.0).reshape(4, 3)}
+  with pytest.raises(ValueError, match=r"token ids must lie in \[0, 4\)"):
+    layers.embed(table, jnp.array([0, 4]))
+  rows = jax.jit(layers.embed)(table, jnp.array([1, -1, 4, 3]))
+  np.testing.assert_array_equal(rows[0], [3.0, 4.0, 5.0])
+  np.testing.assert_array_equal(rows[3], [9.0, 10.0, 11.0])
+  assert bool(jnp.all(jnp.isnan(rows[1]))) and bool(jnp.all(jnp.isnan(rows[2])))
