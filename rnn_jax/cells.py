@@ -231,9 +231,16 @@ class Cell(abc.ABC):
     del carry
     return h
 
+  def __init_subclass__(cls, **kwargs):
+    super().__init_subclass__(**kwargs)
+    if cls.recurrence is Cell.recurrence and cls.recurrence_saving is Cell.recurrence_saving:
+      raise TypeError(f"{cls.__name__}: a cell defines recurrence or recurrence_saving")
+
   def recurrence_saving(self, params: Params, carry, a_t: jax.Array):
-    """(carry_t, h_t, saved_t): the step and the values its backward rule reads; see ``recurrence``."""
-    raise NotImplementedError(f"{self.name}: implement recurrence or recurrence_saving")
+    """(carry_t, h_t, saved_t): the step and the values its backward rule reads; a cell that
+    defines only ``recurrence`` saves nothing (it has no hand-derived backward rule)."""
+    carry, h_t = self.recurrence(params, carry, a_t)
+    return carry, h_t, ()
 
   def recurrence(self, params: Params, carry, a_t: jax.Array):
     """One step from the precomputed input projection a_t: (carry_{t-1}, a_t) -> (carry_t, h_t)."""

@@ -223,24 +223,23 @@ class RunDir:
     self.resuming = False
     self.meta = {"experiment": experiment, "config": to_python(config) if config is not None else {},
                  "preset": options.preset, "smoke": options.smoke, "schedule_horizons": [], "resumes": []}
-    existing = holds_run(self.workdir)
-    if existing:
-      _take_lock(self.workdir)  # another live process in this workdir is refused before anything changes
-    if existing and overwrite:
-      self._remove_old_run()
-      existing = False
-    if existing and not resume:
-      step = latest_checkpoint_step(self.workdir)
-      at = f", latest checkpoint at step {step}" if step is not None else ""
-      raise RunExistsError(f"{self.workdir} already holds a run{at}; continue it with resume=True or "
-                           f"replace it with overwrite=True (nothing was changed)")
     try:
       os.makedirs(self.workdir, exist_ok=True)
     except OSError as error:
       raise OSError(f"cannot create the workdir {self.workdir}: {error.strerror}") from None
     if not os.access(self.workdir, os.W_OK):
       raise PermissionError(f"the workdir {self.workdir} is not writable; choose another workdir")
-    _take_lock(self.workdir)
+    _take_lock(self.workdir)  # another live process in this workdir is refused before anything changes
+    existing = holds_run(self.workdir)
+    if existing and overwrite:
+      self._remove_old_run()
+      existing = False
+    if existing and not resume:
+      _release_lock(self.workdir)
+      step = latest_checkpoint_step(self.workdir)
+      at = f", latest checkpoint at step {step}" if step is not None else ""
+      raise RunExistsError(f"{self.workdir} already holds a run{at}; continue it with resume=True or "
+                           f"replace it with overwrite=True (nothing was changed)")
     config_path = self.path("config.json")
     if existing and os.path.exists(config_path):
       saved = read_json(config_path)

@@ -377,9 +377,8 @@ def train_and_test(run: RunDir, config, *, params, loss_fn: LossFn, stream: Stre
   if not config.steps:
     logging.info("%s: steps=0, so the run trains %g epochs of %d steps = %d steps", run.label, config.epochs,
                  steps_per_epoch, num_steps)
-  mesh = mesh_lib.make_mesh(getattr(config, "num_devices", 0))
-  if hasattr(config, "batch_size"):
-    mesh_lib.check_divisible(config.batch_size, mesh)
+  mesh = mesh_lib.make_mesh(config.num_devices)
+  mesh_lib.check_divisible(config.batch_size, mesh)
   checkpoints = CheckpointManager(run.path("checkpoints"), keep=config.keep, best_metric=best_metric,
                                   best_mode=best_mode)
   start_step = (checkpoints.latest_step() or 0) if run.resuming else 0

@@ -171,3 +171,13 @@ def test_out_of_range_ids_under_jit_give_nan_rows_never_another_token():
   np.testing.assert_array_equal(rows[0], [3.0, 4.0, 5.0])
   np.testing.assert_array_equal(rows[3], [9.0, 10.0, 11.0])
   assert bool(jnp.all(jnp.isnan(rows[1]))) and bool(jnp.all(jnp.isnan(rows[2])))
+
+
+def test_a_cell_without_a_recurrence_is_refused_when_it_is_defined():
+  import dataclasses
+  from rnn_jax.cells import Cell
+  with pytest.raises(TypeError, match="Incomplete: a cell defines recurrence or recurrence_saving"):
+    @dataclasses.dataclass(frozen=True)
+    class Incomplete(Cell):
+      def init(self, key, input_size):
+        return {}
