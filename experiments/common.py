@@ -10,7 +10,10 @@ An experiment module declares ``Config`` (a frozen dataclass, see ``rnn_jax.conf
 Flags. Every config field is a flag of the same name (``--hidden_size=128``), typed from the
 field, with its help text; tuples are comma-separated lists. The run flags are the same in
 every script: ``--workdir`` (default ``runs/<experiment>[_<preset>][_smoke]``), ``--preset``,
-``--smoke``, ``--resume``, ``--overwrite``, ``--progress`` and ``--tensorboard``.
+``--smoke``, ``--resume`` (with ``--checkpoint_fallback`` to continue from the newest checkpoint
+that verifies when the latest is corrupt), ``--overwrite``, ``--progress`` and ``--tensorboard``; for a run over
+several processes, ``--distributed`` (auto-detected TPU slice, Slurm or Open MPI) or
+``--coordinator_address``, ``--num_processes`` and ``--process_id`` (``rnn_jax.mesh``).
 
 Precedence: field defaults < ``--preset`` < ``--smoke`` < flags given on the command line.
 ``--resume`` reads the run's own config from the workdir; flags given with it may change
@@ -39,12 +42,15 @@ from absl import app, flags, logging
 from rnn_jax import config as config_lib
 from rnn_jax import rundir
 from rnn_jax.checkpoint import CheckpointError
+from rnn_jax.mesh import ProcessGroupError
 from rnn_jax.rundir import RunExistsError, RunOptions
 from rnn_jax.train import Interrupted
 
-RUN_FLAGS = ("workdir", "preset", "smoke", "resume", "overwrite", "progress", "tensorboard")
+RUN_FLAGS = ("workdir", "preset", "smoke", "resume", "overwrite", "progress", "tensorboard",
+             "checkpoint_fallback", "distributed", "coordinator_address", "num_processes", "process_id")
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
-               NotADirectoryError, CheckpointError, ImportError, UnicodeDecodeError, FloatingPointError)
+               NotADirectoryError, CheckpointError, ImportError, UnicodeDecodeError, FloatingPointError,
+               ProcessGroupError)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +128,17 @@ def define_run_flags(experiment: Experiment, flag_values: flags.FlagValues, modu
   flags.DEFINE_bool("progress", True, "Show a progress bar with the loss and tokens/s.", **kwargs)
   flags.DEFINE_bool("tensorboard", False, "Also write TensorBoard event files (needs tensorboardX).",
                     **kwargs)
+  flags.DEFINE_bool("checkpoint_fallback", False, "With --resume: if the latest checkpoint is corrupt, "
+                    "continue from the newest step that verifies (the bad step is moved aside, not deleted).",
+                    **kwargs)
+  flags.DEFINE_bool("distributed", False, "Join a multi-process run that JAX detects itself (a Cloud TPU "
+                    "slice, a Slurm allocation, an Open MPI launch).", **kwargs)
+  flags.DEFINE_string("coordinator_address", "", "host:port of process 0 in a multi-process run named "
+                      "explicitly (with --num_processes and --process_id).", **kwargs)
+  flags.DEFINE_integer("num_processes", 0, "Number of processes of a multi-process run (0: one process).",
+                       **kwargs)
+  flags.DEFINE_integer("process_id", -1, "This process's index in [0, --num_processes) (-1: one process).",
+                       **kwargs)
 
 
 def define_input_flag(flag_values: flags.FlagValues, name: str, action: str, unit: str = "text") -> None:
@@ -190,7 +207,7 @@ def resolve(experiment: Experiment, flag_values: flags.FlagValues) -> Parsed:
     smoke = flag_values.smoke
   options = RunOptions(resume=flag_values.resume, overwrite=flag_values.overwrite,
                        progress=flag_values.progress, tensorboard=flag_values.tensorboard,
-                       preset=preset, smoke=smoke)
+                       preset=preset, smoke=smoke, checkpoint_fallback=flag_values.checkpoint_fallback)
   return Parsed(config=config, workdir=workdir, options=options, flag_values=flag_values, notes=notes)
 
 
@@ -202,6 +219,8 @@ def _one_line(error: BaseException) -> str:
   if isinstance(error, RunExistsError):
     text = str(error).replace("continue it with resume=True", "pass --resume to continue it").replace(
         "replace it with overwrite=True", "--overwrite to replace it")
+  elif isinstance(error, CheckpointError):
+    text = str(error).replace("resume with checkpoint_fallback=True", "pass --resume --checkpoint_fallback")
   else:
     text = str(error) or type(error).__name__
   return " ".join(part.strip() for part in text.splitlines() if part.strip())
@@ -218,10 +237,25 @@ def _resume_command(experiment: Experiment, workdir: str) -> str:
   return f"python {script} --workdir={shlex.quote(workdir)} --resume"
 
 
+def join_processes(flag_values: flags.FlagValues) -> None:
+  """``jax.distributed.initialize`` when the run flags ask for several processes; in every
+  process but 0, only warnings and errors are logged."""
+  from rnn_jax import mesh
+  if mesh.initialize_distributed(flag_values.coordinator_address, flag_values.num_processes,
+                                 flag_values.process_id, auto=flag_values.distributed):
+    import jax
+    if jax.process_index() != 0:  # process 0 speaks for the run
+      logging.set_verbosity(logging.WARNING)
+      sys.stdout = open(os.devnull, "w")
+    logging.info("process %d of %d, %d local devices, %d in all", jax.process_index(), jax.process_count(),
+                 jax.local_device_count(), jax.device_count())
+
+
 def execute(experiment: Experiment, parsed: Parsed) -> int:
   """Run the inference mode or ``train_and_evaluate``; returns the exit code (0, 2, or 128 + signal)."""
   quiet_jax_logs()
   try:
+    join_processes(parsed.flag_values)
     if experiment.infer is not None and experiment.infer(parsed.flag_values, parsed.workdir):
       return 0
     for note in parsed.notes:

@@ -185,6 +185,7 @@ def real_series_part(run: RunDir, config: Config, key) -> dict:
   """
   name = config.real_series
   times, values = tasks.real_series(name)
+  run.check_data(f"{name} series", times, values)
   num_test = int(round(config.real_test_fraction * len(values)))
   num_train = len(values) - num_test
   if num_test < 1 or num_train <= config.real_lags + 1:

@@ -172,6 +172,7 @@ def train_and_evaluate(config: Config, workdir: str, options=None) -> dict:
   inputs, targets = config.text[:-1], config.text[1:]
   label = f"hello {config.hidden_size}-unit tanh RNN"
   run = RunDir(workdir, "hello", config, options, label=label)
+  run.check_data("text", config.text)  # the vocabulary via save_model
   cell = Elman(config.hidden_size, activation="tanh", readout_size=len(vocab.tokens))
   model = CellModel(cell, len(vocab.tokens))
   run.save_model(model, vocab.tokens, best_metric="min_target_probability", best_mode="max")

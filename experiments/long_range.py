@@ -180,6 +180,8 @@ def train_and_evaluate(config: Config, workdir: str, options=None) -> dict:
     data = lab.task_data(spec, task_key, batch_size=config.batch_size, eval_sequences=config.eval_sequences,
                          esn_train_sequences=config.esn_train_sequences)
     task_run = run.child(f"{name}_T{length}", label=f"long_range {name} T={length}")
+    task_run.check_data(f"{name} T={length} valid, test and ESN training sets", data.valid, data.test,
+                        data.esn_train)
     task_rows = []
     for model_index, model in enumerate(config.models):
       logging.info("long_range %s T=%d: %s (budget %d steps)", name, length, model, config.steps)

@@ -175,11 +175,12 @@ def train_and_evaluate(config: Config, workdir: str, options=None) -> dict:
     raise ValueError(f"cells is empty; give a list from {CELL_NAMES}")
   if len(set(config.cells)) != len(config.cells):
     raise ValueError(f"cells lists a cell twice: {list(config.cells)}")
+  corpus = sentiment_data.load_sentiment(config.dataset)
   data = sentiment_data.prepare_splits(
-      sentiment_data.load_sentiment(config.dataset), seed=config.split_seed, fractions=SPLIT_FRACTIONS,
-      vocab_size=config.vocab_size, max_length=config.max_length, train_texts=config.train_texts,
-      eval_texts=config.eval_texts)
+      corpus, seed=config.split_seed, fractions=SPLIT_FRACTIONS, vocab_size=config.vocab_size,
+      max_length=config.max_length, train_texts=config.train_texts, eval_texts=config.eval_texts)
   run = rundir.RunDir(workdir, "sentiment", config, options, label="sentiment")
+  run.check_data(f"sentiment {config.dataset}", corpus.texts, corpus.labels)  # each cell checks its vocabulary
   sizes = {name: len(labels) for name, (_, labels) in data.splits.items()}
   logging.info("sentiment: %s, texts %s (dropped without a token: %s), vocabulary %d", config.dataset, sizes,
                data.dropped, len(data.vocab))

@@ -1,15 +1,19 @@
 """Many-to-many with T_x = T_y: a bidirectional LSTM tagger on CoNLL-2003 (NER, or POS with --task=pos).
 
-  x_t = E[w_t] -> [->h_t ; <-h_t] (BiLSTM) -> p(tag_t | w) = softmax(W_hy [->h_t ; <-h_t] + b_y)
+  x_t = E[w_t] -> [->h_t ; <-h_t] (BiLSTM) -> U_t = W_hy [->h_t ; <-h_t] + b_y
+  --output=softmax:  p(tag_t | w) = softmax(U_t), each tag the argmax of its own softmax
+  --output=crf:      p(y | w) ∝ exp(sum_t U_t[y_t] + sum_{t>1} A[y_{t-1}, y_t] + s[y_1] + e[y_L]),
+                     a linear-chain CRF decoded with Viterbi (rnn_jax.crf)
 
-No pretrained embeddings, no character features, no CRF: each tag is the argmax of its own
-softmax. NER is scored by entity-level precision / recall / F1 on the standard test set
-(conlleval's definition, rnn_jax.metrics.entity_scores); POS by token accuracy. The
-checkpoint with the best validation score is the one tested. Scores are fractions in every
-file; console summaries print percentages marked with %.
+No pretrained embeddings, no character features. NER is scored by entity-level precision /
+recall / F1 on the standard test set (conlleval's definition, rnn_jax.metrics.entity_scores);
+POS by token accuracy. The checkpoint with the best validation score is the one tested.
+Scores are fractions in every file; console summaries print percentages marked with %.
 
   python experiments/tagging.py                                    # NER, 10 epochs (~5 min on 2 cores)
   python experiments/tagging.py --task=pos                         # POS tags of the same sentences
+  python experiments/tagging.py --output=crf                       # BiLSTM-CRF (Huang et al. 2015)
+  python experiments/tagging.py --output=crf --transition_constraints=iob2   # + IOB2-valid paths only
   python experiments/tagging.py --preset=huang2015                 # H=300, SGD 0.1 as in the comparison
   python experiments/tagging.py --resume                           # continue a stopped run exactly
   python experiments/tagging.py --predict="EU rejects German call to boycott British lamb ."
@@ -24,9 +28,10 @@ per-type NER scores, the published figure compared with), curves.png, test_predi
 (token, gold, predicted: conlleval's input format), model.json, vocab.json, checkpoints/.
 
 Published comparison (NER): Huang, Xu & Yu (2015), "Bidirectional LSTM-CRF Models for Sequence
-Tagging", arXiv:1508.01991, Table 2, "Random" embeddings, BI-LSTM on CoNLL-2003: test F1 81.11%.
-Like ours it has no character-level network and no CRF; unlike ours it also feeds hand-made
-spelling and context features to the outputs (their section 4.2).
+Tagging", arXiv:1508.01991, Table 2, "Random" embeddings, on CoNLL-2003: BI-LSTM test F1 81.11%
+(--output=softmax), BI-LSTM-CRF 84.26% (--output=crf). Like ours they have no character-level
+network; unlike ours they also feed hand-made spelling and context features to the outputs
+(their section 4.2).
 """
 
 import dataclasses
@@ -39,7 +44,7 @@ if __package__:
   from experiments import common
 else:  # run as a script: experiments/ is on sys.path
   import common
-from rnn_jax import load_run, metrics, plots, rundir, tagger
+from rnn_jax import crf, load_run, metrics, plots, rundir, tagger
 from rnn_jax import predict as predict_io
 from rnn_jax.cells import make_cell
 from rnn_jax.config import TrainingConfig, field
@@ -59,11 +64,29 @@ PUBLISHED = {
             "bidirectional LSTM, standard CoNLL-2003 test set, entity-level F1",
 }
 PUBLISHED_LABEL = "Huang et al. 2015 BI-LSTM, test F1 0.811"
+PUBLISHED_CRF = {
+    "source": "Huang, Xu & Yu 2015, Bidirectional LSTM-CRF Models for Sequence Tagging (arXiv:1508.01991), "
+              "Table 2, Random embeddings, BI-LSTM-CRF, CoNLL2003",
+    "test_f1": 0.8426,
+    "differences": "theirs also feeds spelling features (capitalisation, prefixes/suffixes, word patterns) "
+                   "and word/POS/chunk n-gram context features directly to the outputs, H=300, SGD lr 0.1; "
+                   "ours reads words only, H=100 per direction, dropout 0.5, Adam",
+    "same": "randomly initialised word embeddings, no character-level features, a linear-chain CRF output "
+            "with transition scores trained by the sentence-level log-likelihood and Viterbi decoding, "
+            "bidirectional LSTM, standard CoNLL-2003 test set, entity-level F1",
+}
+PUBLISHED_CRF_LABEL = "Huang et al. 2015 BI-LSTM-CRF, test F1 0.843"
+
+
+def published(output: str) -> tuple[dict, str]:
+  """The published NER figure compared with, and its plot label, for a softmax or a CRF output."""
+  return (PUBLISHED_CRF, PUBLISHED_CRF_LABEL) if output == "crf" else (PUBLISHED, PUBLISHED_LABEL)
 
 
 @dataclasses.dataclass(frozen=True)
 class Config(TrainingConfig):
-  """tagging: a 1x100 BiLSTM tagger with dropout 0.5 and singleton <unk> replacement, Adam, clip 5."""
+  """tagging: a 1x100 BiLSTM tagger (softmax or CRF output) with dropout 0.5 and singleton <unk> replacement,
+  Adam, clip 5."""
   task: str = field("ner", "Column of CoNLL-2003 to predict: ner (entities) or pos (part of speech).",
                     choices=conll.TASKS, fixed=True)
   cell: str = field("lstm", "Recurrent cell of the bidirectional encoder.", choices=("lstm", "gru", "elman"),
@@ -71,6 +94,12 @@ class Config(TrainingConfig):
   embed_size: int = field(100, "Word embedding size D (randomly initialised).", minimum=1, fixed=True)
   hidden_size: int = field(100, "Hidden size H per direction.", minimum=1, fixed=True)
   num_layers: int = field(1, "Stacked bidirectional layers L.", minimum=1, fixed=True)
+  output: str = field("softmax", "Output layer: softmax (an independent softmax per token, argmax tags) or crf "
+                      "(a linear-chain CRF over the sentence's tags, trained by its log-likelihood, Viterbi "
+                      "decoding).", choices=tagger.OUTPUTS, fixed=True)
+  transition_constraints: str = field("none", "With output=crf: none, or iob2 (O -> I-X, B-X/I-X -> I-Y and a "
+                                      "first I-X are forbidden, in training and decoding).",
+                                      choices=tagger.TRANSITION_CONSTRAINTS, fixed=True)
   dropout: float = field(0.5, "Dropout on the embeddings and the BiLSTM outputs (Lample et al. 2016: 0.5).",
                          minimum=0.0, maximum=0.99)
   singleton_unk_rate: float = field(0.5, "Probability that a word seen once in train is read as <unk> "
@@ -85,6 +114,15 @@ class Config(TrainingConfig):
   epochs: float = 10.0
   learning_rate: float = 2e-3
   clip: float = 5.0
+
+  def validate(self) -> None:
+    super().validate()
+    if self.transition_constraints != "none" and self.output != "crf":
+      raise ValueError(f"transition_constraints={self.transition_constraints!r} needs output='crf', "
+                       f"got output={self.output!r}")
+    if self.transition_constraints == "iob2" and self.task != "ner":
+      raise ValueError(f"transition_constraints='iob2' needs task='ner' (IOB2 entity tags), got "
+                       f"task={self.task!r}")
 
 
 PRESETS = {
@@ -102,14 +140,27 @@ def best_metric(task: str) -> str:
 def train_and_evaluate(config: Config, workdir: str, options=None) -> dict:
   """Train the tagger into ``workdir``, test its best checkpoint; returns results.json's content."""
   options = options or common.RunOptions()
-  label = f"tagging {config.task}"
+  label = f"tagging {config.task}" + (" crf" if config.output == "crf" else "")
   data = conll.prepare_tagging(conll.load_conll2003(), config.task, train_sentences=config.train_sentences,
                                eval_sentences=config.eval_sentences)
   run = rundir.RunDir(workdir, "tagging", config, options, label=label)
+  for name, (words, tags, _) in data.splits.items():  # the ids read; the vocabulary via save_model
+    run.check_data(f"CoNLL-2003 {config.task} {name}", words, tags)
+  run.check_data(f"CoNLL-2003 {config.task} tag names", list(data.tag_names))
   sizes = {name: len(split[0]) for name, split in data.splits.items()}
   model = SequenceTagger(vocab_size=len(data.vocab), num_tags=len(data.tag_names),
                          embed_size=config.embed_size, cell=make_cell(config.cell, config.hidden_size),
-                         num_layers=config.num_layers, dropout=config.dropout)
+                         num_layers=config.num_layers, dropout=config.dropout, output=config.output,
+                         transition_constraints=config.transition_constraints,
+                         tag_names=tuple(data.tag_names))
+  if config.transition_constraints == "iob2":
+    allowed, allowed_start = crf.iob2_constraints(data.tag_names)
+    for name, (_, split_tags, _) in data.splits.items():
+      count = crf.count_forbidden(split_tags, allowed, allowed_start)
+      if count:
+        raise ValueError(f"transition_constraints='iob2': {count} {name} sentences have tag sequences that "
+                         f"IOB2 forbids (I-X after O or after another type, or first); use "
+                         f"transition_constraints='none'")
   metric = best_metric(config.task)
   run.save_model(model, data.vocab, best_metric=metric, best_mode="max", task=config.task,
                  tag_names=list(data.tag_names), pad_multiple=config.pad_multiple)
@@ -136,8 +187,9 @@ def train_and_evaluate(config: Config, workdir: str, options=None) -> dict:
   _, predicted = tagger.evaluate(model, outcome.params, test_words, test_tags, data.tag_names,
                                  task=config.task, batch_size=config.batch_size,
                                  pad_multiple=config.pad_multiple)
-  tagger.write_predictions(run.path("test_predictions.txt"), test_sentences, test_tags, predicted,
-                           data.tag_names)
+  if run.primary:
+    tagger.write_predictions(run.path("test_predictions.txt"), test_sentences, test_tags, predicted,
+                             data.tag_names)
   results = {**outcome.results, "task": config.task, "num_params": num_params, "vocab_size": len(data.vocab),
              "tags": list(data.tag_names), "sentences": sizes}
   reference = None
@@ -145,26 +197,31 @@ def train_and_evaluate(config: Config, workdir: str, options=None) -> dict:
     true_names = [[data.tag_names[i] for i in t] for t in test_tags]
     results["test_per_type"] = tagger.per_type_scores(true_names,
                                                       [[data.tag_names[i] for i in p] for p in predicted])
-    results.update(published_test_f1=PUBLISHED["test_f1"], published_source=PUBLISHED["source"],
-                   published=PUBLISHED)
-    reference = {"f1": (PUBLISHED["test_f1"], PUBLISHED_LABEL)}
+    figure, figure_label = published(config.output)
+    results.update(published_test_f1=figure["test_f1"], published_source=figure["source"], published=figure)
+    reference = {"f1": (figure["test_f1"], figure_label)}
   results = run.finish(results)
   shown = ["loss", "f1", "token_accuracy", "grad_norm"] if config.task == "ner" else [
       "loss", "token_accuracy", "grad_norm"]
   final = ({"test F1": results["test_f1"]} if config.task == "ner"
            else {"test token accuracy": results["test_token_accuracy"]})
   final["at best step"] = results["best_step"]
+  output = "CRF" if config.output == "crf" else "softmax"
+  if config.transition_constraints != "none":
+    output += f" ({config.transition_constraints.upper()}-constrained)"
   title = (f"tagging: CoNLL-2003 {config.task.upper()}, {config.num_layers}x{config.hidden_size} "
-           f"bi-{config.cell}, D={config.embed_size}, dropout {config.dropout:g}")
+           f"bi-{config.cell} + {output}, D={config.embed_size}, dropout {config.dropout:g}")
+  loss_label = ("CRF NLL -log p(y|x) (nats per token)" if config.output == "crf"
+                else "cross-entropy (nats per token)")
   plots.plot_run(run.workdir, title, metrics=shown, reference=reference, final=final,
-                 labels={"loss": "cross-entropy (nats per token)", "f1": "entity F1 (fraction)",
+                 labels={"loss": loss_label, "f1": "entity F1 (fraction)",
                          "token_accuracy": "token accuracy (fraction)", "grad_norm": "gradient norm ||g||"})
   if config.task == "ner":
     print(f"{label}: test precision {100 * results['test_precision']:.2f}% recall "
           f"{100 * results['test_recall']:.2f}% F1 {100 * results['test_f1']:.2f}% (valid F1 "
           f"{100 * results['valid_f1']:.2f}%, best step {results['best_step']} of {results['steps']}); "
-          f"published test F1 {100 * PUBLISHED['test_f1']:.2f}% (Huang et al. 2015, BI-LSTM, random "
-          f"embeddings)")
+          f"published test F1 {100 * figure['test_f1']:.2f}% (Huang et al. 2015, "
+          f"{'BI-LSTM-CRF' if config.output == 'crf' else 'BI-LSTM'}, random embeddings)")
   else:
     print(f"{label}: test token accuracy {100 * results['test_token_accuracy']:.2f}% (valid "
           f"{100 * results['valid_token_accuracy']:.2f}%, best step {results['best_step']} of "

@@ -2,6 +2,8 @@
 
   python experiments/translate.py                                   # dates in words -> ISO, Cho et al. GRU
   python experiments/translate.py --model=sutskever                 # reversed source, LSTM
+  python experiments/translate.py --attention=bahdanau              # RNNsearch: bidirectional encoder
+  python experiments/translate.py --model=sutskever --attention=general   # Luong et al., input feeding
   python experiments/translate.py --preset=bible                    # KJV English -> Reina-Valera Spanish
   python experiments/translate.py --smoke --workdir=/tmp/smoke      # seconds, same code path
   python experiments/translate.py --workdir=runs/translate --translate="march the third, nineteen oh five"
@@ -12,10 +14,17 @@ Models (rnn_jax.seq2seq): "cho" (Cho et al. 2014, "Learning phrase representatio
 RNN encoder-decoder"; the context c = tanh(W_c h_S) conditions every decoder step and the
 read-out; GRU by default) and "sutskever" (Sutskever et al. 2014, "Sequence to sequence
 learning with neural networks"; c is the encoder's final state, the source is read
-reversed; LSTM by default). Training is teacher forcing, minimising the cross-entropy
--1/N sum_t log p(y_t | y_<t, x) per target token (<eos> included), through the one
-training recipe (rnn_jax.train.train_and_test). Each validation logs the loss and the
-greedy BLEU on the first valid_bleu_pairs validation pairs; the best checkpoint on
+reversed; LSTM by default). --attention replaces the one fixed context by c_t = sum_j
+alpha_tj h_j at every decoder step: "bahdanau" (Bahdanau et al. 2014, "Neural machine
+translation by jointly learning to align and translate": additive score v_a^T tanh(W_a
+s_{t-1} + U_a h_j) over a bidirectional encoder) or Luong et al. 2015's global scores
+("Effective approaches to attention-based neural machine translation": "dot" h_t^T h̄_s,
+"general" h_t^T W_a h̄_s, "concat" v_a^T tanh(W_a [h_t; h̄_s]), read-out from h~_t =
+tanh(W_c [c_t; h_t]), with --input_feeding of h~_{t-1}); see rnn_jax.seq2seq. Training is
+teacher forcing, minimising the cross-entropy -1/N sum_t log p(y_t | y_<t, x) per target
+token (<eos> included), through the one training recipe (rnn_jax.train.train_and_test).
+Each validation logs the loss and the greedy BLEU on the first valid_bleu_pairs validation
+pairs; the best checkpoint on
 validation loss is then decoded greedily and with beam search (beam_size K, final choice
 argmax score / length ** length_penalty) on all of valid and test.
 
@@ -29,8 +38,10 @@ with the best checkpoint of --workdir instead of training, greedily unless --bea
 given, and prints one translation per line (rnn_jax.seq2seq.translate).
 
 Outputs in --workdir: config.json, metrics.jsonl, results.json, curves.png, checkpoints/,
-model.json, source_vocab.json, target_vocab.json, samples.txt (sample translations) and
-test_translations.tsv (every test pair: reference, source, target, greedy, beam).
+model.json, source_vocab.json, target_vocab.json, samples.txt (sample translations),
+test_translations.tsv (every test pair: reference, source, target, greedy, beam) and, with
+attention, attention.png (the weights alpha_tj of the greedy translations of the first
+attention_samples test sentences).
 """
 
 from __future__ import annotations
@@ -45,7 +56,7 @@ if __package__:
   from experiments import common
 else:  # run as a script: experiments/ is on sys.path
   import common
-from rnn_jax import cells, load_run, metrics, plots, seq2seq
+from rnn_jax import attention, cells, load_run, metrics, plots, seq2seq
 from rnn_jax import predict as predict_io
 from rnn_jax.config import TrainingConfig, field
 from rnn_jax.data import translation
@@ -66,6 +77,12 @@ class Config(TrainingConfig):
                      choices=seq2seq.KINDS, fixed=True)
   cell: str = field("", "Recurrent cell of encoder and decoder; empty: gru for cho, lstm for sutskever.",
                     choices=("", "elman", "gru", "lstm"), fixed=True)
+  attention: str = field("", "Attention over the source: empty (none: one fixed context), bahdanau "
+                         "(Bahdanau et al. 2014, additive, bidirectional encoder) or Luong et al. 2015's "
+                         "global dot, general or concat.", choices=seq2seq.ATTENTIONS, fixed=True)
+  input_feeding: bool = field(True, "Luong attention (dot, general, concat): feed the attentional state "
+                              "h~_{t-1} into the next decoder input (Luong et al. 2015, section 3.3); "
+                              "unused without it.", fixed=True)
   embed_size: int = field(64, "Embedding size E of source and target tokens.", minimum=1, fixed=True)
   hidden_size: int = field(128, "Hidden size H of encoder and decoder.", minimum=1, fixed=True)
   num_layers: int = field(1, "Stacked layers in encoder and decoder.", minimum=1, fixed=True)
@@ -90,6 +107,8 @@ class Config(TrainingConfig):
   valid_bleu_pairs: int = field(200, "Validation pairs decoded greedily for the BLEU of each validation.",
                                 minimum=1)
   num_samples: int = field(10, "Test translations printed and saved in samples.txt.", minimum=0)
+  attention_samples: int = field(4, "With attention: test sentences whose attention weights attention.png "
+                                 "draws.", minimum=0)
   pad_multiple: int = field(8, "Batch widths are rounded up to a multiple of this (fewer compilations).",
                             minimum=1)
   batch_size: int = 64
@@ -118,7 +137,7 @@ PRESETS = {
 }
 SMOKE = dict(embed_size=16, hidden_size=32, batch_size=16, pad_multiple=32, steps=12, eval_every=6,
              log_every=6, valid_bleu_pairs=16, num_samples=3, num_train_pairs=200, num_eval_pairs=40,
-             vocab_size=300, max_length=12)
+             vocab_size=300, max_length=12, attention_samples=2)
 
 
 def build_model(config: Config, source_vocab_size: int, target_vocab_size: int) -> seq2seq.Seq2Seq:
@@ -126,7 +145,32 @@ def build_model(config: Config, source_vocab_size: int, target_vocab_size: int) 
       kind=config.model, cell=cells.make_cell(config.cell_name, config.hidden_size),
       source_vocab_size=source_vocab_size, target_vocab_size=target_vocab_size,
       embed_size=config.embed_size, num_layers=config.num_layers, dropout=config.dropout,
-      bos_id=translation.BOS_ID, eos_id=translation.EOS_ID, pad_id=translation.PAD_ID)
+      bos_id=translation.BOS_ID, eos_id=translation.EOS_ID, pad_id=translation.PAD_ID,
+      attention=config.attention, input_feeding=config.input_feeding and config.attention in attention.LUONG)
+
+
+def attention_name(config: Config) -> str:
+  """"" without attention, else e.g. "bahdanau attention" or "general attention, input feeding"."""
+  if not config.attention:
+    return ""
+  feeding = ", input feeding" if config.input_feeding and config.attention in attention.LUONG else ""
+  return f"{config.attention} attention{feeding}"
+
+
+def _plot_attention(run: RunDir, config: Config, model, params, pairs, sources, greedy, target_vocab,
+                    title: str) -> str:
+  """attention.png: the alignment of the first attention_samples test sources with their greedy translations."""
+  count = min(config.attention_samples, len(pairs))
+  maps = seq2seq.attention_maps(model, params, sources[:count],
+                                [target_vocab.encode(tokens) for tokens in greedy[:count]])
+  separator = translation.TARGET_SEPARATORS[config.dataset]
+  samples = []
+  for pair, tokens, weights in zip(pairs, greedy, maps):
+    verdict = "exact" if list(tokens) == list(pair.target) else "reference " + separator.join(pair.target)
+    reference = f"{pair.reference}: " if pair.reference else ""
+    samples.append((list(pair.source), [*tokens, "<eos>"], weights,
+                    f"{reference}greedy {separator.join(tokens)} ({verdict})"))
+  return attention.plot_attention(run.path("attention.png"), samples, title)
 
 
 def _write_outputs(run: RunDir, config: Config, pairs, decoded: dict, separator: str) -> str:
@@ -164,8 +208,12 @@ def train_and_evaluate(config: Config, workdir: str, options=None) -> dict:
   decode_len = max(len(p.target) for split in pairs.values() for p in split) + 1 + config.decode_extra_tokens
 
   model = build_model(config, len(source_vocab), len(target_vocab))
-  label = f"translate {config.model} {config.cell_name}"
+  label = f"translate {config.model} {config.cell_name}" + (f" {config.attention}" if config.attention else "")
   run = RunDir(workdir, "translate", config, options, label=label)
+  for name, (sources, targets) in encoded.items():  # the ids read, and the vocabularies that give them
+    run.check_data(f"{config.dataset} {name}", sources, targets)
+  run.check_vocabulary(source_vocab.tokens, "source_vocab.json")
+  run.check_vocabulary(target_vocab.tokens, "target_vocab.json")
   run.write_json("source_vocab.json", {"tokens": source_vocab.tokens})
   run.write_json("target_vocab.json", {"tokens": target_vocab.tokens})
   run.save_model(model, best_metric="loss", best_mode="min", dataset=config.dataset,
@@ -209,6 +257,7 @@ def train_and_evaluate(config: Config, workdir: str, options=None) -> dict:
                            splits=(), tokens_per_step=tokens_per_step, progress=options.progress)
 
   results = {**outcome.results, "dataset": config.dataset, "model": config.model, "cell": config.cell_name,
+             "attention": config.attention, "input_feeding": model.input_feeding,
              "num_params": num_params, "pairs": {s: len(pairs[s]) for s in translation.SPLITS},
              "source_vocab_size": len(source_vocab), "target_vocab_size": len(target_vocab),
              "decode_max_len": decode_len, "valid_bleu_pairs": bleu_pairs,
@@ -230,8 +279,15 @@ def train_and_evaluate(config: Config, workdir: str, options=None) -> dict:
       run.log(outcome.step, "test", **split_metrics)
   print(_write_outputs(run, config, pairs["test"], decoded, separator))
 
-  plots.plot_run(run.workdir, f"translate {config.dataset}: {config.model} {config.num_layers}x"
-                 f"{config.hidden_size} {config.cell_name}, E={config.embed_size}", metrics=["loss", "bleu"],
+  title = (f"translate {config.dataset}: {config.model} {config.num_layers}x{config.hidden_size} "
+           f"{config.cell_name}, E={config.embed_size}")
+  if config.attention:
+    title += f", {attention_name(config)}"
+  if config.attention and config.attention_samples:
+    _plot_attention(run, config, model, outcome.params, pairs["test"], encoded["test"][0], decoded["greedy"],
+                    target_vocab, f"{title}\nattention weights of the greedy translations of test sentences "
+                    f"(best checkpoint, step {outcome.results['best_step']})")
+  plots.plot_run(run.workdir, title, metrics=["loss", "bleu"],
                  labels={"loss": "cross-entropy (nats per target token)",
                          "bleu": f"greedy BLEU (0-1), first {bleu_pairs} valid pairs"},
                  final={"test BLEU greedy": results["test_greedy_bleu"],

@@ -9,7 +9,12 @@ attribute (``rnn_jax.runtime``, ``rnn_jax.interop``, ...) and is imported on fir
 
 import importlib
 
-from rnn_jax import initializers
+from rnn_jax import runtime as _runtime
+
+_runtime.apply_at_import()  # glibc malloc settings against XLA:CPU's per-call page faults (rnn_jax/runtime.py)
+
+from rnn_jax import initializers  # pylint: disable=wrong-import-position
+from rnn_jax import deep_transition  # registers "dt_rnn" and "dts_rnn" before CELL_NAMES is read below
 from rnn_jax.cells import (CELL_NAMES, GRU, LSTM, Cell, Elman, LSTMState, MinGRU, MinLSTM, make_cell,
                            register_cell)
 from rnn_jax.rundir import LoadedRun, RunOptions, load_run
@@ -18,10 +23,10 @@ from rnn_jax.sequence import ScanOptions, StackedRNN, bidirectional, rnn, run_ce
 __version__ = "0.1.0"
 
 SUBMODULES = (
-    "bptt", "cells", "checkpoint", "classifier", "config", "data", "diagnostics", "esn", "flax_modules",
-    "initializers", "interop", "kernel_build", "lab", "layers", "lm", "lm_train", "losses", "lstm_kernel",
-    "metrics", "optim", "parallel", "plots", "polyphonic", "predict", "rundir", "runtime", "seq2seq",
-    "sequence", "tagger", "tasks", "train",
+    "attention", "bptt", "cells", "checkpoint", "classifier", "config", "crf", "data", "deep_transition",
+    "diagnostics", "elman_kernel", "esn", "flax_modules", "gru_kernel", "initializers", "interop", "kernel_build",
+    "lab", "launch", "layers", "lm", "lm_train", "losses", "lstm_kernel", "mesh", "metrics", "optim", "parallel", "plots", "polyphonic",
+    "predict", "regularizers", "rundir", "runtime", "seq2seq", "sequence", "tagger", "tasks", "train",
 )
 
 __all__ = [

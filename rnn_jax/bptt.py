@@ -23,8 +23,10 @@ weight gradients after the scan. Registered here: Elman (every activation), the 
 LSTM with peepholes, and the GRU (both ``reset_after`` variants). ``supports(cell)`` is a lookup.
 
 Fused kernels. ``kernel_choice`` decides ONCE, at trace time, whether a fused C++ kernel runs
-the recurrence (the plain float32 LSTM on CPU: ``rnn_jax.lstm_kernel``) and says why not when it
-does not; the decision travels as a static argument of the custom VJP.
+the recurrence (on CPU in float32: the plain LSTM, ``rnn_jax.lstm_kernel``; the GRU in both
+variants, ``rnn_jax.gru_kernel``; the Elman cell with any activation, ``rnn_jax.elman_kernel``)
+and says why not when it does not; the decision travels as a static argument of the custom VJP.
+Without a gradient (inference) the kernels' forward calls save no gates.
 
 Forward mode. ``jax.jvp`` cannot pass a ``custom_vjp``, and the kernel has no derivative of its
 own: under forward-mode differentiation (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``) the scan
@@ -40,7 +42,8 @@ from typing import Any, Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from rnn_jax import lstm_kernel
+from rnn_jax import elman_kernel, gru_kernel, lstm_kernel
+from rnn_jax import mesh as mesh_lib
 from rnn_jax.cells import (ACTIVATIONS, GRU, LSTM, Cell, Elman, LSTMState, Params, TransposedWeight,
                            linear_transposed)
 
@@ -246,18 +249,19 @@ def _gru_step(cell: GRU, weights: Params, dh, saved, h_prev, h_t):
 
 
 def _gru_gradients(cell: GRU, weights, da, du_n, previous, carries, saved) -> dict:
-  """dW_hh = sum_t du_t h_{t-1}^T (reset-before: the n block pairs with r h_{t-1}); db_hn = sum du_n."""
+  """dW_hh = sum_t du_t h_{t-1}^T (reset-before: the n block pairs with r h_{t-1}); db_hn = sum du_n.
+
+  The (r, z) rows and the n rows are two matmuls, so du = (da_r, da_z, du_n) is never
+  assembled: that concatenation and its transpose cost two [T, B, 3H] copies per step of training.
+  """
   del carries
   H = cell.hidden_size
-  du = da if du_n is None else jnp.concatenate([da[..., :2 * H], du_n], axis=-1)
+  du_n = da[..., 2 * H:] if du_n is None else du_n
   h_prev, w_hh = previous, weights["w_hh"]
-  if cell.reset_after:
-    d_w_hh = sum_outer(du, h_prev, cell.dtype, w_hh.dtype)
-  else:
-    r = saved[0]
-    d_w_hh = jnp.concatenate([sum_outer(du[..., :2 * H], h_prev, cell.dtype, w_hh.dtype),
-                              sum_outer(du[..., 2 * H:], r * h_prev, cell.dtype, w_hh.dtype)], axis=0)
-  return {"w_hh": d_w_hh, "b_hn": _sum_leading(du[..., 2 * H:], weights["b_hn"].dtype)}
+  h_n = h_prev if cell.reset_after else saved[0] * h_prev
+  d_w_hh = jnp.concatenate([sum_outer(da[..., :2 * H], h_prev, cell.dtype, w_hh.dtype),
+                            sum_outer(du_n, h_n, cell.dtype, w_hh.dtype)], axis=0)
+  return {"w_hh": d_w_hh, "b_hn": _sum_leading(du_n, weights["b_hn"].dtype)}
 
 
 register(GRU, BackwardRule(recurrent_params=lambda cell: ("w_hh", "b_hn"), applies=lambda cell: None,
@@ -274,36 +278,72 @@ class KernelChoice(NamedTuple):
   reason: str
 
 
+KERNELS = {"lstm_cpu": (LSTM, lstm_kernel), "gru_cpu": (GRU, gru_kernel), "elman_cpu": (Elman, elman_kernel)}
+"""Every fused kernel by name: (the cell type whose equations it runs, its module)."""
+
+
+def _kernel_options_reason(cell: Cell) -> Optional[str]:
+  """Why the cell's options fall outside its kernel's equations, or None."""
+  if isinstance(cell, LSTM) and (cell.peephole or _lstm_options(cell)):
+    return "lstm: the fused kernel runs the plain LSTM only (no peephole, layer_norm or proj_size)"
+  if isinstance(cell, Elman) and cell.activation not in elman_kernel.ACTIVATION_CODES:
+    return f"elman: the fused kernel has no activation {cell.activation!r}"
+  return None
+
+
+def _kernel_description(cell: Cell) -> str:
+  if isinstance(cell, GRU):
+    return f"float32 GRU ({'reset_after' if cell.reset_after else 'reset_before'}) on CPU"
+  if isinstance(cell, Elman):
+    return f"float32 {cell.activation} Elman on CPU"
+  return "plain float32 LSTM on CPU"
+
+
 def kernel_choice(cell: Cell, params: Params, a: jax.Array, carry) -> KernelChoice:
   """The ONE decision, at trace time, of whether a fused kernel runs this recurrence.
 
   a: [T, ..., G*H] the input projections (or the inputs, for the dtype check); carry: the
-  initial carry with a's batch axes. Today one kernel exists: ``lstm_cpu`` for the plain
-  float32 LSTM on CPU (``rnn_jax.lstm_kernel``).
+  initial carry with a's batch axes. A kernel of ``KERNELS`` runs a cell whose type's
+  equations it implements (a subclass that redefines the recurrence keeps lax.scan), with
+  options it covers, no compute dtype, T > 0, on the CPU backend, and where its library is
+  built, H is a multiple of the vector width and every array is float32.
   """
-  if not isinstance(cell, LSTM):
+  name = next((name for name, (base, _) in KERNELS.items() if isinstance(cell, base)), None)
+  if name is None:
     return KernelChoice(None, f"{cell.name}: no fused kernel for {type(cell).__name__}")
-  if cell.peephole or _lstm_options(cell):
-    return KernelChoice(None, "lstm: the fused kernel runs the plain LSTM only (no peephole, layer_norm "
-                        "or proj_size)")
-  if cell.dtype is not None:
-    return KernelChoice(None, f"lstm: the fused kernel computes in float32, not dtype={cell.dtype!r}")
-  if a.shape[0] == 0:
-    return KernelChoice(None, "lstm: an empty sequence (T = 0) stays on lax.scan")
-  if jax.default_backend() != "cpu":
-    return KernelChoice(None, f"lstm: the fused kernel is for CPU, the backend is {jax.default_backend()}")
-  reason = lstm_kernel.why_not(cell.hidden_size, a, params["w_hh"], carry.h, carry.c)
+  base, module = KERNELS[name]
+  klass = type(cell)
+  if klass.recurrence_saving is not base.recurrence_saving or klass.recurrence is not Cell.recurrence:
+    return KernelChoice(None, f"{cell.name}: {klass.__name__} redefines the {base.__name__} recurrence, "
+                        f"which the fused kernel does not run")
+  reason = _kernel_options_reason(cell)
   if reason is not None:
     return KernelChoice(None, reason)
-  return KernelChoice("lstm_cpu", "plain float32 LSTM on CPU")
+  if cell.dtype is not None:
+    return KernelChoice(None, f"{cell.name}: the fused kernel computes in float32, not dtype={cell.dtype!r}")
+  if a.shape[0] == 0:
+    return KernelChoice(None, f"{cell.name}: an empty sequence (T = 0) stays on lax.scan")
+  if jax.default_backend() != "cpu":
+    return KernelChoice(None, f"{cell.name}: the fused kernel is for CPU, the backend is "
+                        f"{jax.default_backend()}")
+  devices = mesh_lib.partitioned_devices()
+  if devices > 1:
+    return KernelChoice(None, f"{cell.name}: traced for a mesh of {devices} devices; the fused kernel has no "
+                        f"partitioning rule (XLA would run it whole on every device), lax.scan is split")
+  recurrent = [params[key] for key in rule_for(cell).recurrent_params(cell)]
+  reason = module.LIBRARY.why_not(cell.hidden_size, a, *recurrent, *jax.tree_util.tree_leaves(carry))
+  if reason is not None:
+    return KernelChoice(None, reason)
+  return KernelChoice(name, _kernel_description(cell))
 
 
 def kernel_adds_bias(cell: Cell, params: Params, xs: jax.Array, carry) -> bool:
   """True if the fused kernel will run this layer and can add b while it reads a_t, so that the
   caller leaves b out of a = W_xh x + b and passes it as ``input_bias``."""
-  if kernel_choice(cell, params, xs, carry).kernel is None:
+  name = kernel_choice(cell, params, xs, carry).kernel
+  if name is None:
     return False
-  return lstm_kernel.applies(cell.hidden_size, params["w_xh"], cell.projection_bias(params))
+  return KERNELS[name][1].LIBRARY.applies(cell.hidden_size, params["w_xh"], cell.projection_bias(params))
 
 
 # ---------------------------------------------------------------------------
@@ -319,8 +359,10 @@ def split_gates(a: jax.Array, hidden_size: int):
   is its own array. The split is one copy before the scan; inside the body the
   simplifier forwards each joined block straight to its gate, so nothing is joined
   at run time (LSTM forward scan, B=32 T=128 H=256 on 2 CPU cores: 25.6 -> 15.9 ms).
+  A projection whose width is not a multiple of H (a deep-transition cell's first layer,
+  D_1 units) stays whole.
   """
-  if a.shape[-1] == hidden_size:
+  if a.shape[-1] == hidden_size or a.shape[-1] % hidden_size:
     return a
   return tuple(jnp.split(a, a.shape[-1] // hidden_size, axis=-1))
 
@@ -347,11 +389,24 @@ def _is_forward_mode_error(error: Exception) -> bool:
   return "cannot be differentiated" in text or "forward-mode" in text or "Differentiation rule" in text
 
 
-def _kernel_forward(operands: Operands, a, carry, mask, reverse: bool, save: bool):
-  hs, cs, gates = lstm_kernel.lstm_forward(a, operands.weights["w_hh"], carry.h, carry.c, mask,
-                                           bias=operands.input_bias, reverse=reverse, save_gates=save)
-  carries = LSTMState(h=hs, c=cs)
-  return _final_carry(carries, reverse), carries, gates  # gates: [T, ..., 4H] (or None), as the kernel reads them
+def _kernel_forward(kernel: str, cell, operands: Operands, a, carry, mask, reverse: bool, save: bool):
+  """(final carry, carries [T, ...], saved) from the fused kernel; saved is what its backward reads:
+  the gates as one [T, ..., k*H] array (or None when not saved), () for the Elman cell. Without
+  save (inference) the LSTM's carries hold hs alone (c=None): only the final c_T is computed."""
+  w_hh, bias = operands.weights["w_hh"], operands.input_bias
+  if kernel == "lstm_cpu":
+    hs, cs, saved = lstm_kernel.lstm_forward(a, w_hh, carry.h, carry.c, mask, bias=bias, reverse=reverse,
+                                             save_gates=save)
+    if not save:
+      return LSTMState(h=_final_carry(hs, reverse), c=cs), LSTMState(h=hs, c=None), None
+    carries = LSTMState(h=hs, c=cs)
+  elif kernel == "gru_cpu":
+    carries, saved = gru_kernel.gru_forward(a, w_hh, operands.weights["b_hn"], carry, mask, bias=bias,
+                                            reverse=reverse, reset_after=cell.reset_after, save_gates=save)
+  else:
+    carries, saved = elman_kernel.elman_forward(a, w_hh, carry, mask, bias=bias, reverse=reverse,
+                                                activation=cell.activation), ()
+  return _final_carry(carries, reverse), carries, saved
 
 
 def _scan_forward(cell, reverse, unroll, operands: Operands, a, carry, mask, save: bool):
@@ -376,10 +431,11 @@ def _scan_forward(cell, reverse, unroll, operands: Operands, a, carry, mask, sav
 
 
 def _forward(cell, reverse, unroll, kernel, operands, a, carry, mask, save: bool):
-  """(final carry, carries [T, ...], saved or None) from the chosen kernel, or from lax.scan."""
-  if kernel == "lstm_cpu":
+  """(final carry, carries [T, ...], saved or None) from the chosen kernel, or from lax.scan; without
+  save only the hidden part of the carries is kept."""
+  if kernel is not None:
     try:
-      return _kernel_forward(operands, a, carry, mask, reverse, save)
+      return _kernel_forward(kernel, cell, operands, a, carry, mask, reverse, save)
     except (NotImplementedError, TypeError, ValueError) as error:  # forward-mode differentiation of the kernel
       if not _is_forward_mode_error(error):
         raise
@@ -389,6 +445,8 @@ def _forward(cell, reverse, unroll, kernel, operands, a, carry, mask, save: bool
 def _shift_previous(initial, stacked, reverse: bool):
   """carry_{t-1} for every t: [initial, stacked[:-1]] (or [stacked[1:], initial] when reversed)."""
   def shift(first, seq):
+    if seq.shape[0] == 0:  # T = 0: no step, no previous carry
+      return seq
     if reverse:
       return jnp.concatenate([seq[1:], first[None]], axis=0)
     return jnp.concatenate([first[None], seq[:-1]], axis=0)
@@ -406,11 +464,22 @@ def _manual_fwd(cell, reverse, unroll, kernel, operands, a, carry, mask):
   return (final, cell.hidden(carries)), (operands, carry, mask, carries, saved)
 
 
-def _kernel_backward(operands, saved, carries, carry_0, d_hs, d_carry_T, mask, reverse):
-  gates = jnp.concatenate(saved, axis=-1) if isinstance(saved, tuple) else saved
-  da, dh_0, dc_0 = lstm_kernel.lstm_backward(gates, carries.c, carry_0.c, operands.weights["w_hh"], d_hs,
-                                             d_carry_T.h, d_carry_T.c, mask, reverse=reverse)
-  return da, None, LSTMState(h=dh_0, c=dc_0)
+def _kernel_backward(kernel: str, cell, operands, saved, carries, carry_0, d_hs, d_carry_T, mask, reverse):
+  """(da, extra, d_carry_0) from the fused kernel's backward call; saved as ``_kernel_forward`` returns it
+  (or the scan's tuple of gate blocks, joined here into the kernel's layout)."""
+  w_hh = operands.weights["w_hh"]
+  if isinstance(saved, tuple) and saved:
+    saved = jnp.concatenate(saved, axis=-1)
+  if kernel == "lstm_cpu":
+    da, dh_0, dc_0 = lstm_kernel.lstm_backward(saved, carries.c, carry_0.c, w_hh, d_hs, d_carry_T.h,
+                                               d_carry_T.c, mask, reverse=reverse)
+    return da, None, LSTMState(h=dh_0, c=dc_0)
+  if kernel == "gru_cpu":
+    return gru_kernel.gru_backward(saved, carries, carry_0, w_hh, d_hs, d_carry_T, mask, reverse=reverse,
+                                   reset_after=cell.reset_after)
+  da, dh_0 = elman_kernel.elman_backward(carries, w_hh, d_hs, d_carry_T, mask, reverse=reverse,
+                                         activation=cell.activation)
+  return da, None, dh_0
 
 
 def _scan_backward(cell, rule, unroll, operands, saved, previous, carries, d_hs, d_carry_T, mask, reverse):
@@ -434,15 +503,16 @@ def _manual_bwd(cell, reverse, unroll, kernel, residuals, cotangents):
   rule = rule_for(cell)
   previous = _shift_previous(carry_0, carries, reverse)
   result = None
-  if kernel == "lstm_cpu":
+  if kernel is not None:
     try:
-      result = _kernel_backward(operands, saved, carries, carry_0, d_hs, d_carry_T, mask, reverse)
+      result = _kernel_backward(kernel, cell, operands, saved, carries, carry_0, d_hs, d_carry_T, mask,
+                                reverse)
     except (NotImplementedError, TypeError, ValueError) as error:  # a second derivative through the kernel
       if not _is_forward_mode_error(error):
         raise
+  if not isinstance(saved, tuple):  # a kernel's [T, ..., k*H] gates, as the rules read them: k blocks of H
+    saved = tuple(jnp.split(saved, saved.shape[-1] // cell.hidden_size, axis=-1))
   if result is None:
-    if not isinstance(saved, tuple):  # the kernel's [T, ..., 4H] gates, read by the scan's LSTM rule
-      saved = tuple(jnp.split(saved, 4, axis=-1))
     result = _scan_backward(cell, rule, unroll, operands, saved, previous, carries, d_hs, d_carry_T, mask,
                             reverse)
   da, extra, d_carry_0 = result
@@ -454,6 +524,22 @@ def _manual_bwd(cell, reverse, unroll, kernel, residuals, cotangents):
 
 
 _manual.defvjp(_manual_fwd, _manual_bwd)
+
+
+def _under_forward_mode(*trees) -> bool:
+  """True if forward-mode differentiation (``jax.jvp``, ``jax.jacfwd``) is the innermost one
+  applied to these values. Under ``jit`` the tangent of a custom VJP is staged and fails only
+  when compiled, so the fallback to jax's own derivative is chosen here, while tracing; a vmap
+  (``BatchTracer``) is looked through, reverse mode (``LinearizeTracer``) keeps the custom VJP."""
+  from jax._src.interpreters import ad  # pylint: disable=import-outside-toplevel
+  for leaf in jax.tree_util.tree_leaves(trees):
+    while isinstance(leaf, jax.core.Tracer):
+      if isinstance(leaf, ad.JVPTracer):
+        return True
+      if isinstance(leaf, ad.LinearizeTracer):
+        break
+      leaf = getattr(leaf, "val", None)
+  return False
 
 
 def _autodiff_scan(cell, operands: Operands, a, carry, mask, reverse: bool, unroll: int):
@@ -489,6 +575,8 @@ def manual_scan(cell: Cell, params: Params, a: jax.Array, carry, mask=None, *,
   rule = rule_for(cell)
   operands = Operands({name: params[name] for name in rule.recurrent_params(cell)}, input_bias)
   kernel = kernel_choice(cell, params, a, carry).kernel
+  if _under_forward_mode(operands, a, carry):
+    return _autodiff_scan(cell, operands, a, carry, mask, reverse, unroll)
   try:
     return _manual(cell, reverse, unroll, kernel, operands, a, carry, mask)
   except TypeError as error:  # jax.jvp / jacfwd cannot pass a custom_vjp: use jax's own derivative

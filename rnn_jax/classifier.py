@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rnn_jax import layers, losses, metrics
+from rnn_jax import layers, losses, mesh, metrics
 from rnn_jax import cells as cells_lib
 from rnn_jax.cells import Cell, make_cell
 from rnn_jax.data import sentiment
@@ -142,7 +142,7 @@ def make_loss_fn(model: SentenceClassifier):
 @functools.lru_cache(maxsize=32)
 def logits_fn(model: SentenceClassifier):
   """Jitted ``logits(params, ids [B, T], lengths [B]) -> [B, C]`` without dropout (one per model)."""
-  return jax.jit(lambda params, ids, lengths: model(params, {"ids": ids, "lengths": lengths}))
+  return mesh.data_parallel(jax.jit(lambda params, ids, lengths: model(params, {"ids": ids, "lengths": lengths})))
 
 
 def log_probabilities(model: SentenceClassifier, params, sequences: Sequence[np.ndarray], *,

@@ -133,8 +133,9 @@ class RNNLayer(linen.Module):
   """A ``flax.linen`` layer over ``StackedRNN``: xs [B, T, F] -> (final carries, ys [B, T, O']).
 
   Params are ``stack.init(key, F)`` ({"layer_0": {"forward": ..., "backward": ...}, ...}).
-  With ``train=True`` and ``stack.dropout > 0`` the between-layer dropout mask is drawn
-  from the 'dropout' rng (``apply(..., rngs={"dropout": key})``); otherwise it is off.
+  With ``train=True`` the masks of between-layer dropout and of the stack's recurrent dropout,
+  zoneout and DropConnect (those with a rate > 0) are drawn from the 'dropout' rng
+  (``apply(..., rngs={"dropout": key})``); otherwise they are off.
   """
   stack: StackedRNN
   time_major: bool = False
@@ -144,7 +145,7 @@ class RNNLayer(linen.Module):
                initial_carries: Optional[Sequence] = None):
     """xs: [B, T, F] (or [T, B, F] if time_major), lengths: optional [B] ints in [0, T]."""
     params = _declare_params(self, self.stack, xs.shape[-1])
-    rng = self.make_rng("dropout") if (train and self.stack.dropout > 0.0) else None
+    rng = self.make_rng("dropout") if (train and (self.stack.dropout > 0.0 or self.stack.regularizers.any)) else None
     return self.stack(params, xs, lengths, train=train, rng=rng,
                       initial_carries=initial_carries, time_major=self.time_major)
 
@@ -176,6 +177,6 @@ class NNXRNNLayer(nnx.Module):
   def __call__(self, xs: jax.Array, lengths: Optional[jax.Array] = None, *, train: bool = False,
                initial_carries: Optional[Sequence] = None):
     """xs: [B, T, F], lengths: optional [B] -> (final carries, ys: [B, T, O'])."""
-    rng = self.rngs.dropout() if (train and self.stack.dropout > 0.0) else None
+    rng = self.rngs.dropout() if (train and (self.stack.dropout > 0.0 or self.stack.regularizers.any)) else None
     return self.stack(self.params.value, xs, lengths, train=train, rng=rng,
                       initial_carries=initial_carries)

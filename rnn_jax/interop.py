@@ -69,6 +69,11 @@ so the file loads into torch with ``safetensors.torch.load_file`` and
 ``load_safetensors`` without torch. ``load_safetensors`` treats the file as untrusted:
 only the layer classes above are built, every field is type-checked, and every tensor's
 name, shape and dtype must be the ones the described layer expects.
+
+Untrusted files. Nothing rnn_jax reads runs code from the file: safetensors and orbax
+checkpoints hold no pickle, and a PyTorch file is read by ``load_torch`` only through
+``torch.load(weights_only=True)``, which refuses (ValueError) any object but tensors and plain
+containers instead of unpickling it.
 """
 
 from __future__ import annotations
@@ -89,7 +94,7 @@ from rnn_jax.cells import GRU, LSTM, Cell, Elman, LSTMState, Params
 from rnn_jax.sequence import StackedRNN
 
 __all__ = [
-    "from_torch", "to_torch", "torch_module",
+    "from_torch", "load_torch", "to_torch", "torch_module",
     "from_flax", "to_flax", "flax_cell", "to_flax_carry", "from_flax_carry",
     "from_keras", "to_keras",
     "save_safetensors", "load_safetensors",
@@ -484,6 +489,49 @@ def _torch_tensor(torch, array: np.ndarray):
   if array.dtype == jnp.bfloat16:
     return torch.from_numpy(array.astype(np.float32)).to(torch.bfloat16)
   return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def _first_line(error: Exception) -> str:
+  text = str(error).strip()
+  return text.splitlines()[0] if text else type(error).__name__
+
+
+def load_torch(path: Union[str, os.PathLike], *, cell: Union[str, Cell, None] = None, nonlinearity: str = "tanh",
+               dropout: Optional[float] = None, prefix: str = "") -> tuple[StackedRNN, Params]:
+  """A PyTorch state_dict file (``torch.save(module.state_dict(), path)``) as ``(StackedRNN, params)``.
+
+  The file is untrusted: it is read with ``torch.load(path, weights_only=True)``, whose unpickler
+  builds tensors and plain containers only, so a file that holds any other object (whose
+  unpickling could run code) is refused with ValueError before anything in it runs. The weights
+  then go through ``from_torch`` (``cell``, ``nonlinearity``, ``dropout`` and ``prefix`` as there).
+
+  Raises:
+    FileNotFoundError: if there is no file at ``path``.
+    ValueError: for a file that is not a torch file, holds objects other than tensors, or whose
+      weights do not match (see ``from_torch``).
+  """
+  import pickle  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+  path = os.fspath(path)
+  where = f"load_torch: {path}"
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{where}: no such file")
+  try:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+  except pickle.UnpicklingError as error:
+    found = re.search(r"GLOBAL (\S+)", str(error))
+    if found is None:  # torch's own text here suggests weights_only=False, which would run the file's code
+      raise ValueError(f"{where} is not a PyTorch state_dict file (its pickle stream is not one torch.load "
+                       f"reads with weights_only=True)") from None
+    raise ValueError(f"{where} holds an object of {found.group(1)}, not only tensors and plain containers: "
+                     f"refused unread, since unpickling it could run code (torch.load with weights_only=True); "
+                     f"save only module.state_dict(), or convert the file to safetensors") from None
+  except (RuntimeError, EOFError, OSError, ValueError) as error:
+    raise ValueError(f"{where} is not a PyTorch file torch.load can read ({_first_line(error)})") from None
+  if not isinstance(state, Mapping):
+    raise ValueError(f"{where} holds a {type(state).__name__}, not a state_dict (a mapping of weight names to "
+                     f"tensors); save module.state_dict()")
+  return from_torch(state, cell=cell, nonlinearity=nonlinearity, dropout=dropout, prefix=prefix)
 
 
 def to_torch(layer: Union[StackedRNN, Cell], params: Params, *, bias: bool = True,

@@ -1,13 +1,14 @@
 """Build, load and register the C++ kernels of ``rnn_jax/csrc``, shared by every kernel module.
 
-A kernel module (``lstm_kernel``) declares a ``KernelLibrary``: its source file, its library name
-and the FFI targets it exports. On first use the source is compiled with the system C++
-compiler (``$CXX``, else ``c++``) for the machine it runs on (``-march=native``) into a cache
-directory (``$RNN_JAX_KERNEL_CACHE``, else ``~/.cache/rnn_jax/kernels``; the temp directory if
-that cannot be written), keyed by the source, the flags, the jaxlib version and the CPU. The
-build goes to a temporary file that is renamed into place, so concurrent first uses never load
-half a library. If there is no compiler or the build fails, ``available()`` is False, a warning
-says why once, and callers use the ``lax.scan`` path.
+A kernel module (``lstm_kernel``, ``gru_kernel``, ``elman_kernel``) declares a ``KernelLibrary``:
+its source file, its library name and the FFI targets it exports. Each source includes the
+shared ``csrc/rnn_cpu.h``. On first use the source is compiled with the system C++ compiler
+(``$CXX``, else ``c++``) for the machine it runs on (``-march=native``) into a cache directory
+(``$RNN_JAX_KERNEL_CACHE``, else ``~/.cache/rnn_jax/kernels``; the temp directory if that cannot
+be written), keyed by the source and the headers beside it, the flags, the jaxlib version and
+the CPU. The build goes to a temporary file that is renamed into place, so concurrent first
+uses never load half a library. If there is no compiler or the build fails, ``available()`` is
+False, a warning says why once, and callers use the ``lax.scan`` path.
 
 ``RNN_JAX_CPU_KERNELS=0`` (or ``set_enabled(False)``) turns every kernel off.
 
@@ -30,6 +31,7 @@ from typing import Mapping, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 CSRC = pathlib.Path(__file__).parent / "csrc"
 FLAGS = ("-O3", "-march=native", "-std=c++20", "-shared", "-fPIC", "-w")
@@ -77,7 +79,8 @@ class KernelLibrary:
 
   def _library_path(self, compiler: str) -> pathlib.Path:
     key = hashlib.sha256()
-    for part in (self.source.read_bytes(), compiler.encode(), " ".join(FLAGS).encode(),
+    headers = [header.read_bytes() for header in sorted(self.source.parent.glob("*.h"))]
+    for part in (self.source.read_bytes(), *headers, compiler.encode(), " ".join(FLAGS).encode(),
                  jax.lib.__version__.encode(), _cpu_signature().encode()):
       key.update(part)
       key.update(b"\0")
@@ -140,8 +143,43 @@ class KernelLibrary:
       raise RuntimeError(f"the {self.name} kernel is unavailable: {self._failure}")
     return library
 
+  def vector_width(self) -> int:
+    """Floats per SIMD vector in the built library; H must be a multiple of it."""
+    function = self.require().rnn_jax_vector_width
+    function.restype = ctypes.c_int64
+    return int(function())
+
+  def why_not(self, hidden_size: int, *arrays) -> Optional[str]:
+    """None if the library can run a recurrence of H = ``hidden_size`` on ``arrays``, else why not:
+    switched off or not built, H not a multiple of the vector width, or an array not float32."""
+    if not self.available():
+      return f"{self.name} kernel unavailable: {self.unavailable_reason()}"
+    width = self.vector_width()
+    if hidden_size % width != 0:
+      return f"{self.name} kernel needs H to be a multiple of {width}, got H={hidden_size}"
+    dtypes = sorted({str(jnp.result_type(x)) for x in arrays} - {"float32"})
+    if dtypes:
+      return f"{self.name} kernel is float32 only, got {dtypes}"
+    return None
+
+  def applies(self, hidden_size: int, *arrays) -> bool:
+    """True if ``why_not`` finds nothing against running the library here."""
+    return self.why_not(hidden_size, *arrays) is None
+
 
 # ---- calls on rows N, with a vmap rule ------------------------------------------------
+
+# hs and dL/dhs ([T, N, H]) are handed over batch-major ([N, T, H] in memory): rnn()'s read-out runs
+# batch-major, so XLA needs no transpose there. a stays time-major: XLA transposes the small
+# inputs x before the projection, so a = W_xh x arrives time-major and goes in as it is.
+BATCH_MAJOR = (1, 0, 2)
+
+
+def batch_rows(shape) -> tuple[tuple, int]:
+  """(batch axes, N) for an array [T, *batch, features]: the kernels run the batch axes as N rows."""
+  batch_shape = tuple(shape[1:-1])
+  return batch_shape, int(np.prod(batch_shape, dtype=np.int64))
+
 
 def mask_operand(mask, T: int, N: int):
   """(mask as [T, N] bool, use_mask flag); a [1, 1] placeholder when there is no mask."""

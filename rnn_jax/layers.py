@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rnn_jax import initializers
-from rnn_jax.cells import linear
+from rnn_jax.cells import ACTIVATIONS, linear
 from rnn_jax.sequence import dropout as _dropout
 
 
@@ -75,6 +75,49 @@ def dense(params: dict, h: jax.Array, compute_dtype: str | None = None) -> jax.A
   return linear(h, params["w"], compute_dtype) + params["b"]
 
 
+OUTPUT_ACTIVATIONS = tuple(ACTIVATIONS)
+
+
+def deep_output_init(key, in_size: int, out_size: int, layer_sizes: tuple = (), dtype=jnp.float32) -> dict:
+  """A read-out with ``len(layer_sizes)`` intermediate layers (DO-RNN, Pascanu et al. 2013).
+
+  {"hidden_1": {w: [D_1, I], b: [D_1]}, ..., "hidden_k": {w: [D_k, D_(k-1)], b: [D_k]},
+   "w": [O, D_k], "b": [O]}, each layer ~ U(+-1/sqrt(fan_in)) (PyTorch's Linear). With no
+  intermediate layer it is exactly ``dense_init(key, in_size, out_size)``, so a plain read-out
+  keeps its params and its initial values.
+  """
+  sizes = tuple(int(size) for size in layer_sizes)
+  if any(size < 1 for size in sizes):
+    raise ValueError(f"deep_output_init: layer_sizes must be positive, got {tuple(layer_sizes)}")
+  if not sizes:
+    return dense_init(key, in_size, out_size, dtype=dtype)
+  keys = jax.random.split(key, len(sizes) + 1)
+  widths = (in_size,) + sizes
+  params = {f"hidden_{k}": dense_init(keys[k - 1], widths[k - 1], widths[k], dtype=dtype)
+            for k in range(1, len(sizes) + 1)}
+  params.update(dense_init(keys[-1], sizes[-1], out_size, dtype=dtype))
+  return params
+
+
+def deep_output(params: dict, h: jax.Array, activation: str = "tanh", compute_dtype: str | None = None) -> jax.Array:
+  """The deep read-out y_t = W_hy phi(V_k ... phi(V_1 h_t + c_1) ... + c_k) + b_y: [..., I] -> [..., O].
+
+  Pascanu et al. 2013 (arXiv:1312.6026), the deep hidden-to-output function of the DO-RNN:
+  y_t = psi(V_L phi_{L-1}(V_{L-1} ... phi_1(V_1 h_t))), here with biases and without the final
+  non-linearity psi (the model's loss applies the sigmoid or softmax to these logits).
+  params as ``deep_output_init`` makes them; with no "hidden_k" entries it is ``dense``.
+  phi = ``activation``, one of "tanh", "relu", "sigmoid", "identity".
+  """
+  if activation not in OUTPUT_ACTIVATIONS:
+    raise ValueError(f"deep_output: unknown activation {activation!r}; expected one of {OUTPUT_ACTIVATIONS}")
+  phi = ACTIVATIONS[activation]
+  layer = 1
+  while f"hidden_{layer}" in params:
+    h = phi(dense(params[f"hidden_{layer}"], h, compute_dtype))
+    layer += 1
+  return dense(params, h, compute_dtype)
+
+
 class TokenRNNOutput(NamedTuple):
   """What ``TokenRNN`` returns: each layer's final carry, the top layer's h_t [B, T, O], and the
   key for the model's own dropout after the RNN (None when dropout is off)."""
@@ -124,7 +167,8 @@ class TokenRNN:
     xs = embed(params["embedding"], ids)
     if use_dropout:
       xs = _dropout(keys[0], self.dropout, xs)
-    carries, hs = self.stack(params["rnn"], xs, lengths, train=train, rng=keys[1],
+    # Without dropout the key still goes to the stack, whose recurrent regularisers may use it.
+    carries, hs = self.stack(params["rnn"], xs, lengths, train=train, rng=keys[1] if use_dropout else rng,
                              initial_carries=initial_carries)
     return TokenRNNOutput(carries, hs, keys[2])
 

@@ -6,7 +6,9 @@
     p(w_{t+1} | w_<=t) = softmax(o_t)
 
 Dropout (rate p, train only) sits on the non-recurrent connections, as in Zaremba et al. (2014):
-on the embeddings, between layers (inside StackedRNN) and before the read-out.
+on the embeddings, between layers (inside StackedRNN) and before the read-out. The recurrent
+connection takes recurrent dropout (Gal & Ghahramani 2016), zoneout (Krueger et al. 2017) and
+DropConnect on W_hh (AWD-LSTM, Merity et al. 2017), all off by default (``rnn_jax.regularizers``).
 Params: {"embedding": {"table": [V, D]}, "rnn": StackedRNN params, "readout": {"w": [V, H], "b": [V]}}.
 """
 
@@ -39,6 +41,9 @@ class LanguageModel:
     init_scale: if set, EVERY parameter is drawn from U(-init_scale, init_scale)
       (Zaremba et al.: 0.1 small, 0.05 medium, 0.04 large); otherwise each part's own default.
     scan: how the recurrence is scanned and differentiated (``ScanOptions``: unroll, grad, remat).
+    recurrent_dropout, zoneout, zoneout_cell, weight_dropout: the stack's regularisers of the
+      recurrent connection (``StackedRNN``); one mask per window and example for recurrent dropout,
+      per window for DropConnect, per step for zoneout (whose expectation evaluation and sampling use).
   """
   cell: Cell
   vocab_size: int
@@ -47,6 +52,10 @@ class LanguageModel:
   dropout: float = 0.0
   init_scale: Optional[float] = None
   scan: ScanOptions = ScanOptions()
+  recurrent_dropout: float = 0.0
+  zoneout: float = 0.0
+  zoneout_cell: float = 0.0
+  weight_dropout: float = 0.0
 
   @property
   def body(self) -> layers.TokenRNN:
@@ -58,7 +67,9 @@ class LanguageModel:
 
   @property
   def stack(self) -> StackedRNN:
-    return StackedRNN(self.cell, num_layers=self.num_layers, dropout=self.dropout, scan=self.scan)
+    return StackedRNN(self.cell, num_layers=self.num_layers, dropout=self.dropout, scan=self.scan,
+                      recurrent_dropout=self.recurrent_dropout, zoneout=self.zoneout,
+                      zoneout_cell=self.zoneout_cell, weight_dropout=self.weight_dropout)
 
   def init(self, key) -> dict:
     """Params {"embedding", "rnn", "readout": {w: [V, H], b: [V]}}; with ``init_scale`` every leaf
@@ -174,15 +185,23 @@ def sample(model: LanguageModel, params, prime_ids, length: int, key, *, tempera
 
     w_{t+1} ~ softmax(top_k(o_t) / temperature),   o_t = the model's logits after w_<=t
 
+  The prime is read in one jitted call and the ``length`` draws run in one jitted
+  ``lax.scan`` (no host round trip per token; compiled once per model, length and top_k).
+
   Args:
-    prime_ids: [P] ids (P >= 1) that condition the sample.
+    prime_ids: [P] ids (P >= 1) that condition the sample, or [B, P] for B samples drawn
+      together (row b conditions sample b).
     length: number of tokens to draw.
     temperature: > 0; < 1 sharpens, > 1 flattens the distribution.
     top_k: sample among the k most likely tokens only (0: all V).
   Returns:
-    np.int32 [length], the drawn ids (the prime not included).
+    np.int32 [length] (or [B, length] for a [B, P] prime), the drawn ids (the prime not included).
   """
-  prime = np.asarray(prime_ids, dtype=np.int32).reshape(-1)
+  prime = np.asarray(prime_ids, dtype=np.int32)
+  batched = prime.ndim == 2
+  if prime.ndim > 2:
+    raise ValueError(f"sample: prime_ids must be [P] or [B, P] token ids, got shape {prime.shape}")
+  prime = prime if batched else prime.reshape(1, -1)
   if prime.size == 0:
     raise ValueError("sample: the prime is empty; give at least one token")
   if not temperature > 0:
@@ -192,7 +211,7 @@ def sample(model: LanguageModel, params, prime_ids, length: int, key, *, tempera
   if length < 1:
     raise ValueError(f"sample: length must be >= 1, got {length}")
   layers.check_token_ids(prime, model.vocab_size, "sample: prime ids")
-  logits, carries = jax.jit(model)(params, {"inputs": jnp.asarray(prime[None, :])})
+  logits, carries = jax.jit(model)(params, {"inputs": jnp.asarray(prime)})
   tokens = _sample_tokens(model, params, carries, logits[:, -1], key, length,
                           jnp.float32(temperature), top_k)
-  return np.asarray(tokens[0])
+  return np.asarray(tokens) if batched else np.asarray(tokens[0])

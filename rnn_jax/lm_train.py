@@ -29,6 +29,7 @@ from rnn_jax import cells, plots
 from rnn_jax.config import TrainingConfig, field
 from rnn_jax.data import Corpus, StreamBatches, eval_windows, load_corpus
 from rnn_jax.data.batching import check_stream
+from rnn_jax.data.text import ENCODING_ERRORS
 from rnn_jax.lm import LanguageModel, evaluate_stream, make_loss_fn, sample
 from rnn_jax.losses import bits_per_char, perplexity
 from rnn_jax.rundir import LoadedRun, RunDir, RunOptions, load_run
@@ -40,6 +41,12 @@ from rnn_jax.train import make_eval_step, train_and_test
 class LMConfig(TrainingConfig):
   """Every setting of a language-model run."""
   dataset: str = field("ptb_char", "Corpus: ptb_char, ptb_word, shakespeare or file:PATH.", fixed=True)
+  encoding: str = field("utf-8", "Text encoding of a file:PATH corpus (a Python codec name, e.g. latin-1).",
+                        fixed=True)
+  encoding_errors: str = field("strict", "A byte of a file:PATH corpus that is not text in that encoding: strict "
+                               "refuses the file naming the byte, replace reads it as U+FFFD, ignore drops it, "
+                               "backslashreplace writes \\xNN. A binary file (NUL bytes) is always refused.",
+                               choices=ENCODING_ERRORS, fixed=True)
   cell: str = field("lstm", "Recurrent cell.", choices=cells.CELL_NAMES, fixed=True)
   hidden_size: int = field(256, "Hidden size H of each layer.", minimum=1, fixed=True)
   embed_size: int = field(0, "Embedding size D; 0 uses D = H.", minimum=0, fixed=True)
@@ -57,6 +64,15 @@ class LMConfig(TrainingConfig):
   l1: float = field(0.0, "L1 penalty on the recurrent weights W_hh only.", minimum=0.0)
   l2: float = field(0.0, "L2 penalty on the recurrent weights W_hh only.", minimum=0.0)
   unroll: int = field(1, "lax.scan unroll of the recurrence.", minimum=1)
+  recurrent_dropout: float = field(0.0, "Recurrent dropout (Gal & Ghahramani 2016): one mask per window and "
+                                   "example on h_{t-1} where it enters W_hh h_{t-1}.", minimum=0.0, maximum=0.99)
+  zoneout: float = field(0.0, "Zoneout on h (Krueger et al. 2017): each unit keeps h_{t-1} with this "
+                         "probability, fresh per step; evaluation uses the expectation.", minimum=0.0,
+                         maximum=0.99, fixed=True)
+  zoneout_cell: float = field(0.0, "Zoneout on the LSTM's cell state c (Krueger et al. 2017 use 0.5 on c, "
+                              "0.05 on h).", minimum=0.0, maximum=0.99, fixed=True)
+  weight_dropout: float = field(0.0, "DropConnect on W_hh (AWD-LSTM's weight drop, Merity et al. 2017): one "
+                                "mask per window.", minimum=0.0, maximum=0.99)
 
 
 @dataclasses.dataclass
@@ -73,7 +89,21 @@ def build_model(config: LMConfig, vocab_size: int) -> LanguageModel:
   cell = cells.make_cell(config.cell, config.hidden_size)
   return LanguageModel(cell, vocab_size, config.embed_size or config.hidden_size,
                        num_layers=config.num_layers, dropout=config.dropout,
+                       recurrent_dropout=config.recurrent_dropout, zoneout=config.zoneout,
+                       zoneout_cell=config.zoneout_cell, weight_dropout=config.weight_dropout,
                        init_scale=config.init_scale or None, scan=ScanOptions(unroll=config.unroll))
+
+
+def regularizer_summary(config: LMConfig) -> str:
+  """", recurrent dropout 0.25, zoneout 0.05 (c 0.5), weight dropout 0.5" for the rates in use; "" if none."""
+  parts = []
+  if config.recurrent_dropout:
+    parts.append(f"recurrent dropout {config.recurrent_dropout:g}")
+  if config.zoneout or config.zoneout_cell:
+    parts.append(f"zoneout {config.zoneout:g}" + (f" (c {config.zoneout_cell:g})" if config.zoneout_cell else ""))
+  if config.weight_dropout:
+    parts.append(f"weight dropout {config.weight_dropout:g}")
+  return "".join(", " + part for part in parts)
 
 
 def named_metrics(nats: float, level: str) -> dict:
@@ -97,7 +127,7 @@ def train_lm(config: LMConfig, workdir: str, options: RunOptions = RunOptions(),
   ValueError for bad settings or data (too short for batch_size x seq_len, ...) and
   ``RunExistsError`` for a workdir that holds a run, unless resuming or overwriting.
   """
-  corpus = corpus or load_corpus(config.dataset)
+  corpus = corpus or load_corpus(config.dataset, encoding=config.encoding, encoding_errors=config.encoding_errors)
   vocab_size = len(corpus.vocab)
   stream = StreamBatches(corpus.splits["train"], config.batch_size, config.seq_len, vocab_size,
                          name=f"{corpus.name} train")
@@ -108,7 +138,8 @@ def train_lm(config: LMConfig, workdir: str, options: RunOptions = RunOptions(),
   model = build_model(config, vocab_size)
   label = f"{experiment} {config.cell}"
   run = RunDir(workdir, experiment, config, options, label=label)
-  run.check_data(corpus.fingerprint(), f"the corpus {config.dataset!r}")
+  for split in ("train", "valid", "test"):  # the ids the model reads; the vocabulary via save_model
+    run.check_data(f"{corpus.name} {split}", corpus.splits[split])
   run.save_model(model, corpus.vocab, best_metric="loss", best_mode="min", level=corpus.level,
                  corpus=corpus.summary())
   params = model.init(jax.random.PRNGKey(config.seed))
@@ -137,7 +168,8 @@ def train_lm(config: LMConfig, workdir: str, options: RunOptions = RunOptions(),
   results = {**outcome.results, "num_params": model.num_params(params), "corpus": corpus.summary()}
   metric = "bpc" if corpus.level == "char" else "perplexity"
   plots.plot_run(run.workdir, f"{experiment}: {config.num_layers}x{config.hidden_size} {config.cell} on "
-                 f"{corpus.name}", metrics=["loss", metric, "grad_norm"], reference=reference,
+                 f"{corpus.name}{regularizer_summary(config)}", metrics=["loss", metric, "grad_norm"],
+                 reference=reference,
                  labels={"loss": "nats per token", "bpc": "bits per character", "perplexity": "perplexity",
                          "grad_norm": "gradient norm ||g||"},
                  final={f"test {metric}": results[f"test_{metric}"]})

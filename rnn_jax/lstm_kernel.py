@@ -10,9 +10,10 @@ the CPU counterpart of a cuDNN RNN layer, with the same equations as ``cells.LST
   backward:  da_t and (dh_{t-1}, dc_{t-1}) from (dh_t, dc_t) and the saved gates
 
 The input projection a = W_xh x and the weight gradients stay in XLA as one matmul each over all
-steps. Under ``vmap`` the mapped axis joins the kernel's batch rows, so a vmapped cell still
-makes one call. Building and loading: ``rnn_jax.kernel_build``; when the kernel runs:
-``rnn_jax.bptt.kernel_choice``.
+steps. Without a gradient (inference) the forward call runs with ``save_gates=False`` and writes
+only hs and the final cell state (the steps keep c in two [N, H] buffers). Under ``vmap`` the
+mapped axis joins the kernel's batch rows, so a vmapped cell still makes one call. Building and
+loading: ``rnn_jax.kernel_build``; when the kernel runs: ``rnn_jax.bptt.kernel_choice``.
 
 The kernel is float32 only and needs H to be a multiple of the vector width (16 with AVX-512, 8
 with AVX2). It has no derivative of its own; forward-mode and second derivatives fall back to
@@ -21,70 +22,38 @@ the scan path (``rnn_jax.bptt``).
 
 from __future__ import annotations
 
-import ctypes
 import functools
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from rnn_jax.kernel_build import KernelLibrary, enabled, mask_operand, rows_batched, set_enabled
+from rnn_jax.kernel_build import (BATCH_MAJOR, KernelLibrary, batch_rows, enabled, mask_operand, rows_batched,
+                                  set_enabled)
 
 FORWARD_TARGET = "rnn_jax_lstm_forward"
 BACKWARD_TARGET = "rnn_jax_lstm_backward"
 LIBRARY = KernelLibrary("lstm_cpu", {FORWARD_TARGET: "RnnJaxLstmForward", BACKWARD_TARGET: "RnnJaxLstmBackward"})
-# hs and dL/dhs ([T, N, H]) are handed over batch-major ([N, T, H] in memory): rnn()'s read-out runs
-# batch-major, so XLA needs no transpose there. a stays time-major: XLA transposes the small
-# inputs x before the projection, so a = W_xh x arrives time-major and goes in as it is.
-BATCH_MAJOR = (1, 0, 2)
 
 __all__ = ["BACKWARD_TARGET", "FORWARD_TARGET", "LIBRARY", "applies", "available", "enabled", "lstm_backward",
-           "lstm_forward", "set_enabled", "unavailable_reason", "vector_width"]
+           "lstm_forward", "set_enabled", "unavailable_reason", "vector_width", "why_not"]
 
 
-def available() -> bool:
-  """True if kernels are switched on and this one is built (building it on first call)."""
-  return LIBRARY.available()
-
-
-def unavailable_reason() -> Optional[str]:
-  """Why ``available()`` is False, or None."""
-  return LIBRARY.unavailable_reason()
-
-
-def vector_width() -> int:
-  """Floats per SIMD vector in the built kernel; H must be a multiple of it."""
-  library = LIBRARY.require()
-  library.rnn_jax_vector_width.restype = ctypes.c_int64
-  return int(library.rnn_jax_vector_width())
-
-
-def applies(hidden_size: int, *arrays) -> bool:
-  """True if the kernel can run this LSTM: switched on, built, float32 and H a multiple of the vector width."""
-  return why_not(hidden_size, *arrays) is None
-
-
-def why_not(hidden_size: int, *arrays) -> Optional[str]:
-  """None if the kernel can run this LSTM, else the reason it cannot."""
-  if not available():
-    return f"lstm_cpu kernel unavailable: {unavailable_reason()}"
-  width = vector_width()
-  if hidden_size % width != 0:
-    return f"lstm_cpu kernel needs H to be a multiple of {width}, got H={hidden_size}"
-  dtypes = sorted({str(jnp.result_type(x)) for x in arrays} - {"float32"})
-  if dtypes:
-    return f"lstm_cpu kernel is float32 only, got {dtypes}"
-  return None
+available = LIBRARY.available          # switched on and built (building it on first call)
+unavailable_reason = LIBRARY.unavailable_reason  # why ``available()`` is False, or None
+vector_width = LIBRARY.vector_width    # floats per SIMD vector; H must be a multiple of it
+why_not = LIBRARY.why_not              # (H, *arrays) -> None if the kernel can run, else the reason
+applies = LIBRARY.applies              # (H, *arrays) -> why_not(...) is None
 
 
 def _forward_call(a, w_hh, bias, h0, c0, mask, **attributes):
-  """The forward FFI call on rows N: a [T, N, 4H] -> hs, cs [T, N, H], gates [T, N, 4H] (or [0])."""
+  """The forward FFI call on rows N: a [T, N, 4H] -> hs [T, N, H], cs [T, N, H] and gates [T, N, 4H]
+  (without save_gates: c_T [N, H] and [0])."""
   T, N, G = a.shape
-  gates_shape = (T, N, G) if attributes["save_gates"] else (0,)
+  save = attributes["save_gates"]
+  cells_shape, gates_shape = ((T, N, G // 4), (T, N, G)) if save else ((N, G // 4), (0,))
   call = jax.ffi.ffi_call(
       FORWARD_TARGET,
-      (jax.ShapeDtypeStruct((T, N, G // 4), jnp.float32), jax.ShapeDtypeStruct((T, N, G // 4), jnp.float32),
+      (jax.ShapeDtypeStruct((T, N, G // 4), jnp.float32), jax.ShapeDtypeStruct(cells_shape, jnp.float32),
        jax.ShapeDtypeStruct(gates_shape, jnp.float32)),
       output_layouts=(BATCH_MAJOR, None, None))
   return call(a, w_hh, bias, h0, c0, mask, **attributes)
@@ -111,23 +80,25 @@ def lstm_forward(a, w_hh, h0, c0, mask=None, *, bias=None, reverse: bool = False
     mask: optional [T, ...] bool, True on real steps (the carry is held elsewhere).
     bias: optional [4H], added to every a_t inside the kernel (sparing XLA a pass over a).
     reverse: run t = T-1, ..., 0.
-    save_gates: also return the activated gates, for ``lstm_backward``.
+    save_gates: also return the activated gates and every cell state, for ``lstm_backward``.
   Returns:
-    (hs [T, ..., H], cs [T, ..., H], gates [T, ..., 4H] or None).
+    (hs [T, ..., H], cs [T, ..., H], gates [T, ..., 4H]); without save_gates (inference)
+    (hs [T, ..., H], the final cell state c_T [..., H], None).
   """
   LIBRARY.require()
   T, G = a.shape[0], a.shape[-1]
   H = G // 4
-  batch_shape = a.shape[1:-1]
-  N = int(np.prod(batch_shape, dtype=np.int64))
+  batch_shape, N = batch_rows(a.shape)
   mask_array, use_mask = mask_operand(mask, T, N)
   bias = jnp.zeros((G,), jnp.float32) if bias is None else bias
   kernel = functools.partial(_forward_call, reverse=int(reverse), save_gates=int(save_gates), use_mask=use_mask)
   kernel = rows_batched(kernel, (1, None, None, 0, 0, 1 if use_mask else None),
-                         (1, 1, 1 if save_gates else None))
+                         (1, 1 if save_gates else 0, 1 if save_gates else None))
   hs, cs, gates = kernel(a.reshape(T, N, G), w_hh, bias, h0.reshape(N, H), c0.reshape(N, H), mask_array)
   unflatten = lambda x: x.reshape((T,) + batch_shape + x.shape[-1:])
-  return unflatten(hs), unflatten(cs), (unflatten(gates) if save_gates else None)
+  if not save_gates:
+    return unflatten(hs), cs.reshape(batch_shape + (H,)), None
+  return unflatten(hs), unflatten(cs), unflatten(gates)
 
 
 def lstm_backward(gates, cs, c0, w_hh, d_hs, dh_last, dc_last, mask=None, *, reverse: bool = False):
@@ -144,8 +115,7 @@ def lstm_backward(gates, cs, c0, w_hh, d_hs, dh_last, dc_last, mask=None, *, rev
   """
   LIBRARY.require()
   T, H = cs.shape[0], cs.shape[-1]
-  batch_shape = cs.shape[1:-1]
-  N = int(np.prod(batch_shape, dtype=np.int64))
+  batch_shape, N = batch_rows(cs.shape)
   mask_array, use_mask = mask_operand(mask, T, N)
   kernel = functools.partial(_backward_call, reverse=int(reverse), use_mask=use_mask)
   kernel = rows_batched(kernel, (1, 1, 0, None, 1, 0, 0, 1 if use_mask else None), (1, 0, 0))

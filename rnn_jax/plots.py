@@ -39,8 +39,14 @@ def _pyplot():
 
 
 def save_figure(fig, path: str, dpi: int = 110) -> str:
-  """Lay out, save as PNG (through a temporary file), close; returns ``path``."""
+  """Lay out, save as PNG (through a temporary file), close; returns ``path``.
+
+  In a multi-process run only process 0 writes the file; the others just close the figure."""
+  from rnn_jax import mesh
   plt = _pyplot()
+  if not mesh.is_primary():
+    plt.close(fig)
+    return path
   fig.tight_layout()
   tmp = f"{path}.tmp{os.getpid()}.png"
   fig.savefig(tmp, dpi=dpi)

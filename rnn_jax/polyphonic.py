@@ -5,6 +5,8 @@ frames before it (Boulanger-Lewandowski et al. 2012; Chung et al. 2014, section 
 
     h_t = RNN(x_{t-1}, h_{t-1}),   x_0 = 0 (an all-silent frame starts every sequence)
     o_t = W_hy h_t + b_y                                          [K]
+      or, with a deep output (DO-RNN, Pascanu et al. 2013),
+    o_t = W_hy phi(V_k ... phi(V_1 h_t + c_1) ... + c_k) + b_y     (layers.deep_output)
     p(x_t | x_<t) = prod_k sigma(o_tk)^x_tk (1 - sigma(o_tk))^(1 - x_tk)
 
 The loss is the negative log-likelihood per time step, -1/T sum_t log p(x_t | x_<t)
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Sequence
+from typing import Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rnn_jax import cells as cells_lib
-from rnn_jax import layers, losses
+from rnn_jax import layers, losses, mesh
 from rnn_jax.cells import Cell
 from rnn_jax.sequence import StackedRNN
 
@@ -39,26 +41,49 @@ from rnn_jax.sequence import StackedRNN
 class FrameModel:
   """A (stacked) RNN with a sigmoid read-out over K pitches per frame.
 
+  With a deep-transition cell (``rnn_jax.deep_transition``: "dt_rnn", "dts_rnn") and
+  ``output_layer_sizes`` this is the DOT-RNN / DOT(S)-RNN of Pascanu et al. 2013.
+
   Attributes:
     cell: the recurrent cell (its hidden size H).
     num_pitches: K, the frame width.
     num_layers: stacked RNN layers.
     dropout: between stacked layers, training only.
+    output_layer_sizes: D_1 .. D_k of the read-out's intermediate layers (deep output);
+      () is the plain read-out o_t = W_hy h_t + b_y.
+    output_activation: phi of those layers.
   """
   cell: Cell
   num_pitches: int = 88
   num_layers: int = 1
   dropout: float = 0.0
+  output_layer_sizes: tuple[int, ...] = ()
+  output_activation: str = "tanh"
+
+  def __post_init__(self):
+    if isinstance(self.output_layer_sizes, list):
+      object.__setattr__(self, "output_layer_sizes", tuple(self.output_layer_sizes))
+    if any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 1 for s in self.output_layer_sizes):
+      raise ValueError(f"FrameModel: output_layer_sizes must be positive integers, got {self.output_layer_sizes!r}")
+    if self.output_activation not in layers.OUTPUT_ACTIVATIONS:
+      raise ValueError(f"FrameModel: unknown output_activation {self.output_activation!r}; expected one of "
+                       f"{layers.OUTPUT_ACTIVATIONS}")
 
   @property
   def rnn(self) -> StackedRNN:
     return StackedRNN(self.cell, num_layers=self.num_layers, dropout=self.dropout)
 
   def init(self, key) -> dict:
-    """Params {"rnn": StackedRNN params (input K), "readout": {w: [K, H], b: [K]}}."""
+    """Params {"rnn": StackedRNN params (input K), "readout": {w: [K, D_k or H], b: [K]} (+ the deep
+    output's {"hidden_1": {w, b}, ...})}."""
     key_rnn, key_out = jax.random.split(key)
     return {"rnn": self.rnn.init(key_rnn, self.num_pitches),
-            "readout": layers.dense_init(key_out, self.cell.output_size, self.num_pitches)}
+            "readout": layers.deep_output_init(key_out, self.cell.output_size, self.num_pitches,
+                                               self.output_layer_sizes)}
+
+  def readout(self, params: dict, h: jax.Array) -> jax.Array:
+    """o_t from h_t: [..., H] -> [..., K] (``layers.deep_output``; ``layers.dense`` without layers)."""
+    return layers.deep_output(params["readout"], h, self.output_activation)
 
   def _check_frames(self, frames: jax.Array) -> None:
     if frames.ndim != 3 or frames.shape[-1] != self.num_pitches:
@@ -76,7 +101,7 @@ class FrameModel:
     inputs = jnp.concatenate([jnp.zeros_like(frames[:, :1]), frames[:, :-1]], axis=1)
     _, hidden = self.rnn(params["rnn"], inputs.astype(jnp.float32), lengths, train=train,
                          rng=rng)
-    return layers.dense(params["readout"], hidden)
+    return self.readout(params, hidden)
 
   def nll(self, params: dict, frames: jax.Array, lengths=None, *, train: bool = False,
           rng=None) -> jax.Array:
@@ -86,32 +111,44 @@ class FrameModel:
     return losses.sigmoid_nll(logits, frames, mask)
 
   def generate(self, params: dict, seed_frame: jax.Array, num_frames: int, key) -> jax.Array:
-    """Sample a sequence that starts with ``seed_frame``: [K] -> frames [num_frames, K] (float 0/1).
+    """Sample a sequence that starts with ``seed_frame``: [K] -> frames [num_frames, K] (float 0/1),
+    or B sequences at once: [B, K] -> [B, num_frames, K].
 
       x_1 = seed;  x_{t+1} ~ Bernoulli(sigma(o_{t+1})) given x_1..x_t, each pitch independently
+
+    One jitted ``lax.scan`` over the frames (compiled once per model, num_frames and seed shape;
+    no host round trip per frame).
     """
-    if seed_frame.shape != (self.num_pitches,):
-      raise ValueError(f"FrameModel.generate: seed_frame must have shape ({self.num_pitches},), "
-                       f"got {tuple(seed_frame.shape)}")
+    seed_frame = jnp.asarray(seed_frame)
+    if seed_frame.ndim not in (1, 2) or seed_frame.shape[-1] != self.num_pitches:
+      raise ValueError(f"FrameModel.generate: seed_frame must have shape ({self.num_pitches},) or "
+                       f"[B, {self.num_pitches}], got {tuple(seed_frame.shape)}")
     if num_frames < 1:
       raise ValueError(f"FrameModel.generate: num_frames must be >= 1, got {num_frames}")
-    stack = self.rnn
+    return _generate(self, params, seed_frame.astype(jnp.float32), key, int(num_frames))
 
-    def advance(carries, x):
-      carries, h = stack.step(params["rnn"], carries, x)
-      return carries, layers.dense(params["readout"], h)
 
-    carries, _ = advance(stack.initial_carries(params["rnn"]), jnp.zeros((self.num_pitches,), jnp.float32))
-    seed = seed_frame.astype(jnp.float32)
+@functools.partial(jax.jit, static_argnames=("model", "num_frames"))
+def _generate(model: FrameModel, params: dict, seed: jax.Array, key, num_frames: int) -> jax.Array:
+  """``FrameModel.generate`` under jit: seed [(B,) K] -> frames [(B,) num_frames, K]."""
+  stack = model.rnn
+  batch = seed.shape[0] if seed.ndim == 2 else None
 
-    def body(state, step_key):
-      carries, previous = state
-      carries, logits = advance(carries, previous)
-      frame = jax.random.bernoulli(step_key, jax.nn.sigmoid(logits)).astype(jnp.float32)
-      return (carries, frame), frame
+  def advance(carries, x):
+    carries, h = stack.step(params["rnn"], carries, x)
+    return carries, model.readout(params, h)
 
-    _, sampled = jax.lax.scan(body, (carries, seed), jax.random.split(key, num_frames - 1))
-    return jnp.concatenate([seed[None], sampled], axis=0)
+  carries, _ = advance(stack.initial_carries(params["rnn"], batch), jnp.zeros_like(seed))
+
+  def body(state, step_key):
+    carries, previous = state
+    carries, logits = advance(carries, previous)
+    frame = jax.random.bernoulli(step_key, jax.nn.sigmoid(logits)).astype(jnp.float32)
+    return (carries, frame), frame
+
+  _, sampled = jax.lax.scan(body, (carries, seed), jax.random.split(key, num_frames - 1))
+  frames = jnp.concatenate([seed[None], sampled], axis=0)
+  return frames if batch is None else jnp.swapaxes(frames, 0, 1)
 
 
 # ---------------------------------------------------------------------------
@@ -125,7 +162,8 @@ def count_params(model: FrameModel) -> int:
 
 
 def equal_parameter_sizes(cell_names: Sequence[str], hidden_size: int, *, reference: str = "lstm",
-                          num_pitches: int = 88, num_layers: int = 1) -> dict[str, int]:
+                          num_pitches: int = 88, num_layers: int = 1, output_layer_sizes: tuple = (),
+                          cell_options: Optional[Mapping[str, dict]] = None) -> dict[str, int]:
   """{cell: H_cell}: for each cell the largest hidden size whose FrameModel has at most as many
   parameters as the ``reference`` cell's FrameModel with ``hidden_size`` units.
 
@@ -134,11 +172,18 @@ def equal_parameter_sizes(cell_names: Sequence[str], hidden_size: int, *, refere
   P is increasing in H, so H_cell is found by bisection. With 88 pitches and an LSTM of 36
   units (21,256 parameters) this gives GRU 43 and tanh 81 units, close to Chung et al. 2014's
   46 and 100 for their 20k-parameter models.
+
+  Every model, the reference's included, has the read-out ``output_layer_sizes`` (a deep output
+  counts in every budget alike); ``cell_options`` gives a cell's extra hyper-parameters by name,
+  e.g. {"dt_rnn": {"transition_sizes": (64,)}} (a deep-transition cell without them has one
+  intermediate layer of H units, so its size grows with H like the others').
   """
   if hidden_size < 1:
     raise ValueError(f"hidden_size must be >= 1, got {hidden_size}")
-  size_of = lambda name, H: count_params(FrameModel(cells_lib.make_cell(name, H), num_pitches=num_pitches,
-                                                    num_layers=num_layers))
+  cell_options = dict(cell_options or {})
+  size_of = lambda name, H: count_params(FrameModel(cells_lib.make_cell(name, H, **cell_options.get(name, {})),
+                                                    num_pitches=num_pitches, num_layers=num_layers,
+                                                    output_layer_sizes=tuple(output_layer_sizes)))
   budget = size_of(reference, hidden_size)
   sizes = {}
   for name in cell_names:
@@ -157,7 +202,7 @@ def equal_parameter_sizes(cell_names: Sequence[str], hidden_size: int, *, refere
 
 @functools.lru_cache(maxsize=16)
 def _jitted_nll(model: FrameModel):
-  return jax.jit(lambda params, frames, lengths: model.nll(params, frames, lengths))
+  return mesh.data_parallel(jax.jit(lambda params, frames, lengths: model.nll(params, frames, lengths)))
 
 
 def nll_per_step(model: FrameModel, params: dict, rolls, batch_size: int, pad_multiple: int = 16) -> float:

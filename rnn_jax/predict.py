@@ -3,7 +3,8 @@
 A source of texts is one of
 
   "I love my new car"      the text itself (one input);
-  "@path/to/file.txt"      a UTF-8 file, one input per line;
+  "@path/to/file.txt"      a UTF-8 file, one input per line (read strictly: a byte that is not
+                           UTF-8, or a binary file, raises ValueError naming its offset);
   "-"                      standard input, one input per line;
 
 blank lines are skipped. ``read_texts(source)`` returns the list of inputs and raises
@@ -17,6 +18,8 @@ import json
 import os
 import sys
 from typing import Iterable, Optional, TextIO
+
+from rnn_jax.data.text import read_text
 
 SOURCES = "give the text itself, @FILE (one text per line) or - (standard input, one text per line)"
 
@@ -41,8 +44,7 @@ def read_texts(source: Optional[str], stdin: Optional[TextIO] = None) -> list[st
       raise ValueError(f"nothing to predict: '@' names no file; {SOURCES}")
     if not os.path.isfile(path):
       raise FileNotFoundError(f"{path}: no such file of texts to predict")
-    with open(path, encoding="utf-8") as handle:
-      texts = _lines(handle.read())
+    texts = _lines(read_text(path))
     if not texts:
       raise ValueError(f"nothing to predict: {path} has no non-blank line; {SOURCES}")
     return texts

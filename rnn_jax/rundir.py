@@ -15,12 +15,18 @@ config.json or results.json; a torn last line of metrics.jsonl is skipped when r
 
 ``load_run(workdir)`` rebuilds the trained model, its best params and its vocabulary from
 these files alone, so inference needs neither the training data nor the experiment's code.
+
+In a multi-process run (``rnn_jax.mesh.initialize_distributed``) every process opens the
+RunDir, but only process 0 checks, locks and writes the directory; the others wait for it,
+then read its config.json, so all processes agree on whether the run resumes and on its
+schedule. The workdir must be on a filesystem every process sees, as orbax requires.
 """
 
 from __future__ import annotations
 
 import atexit
 import dataclasses
+import errno
 import importlib
 import json
 import math
@@ -35,6 +41,7 @@ import numpy as np
 from absl import logging
 
 from rnn_jax import config as config_lib
+from rnn_jax import mesh as mesh_lib
 
 
 class RunExistsError(ValueError):
@@ -143,7 +150,9 @@ def _take_lock(workdir: str) -> None:
   """Mark ``workdir`` as used by this process (<workdir>/.lock holds the pid and host).
 
   Another live process on this host holding it raises RunExistsError; a lock left by a process
-  that died (a kill -9) is taken over; this process may reopen its own workdir.
+  of this host that died (a kill -9) is taken over; a lock from another host (a shared
+  filesystem) is refused, naming the host, since its holder's liveness cannot be checked from
+  here; this process may reopen its own workdir.
   """
   path = os.path.join(workdir, LOCK_NAME)
   mine = {"pid": os.getpid(), "host": platform.node()}
@@ -158,6 +167,9 @@ def _take_lock(workdir: str) -> None:
     if holder and holder != mine and holder.get("host") == mine["host"] and _process_alive(int(holder["pid"])):
       raise RunExistsError(f"{workdir} is in use by another process (pid {holder['pid']}); wait for it to "
                            f"end or stop it (two runs in one workdir would overwrite each other)") from None
+    if holder and holder.get("host") not in (None, mine["host"]):  # its liveness cannot be checked from here
+      raise RunExistsError(f"{workdir} is locked by pid {holder.get('pid')} on host {holder['host']}; if that "
+                           f"process has ended, delete {path} and run again") from None
     if holder != mine:  # left by a process that is gone
       write_json(path, mine)
   _held_locks.add(os.path.abspath(workdir))
@@ -185,7 +197,9 @@ class RunOptions:
 
   resume: continue the run in the workdir (its architecture and data are kept);
   overwrite: delete the run in the workdir and start again; progress: show a progress bar;
-  tensorboard: also write TensorBoard event files; preset, smoke: recorded in config.json.
+  tensorboard: also write TensorBoard event files; preset, smoke: recorded in config.json;
+  checkpoint_fallback: on resume, if the latest checkpoint is corrupt, continue from the newest
+  step that verifies (the bad one is moved aside, not deleted) instead of refusing.
   """
   resume: bool = False
   overwrite: bool = False
@@ -193,6 +207,7 @@ class RunOptions:
   tensorboard: bool = False
   preset: Optional[str] = None
   smoke: bool = False
+  checkpoint_fallback: bool = False
 
 
 class RunDir:
@@ -223,10 +238,35 @@ class RunDir:
     self.resuming = False
     self.meta = {"experiment": experiment, "config": to_python(config) if config is not None else {},
                  "preset": options.preset, "smoke": options.smoke, "schedule_horizons": [], "resumes": []}
+    self.primary = mesh_lib.is_primary()
+    self._tensorboard = None
+    if self.primary:
+      try:
+        self._open(config, resume, overwrite)
+      except BaseException:
+        mesh_lib.broadcast_from_primary(0)
+        raise
+      mesh_lib.broadcast_from_primary(2 if self.resuming else 1)
+    else:  # process 0 opens the directory; the others follow what it wrote
+      opened = mesh_lib.broadcast_from_primary(0)
+      if not opened:
+        raise mesh_lib.ProcessGroupError(f"process 0 could not open the run in {self.workdir}; its log "
+                                         f"says why")
+      self.resuming = opened == 2
+      self.meta = read_json(self.path("config.json"))
+
+  def _open(self, config, resume: bool, overwrite: bool) -> None:
+    """Process 0's part of opening: create, lock, refuse or resume, write config.json."""
+    experiment, options = self.experiment, self.options
+    if os.path.exists(self.workdir) and not os.path.isdir(self.workdir):
+      raise NotADirectoryError(f"the workdir {self.workdir} is a file, not a directory; choose another workdir")
     try:
       os.makedirs(self.workdir, exist_ok=True)
     except OSError as error:
-      raise OSError(f"cannot create the workdir {self.workdir}: {error.strerror}") from None
+      kinds = {errno.EACCES: PermissionError, errno.EPERM: PermissionError, errno.EROFS: PermissionError,
+               errno.ENOTDIR: NotADirectoryError, errno.EEXIST: NotADirectoryError}
+      raise kinds.get(error.errno, OSError)(f"cannot create the workdir {self.workdir}: {error.strerror}; "
+                                            f"choose another workdir") from None
     if not os.access(self.workdir, os.W_OK):
       raise PermissionError(f"the workdir {self.workdir} is not writable; choose another workdir")
     _take_lock(self.workdir)  # another live process in this workdir is refused before anything changes
@@ -254,7 +294,6 @@ class RunDir:
     self.resuming = bool(existing and resume)
     if resume and not existing:
       logging.info("%s: nothing to resume in %s; starting a new run", self.label, self.workdir)
-    self._tensorboard = None
     if options.tensorboard:
       try:
         from tensorboardX import SummaryWriter
@@ -284,10 +323,13 @@ class RunDir:
 
   def write_meta(self) -> str:
     """config.json: the experiment, its resolved config, preset, smoke, schedule horizons, resumes."""
-    return write_json(self.path("config.json"), self.meta)
+    return self.write_json("config.json", self.meta)
 
   def write_text(self, name: str, text: str) -> str:
+    """<workdir>/<name> written through a temporary file and a rename (process 0 only)."""
     path = self.path(name)
+    if not self.primary:
+      return path
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as handle:
       handle.write(text)
@@ -295,6 +337,9 @@ class RunDir:
     return path
 
   def write_json(self, name: str, payload) -> str:
+    """<workdir>/<name> as JSON through a temporary file and a rename (process 0 only)."""
+    if not self.primary:
+      return self.path(name)
     return write_json(self.path(name), payload)
 
   def child(self, name: str, config=None, label: Optional[str] = None) -> "RunDir":
@@ -303,21 +348,52 @@ class RunDir:
     return RunDir(self.path(name), self.experiment, config if config is not None else self.config, options,
                   label=label or f"{self.label} {name}")
 
-  def check_data(self, fingerprint: str, what: str = "the data") -> None:
-    """Record ``fingerprint`` (a content hash of the run's data) in config.json; a resumed run
-    whose data changed since it was saved raises ValueError, since its ids would mean other tokens."""
-    saved = self.meta.get("data_fingerprint")
-    if self.resuming and saved and saved != fingerprint:
-      raise ValueError(f"{what} changed since the run in {self.workdir} was saved (sha256 {saved[:12]}... "
-                       f"now {fingerprint[:12]}...); resume with the original data or start a new run")
-    self.meta["data_fingerprint"] = fingerprint
+  def check_data(self, name: str, *data) -> str:
+    """Record a content hash of one dataset (or split) the run reads, and refuse a changed one on resume.
+
+    ``data`` is the data itself: texts, token lists, id or frame arrays, lists of them
+    (``rnn_jax.data.fingerprint``); ``name`` says which dataset and split it is ("ptb_char valid").
+    config.json keeps {"data": {name: sha256}}; a resumed run whose ``name`` now hashes differently
+    raises ValueError naming it, since the checkpoint was trained on other data. Returns the sha256.
+    """
+    from rnn_jax.data.fingerprint import fingerprint  # pylint: disable=import-outside-toplevel
+    digest = fingerprint(*data)
+    saved = self.meta.get("data", {}).get(name)
+    if self.resuming and saved is not None and saved != digest:
+      _release_lock(self.workdir)
+      raise ValueError(f"the data {name!r} changed since the run in {self.workdir} was saved (sha256 "
+                       f"{saved[:12]}... then, {digest[:12]}... now); resume with the original data or start "
+                       f"a new run")
+    self.meta["data"] = {**self.meta.get("data", {}), name: digest}
     self.write_meta()
+    return digest
+
+  def check_vocabulary(self, tokens, name: str = "vocab.json") -> None:
+    """Refuse, on resume, a vocabulary other than the one saved in <workdir>/<name> (the first id that
+    differs is named: the checkpoint's ids would mean other tokens), and record its hash
+    (``check_data(name, tokens)``)."""
+    tokens = [str(token) for token in tokens]
+    path = self.path(name)
+    if self.resuming and os.path.exists(path):
+      saved = [str(token) for token in read_json(path).get("tokens", [])]
+      if saved != tokens:
+        first = next((i for i, (a, b) in enumerate(zip(saved, tokens)) if a != b), min(len(saved), len(tokens)))
+        then = repr(saved[first]) if first < len(saved) else "absent"
+        now = repr(tokens[first]) if first < len(tokens) else "absent"
+        _release_lock(self.workdir)
+        raise ValueError(f"the vocabulary ({name}) changed since the run in {self.workdir} was saved: "
+                         f"{len(saved)} tokens then, {len(tokens)} now, id {first} was {then} and is {now}; "
+                         f"the checkpoint's ids would mean other tokens: resume with the original data or "
+                         f"start a new run")
+    self.check_data(name, tokens)
 
   # ---- metrics -------------------------------------------------------------------
   def log(self, step: int, split: str, **metrics) -> dict:
     """Append {"step", "split", "time_s", **metrics} to metrics.jsonl and log one line naming the run."""
     record = {"step": int(step), "split": split, "time_s": round(time.time() - self.start_time, 3),
               **to_python(metrics)}
+    if not self.primary:
+      return record
     with open(self.metrics_path, "a") as handle:
       handle.write(json.dumps(record) + "\n")
     shown = " ".join(f"{k}={_format(v)}" for k, v in record.items() if k not in ("step", "split", "time_s"))
@@ -333,6 +409,9 @@ class RunDir:
     """Before continuing from the checkpoint at ``step``: drop the records logged after it (and
     the test figures of a finished run) and append a {"split": "resume"} record (plots draw it
     as a marker)."""
+    if not self.primary:
+      self.meta["resumes"] = [*self.meta["resumes"], {"step": int(step), "changes": list(notes or [])}]
+      return
     records = [r for r in read_metrics(self.workdir)
                if r.get("step", 0) <= step and r.get("split") not in ("test",)]
     tmp = f"{self.metrics_path}.tmp{os.getpid()}"
@@ -351,7 +430,7 @@ class RunDir:
     wall = time.time() - self.start_time if wall_time is None else wall_time
     payload = {**to_python(results), "experiment": self.experiment, "config": self.meta["config"],
                "wall_time_s": float(wall), "device": device_info()}
-    write_json(self.path("results.json"), payload)
+    self.write_json("results.json", payload)
     if self._tensorboard is not None:
       self._tensorboard.close()
     _release_lock(self.workdir)
@@ -359,10 +438,14 @@ class RunDir:
 
   # ---- what inference needs ----------------------------------------------------------
   def save_model(self, model, vocab=None, **extra) -> None:
-    """model.json (the model's hyper-parameters) and vocab.json (its tokens), for ``load_run``."""
-    self.write_json("model.json", {"model": describe(model), **extra})
+    """model.json (the model's hyper-parameters) and vocab.json (its tokens), for ``load_run``.
+
+    A resumed run's vocabulary must be the saved one (``check_vocabulary``)."""
     if vocab is not None:
       tokens = list(getattr(vocab, "tokens", vocab))
+      self.check_vocabulary(tokens)
+    self.write_json("model.json", {"model": describe(model), **extra})
+    if vocab is not None:
       self.write_json("vocab.json", {"tokens": tokens})
 
 
@@ -394,8 +477,17 @@ def build(description):
     module_name, _, class_name = description["type"].rpartition(".")
     if not (module_name == "rnn_jax" or module_name.startswith("rnn_jax.")):
       raise ValueError(f"model.json names {description['type']!r}; only rnn_jax classes are loaded")
-    cls = getattr(importlib.import_module(module_name), class_name)
+    try:
+      cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError):
+      raise ValueError(f"model.json names {description['type']!r}, which rnn_jax does not define") from None
+    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls) and cls.__module__.startswith("rnn_jax")):
+      raise ValueError(f"model.json names {description['type']!r}, which is not an rnn_jax dataclass; only "
+                       f"those are built")
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(description["fields"]) - set(fields))
+    if unknown:
+      raise ValueError(f"model.json gives {description['type']!r} unknown fields {unknown}")
     values = {}
     for name, value in description["fields"].items():
       built = build(value)

