@@ -125,6 +125,7 @@ def test_bfloat16_on_cpu_warns_and_leaves_out_the_torch_ratio(run_experiment, tm
   assert (tmp_path / "speed.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow  # a minute of sweeps; the plans are tested below
 def test_parallel_and_memory_sweeps_smoke(run_experiment, tmp_path):
   done = run_experiment("benchmark", "--smoke", f"--workdir={tmp_path / 'parallel'}", "--sweep=parallel",
                         "--parallel_models=mingru,gru_deer", "--seq_len=64")
@@ -174,6 +175,7 @@ def test_flop_counts_and_the_matmul_peak():
   assert benchmark.matmul_peak_gflops(64, repeats=2) > 0
 
 
+@pytest.mark.slow  # the decode plan is tested in test_decode_and_devices_plans
 def test_decode_sweep_smoke(run_experiment, tmp_path):
   done = run_experiment("benchmark", "--smoke", f"--workdir={tmp_path}", "--sweep=decode", "--cells=gru",
                         "--implementations=rnn_jax,flax,torch", "--beam_width=3")
@@ -200,6 +202,7 @@ def test_decode_sweep_smoke(run_experiment, tmp_path):
   assert (tmp_path / "decode.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow  # the mesh path is tested end to end in test_data_parallel.py
 def test_devices_sweep_smoke(run_experiment, tmp_path):
   done = run_experiment("benchmark", "--smoke", f"--workdir={tmp_path}", "--sweep=devices")
   assert done.code == 0, done.err

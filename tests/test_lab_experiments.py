@@ -13,6 +13,7 @@ def results_of(workdir):
   return json.loads((workdir / "results.json").read_text())
 
 
+@pytest.mark.slow  # 30 s; resume is tested by test_lm_train and test_fault_injection
 def test_long_range_smoke_then_resume_reuses_the_finished_runs(run_experiment, tmp_path):
   pytest.importorskip("sklearn")
   workdir = tmp_path / "long_range"

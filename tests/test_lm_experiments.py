@@ -66,6 +66,7 @@ def test_word_lm_small_preset_carries_the_zaremba_figures():
   assert word_lm.published_for(medium) == ("medium", 86.2, 82.7)
 
 
+@pytest.mark.slow  # tests/test_fault_injection.py interrupts real runs
 def test_interrupt_saves_a_checkpoint_and_the_resumed_run_is_the_uninterrupted_one(
     run_experiment, tmp_path, monkeypatch):
   """SIGINT at step 10 (between evaluations, on a log step): a checkpoint at 10, exit 130 and a

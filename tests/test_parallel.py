@@ -43,6 +43,7 @@ def test_min_gru_trains_through_parallel_scan():
     np.testing.assert_allclose(np.asarray(par[name]), np.asarray(seq[name]), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # 15 s of breadth
 def test_linear_recurrence_diagonal_and_full_equal_a_loop():
   key_a, key_b, key_h = jax.random.split(jax.random.PRNGKey(1), 3)
   diag = jax.random.uniform(key_a, (T, 2, H), minval=-1.0, maxval=1.0)
