@@ -91,15 +91,23 @@ def test_two_processes_joined_by_jax_distributed_match_one_process(one_device_lm
   assert done.stdout.count("char_lm lstm on ptb_char: valid") == 1
 
 
-@pytest.mark.slow
 def test_tagger_on_eight_devices_matches_one(tmp_path):
+  """The NER tagger (a BiLSTM with dropout over padded sentences) over 50 steps: the 8-device
+  run's losses equal the 1-device run's to 1e-5 relative, and its F1 to 1e-4 (F1 counts discrete
+  decisions, which a 1e-6 change of a score near a tie may flip)."""
   pytest.importorskip("neuroner")
-  args = ["--smoke", "--progress=false", "--batch_size=32"]
+  args = ["--smoke", "--progress=false", "--steps=50", "--eval_every=25", "--log_every=5", "--dropout=0.1"]
   one, eight = str(tmp_path / "one"), str(tmp_path / "eight")
-  assert run("tagging.py", 1, *args, f"--workdir={one}").returncode == 0
+  done = run("tagging.py", 1, *args, f"--workdir={one}")
+  assert done.returncode == 0, done.stderr[-3000:]
   done = run("tagging.py", 8, *args, f"--workdir={eight}")
   assert done.returncode == 0, done.stderr[-3000:]
-  assert_same_trajectory(records(one), records(eight), rtol=1e-4)
+  a, b = records(one), records(eight)
+  assert_same_trajectory([{k: v for k, v in r.items() if k != "f1"} for r in a],
+                         [{k: v for k, v in r.items() if k != "f1"} for r in b])
+  assert_same_trajectory([{k: r[k] for k in ("step", "split", "f1") if k in r} for r in a],
+                         [{k: r[k] for k in ("step", "split", "f1") if k in r} for r in b], rtol=1e-4)
+  assert json.load(open(os.path.join(eight, "results.json")))["mesh"]["axes"] == {"data": 8}
 
 
 def test_a_batch_that_does_not_split_and_too_many_devices_are_one_line_errors(tmp_path):
