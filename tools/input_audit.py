@@ -1,7 +1,8 @@
 """Bad-input audit: run every known bad input through the public API and the scripts, and sort each
 outcome into "error" (a one-line message of a user-error type), "correct" (accepted, with the
-right result), "silent" (accepted, with a wrong result) or "crash" (another exception, or a
-message of many lines).
+right result), "silent" (accepted, with a wrong result), "crash" (another exception, or a
+message of many lines) or "skipped" (this machine cannot exercise it, e.g. a read-only
+directory for root).
 
   python tools/input_audit.py            # the table of every case, in markdown
   python tools/input_audit.py --fast     # only the cases that need no training run
@@ -47,8 +48,16 @@ class Correct(Exception):
   """Raised by a case whose input is accepted and whose result was checked to be right."""
 
 
+class Skipped(Exception):
+  """Raised by a case this machine cannot exercise (say why)."""
+
+
 def correct(why: str):
   raise Correct(why)
+
+
+def skipped(why: str):
+  raise Skipped(why)
 
 
 # ---------------------------------------------------------------------------
@@ -349,7 +358,7 @@ def _():
   os.chmod(path, 0o500)
   try:
     if os.access(path, os.W_OK):  # root ignores the mode bits
-      correct("skipped: this user can write to any directory (root)")
+      skipped("this user can write to any directory (root), so a read-only one cannot be made")
     return _expect_error("char_lm", "--smoke", f"--workdir={path}")
   finally:
     os.chmod(path, 0o700)
@@ -489,7 +498,7 @@ def _():
   try:
     import torch
   except ImportError:
-    correct("skipped: torch is not installed")
+    skipped("torch is not installed")
   from rnn_jax import interop
   marker = _tmp("pwned")
 
@@ -512,11 +521,13 @@ def _():
 # ---------------------------------------------------------------------------
 
 def outcome(function) -> tuple[str, str]:
-  """(verdict, message): verdict is error, correct, silent or crash."""
+  """(verdict, message): verdict is error, correct, skipped, silent or crash."""
   try:
     returned = function()
   except Correct as why:
     return "correct", str(why)
+  except Skipped as why:
+    return "skipped", str(why)
   except USER_ERRORS as error:
     text = str(error)
     if "\n" in text.strip():
@@ -544,7 +555,7 @@ def markdown(rows: list[dict]) -> str:
   for index, row in enumerate(rows, 1):
     message = row["message"].replace("|", "\\|")
     lines.append(f"| {index} | {row['area']} | {row['case']} | {row['verdict']} | {message} |")
-  counts = {v: sum(r["verdict"] == v for r in rows) for v in ("error", "correct", "silent", "crash")}
+  counts = {v: sum(r["verdict"] == v for r in rows) for v in ("error", "correct", "skipped", "silent", "crash")}
   lines.append("")
   lines.append(", ".join(f"{n} {v}" for v, n in counts.items()) + f" of {len(rows)} cases")
   return "\n".join(lines)
