@@ -270,28 +270,26 @@ class Seq2Seq:
     if self.attention:
       return self._init_attention(key)
     keys = jax.random.split(key, 6)
-    params = {
-        "source_embedding": layers.embedding_init(keys[0], self.source_vocab_size, self.embed_size),
-        "target_embedding": layers.embedding_init(keys[1], self.target_vocab_size, self.embed_size),
-        "encoder": self.encoder.init(keys[2], self.embed_size),
-        "decoder": self.decoder.init(keys[3], self.decoder_input_size),
-        "readout": layers.dense_init(keys[4], self.readout_input_size, self.target_vocab_size),
-    }
+    params = self._shared_params(keys)
     if self.kind == "cho":
       bridge_keys = jax.random.split(keys[5], self.num_layers + 1)
       params["context"] = layers.dense_init(bridge_keys[0], self.state_size, self.context_width)
       params["bridge"] = [layers.dense_init(k, self.context_width, self.state_size) for k in bridge_keys[1:]]
     return params
 
-  def _init_attention(self, key) -> dict:
-    keys = jax.random.split(key, 8)
-    params = {
+  def _shared_params(self, keys) -> dict:
+    """Embeddings, encoder, decoder and read-out, from keys[0..4] (the rest is per decoder kind)."""
+    return {
         "source_embedding": layers.embedding_init(keys[0], self.source_vocab_size, self.embed_size),
         "target_embedding": layers.embedding_init(keys[1], self.target_vocab_size, self.embed_size),
         "encoder": self.encoder.init(keys[2], self.embed_size),
         "decoder": self.decoder.init(keys[3], self.decoder_input_size),
         "readout": layers.dense_init(keys[4], self.readout_input_size, self.target_vocab_size),
     }
+
+  def _init_attention(self, key) -> dict:
+    keys = jax.random.split(key, 8)
+    params = self._shared_params(keys)
     scores = attention_lib.init(self.attention, keys[5], self.query_size, self.memory_size,
                                 self.attention_size or self.state_size)
     if scores:

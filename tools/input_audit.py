@@ -31,8 +31,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
-               NotADirectoryError, UnicodeDecodeError)
+from experiments.common import USER_ERRORS  # noqa: E402  (the errors the scripts report in one line)
 
 CASES: list[tuple[str, str, bool, Callable]] = []  # (area, description, fast, function)
 
