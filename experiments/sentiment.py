@@ -71,6 +71,9 @@ class Config(TrainingConfig):
   num_layers: int = field(1, "Stacked recurrent layers L.", minimum=1, fixed=True)
   dropout: float = field(0.3, "Dropout on the embeddings, between layers and on the sentence vector s.",
                          minimum=0.0, maximum=0.99)
+  embedding_dropout: float = field(0.0, "Embedding dropout (Gal & Ghahramani 2016): the rate of whole word "
+                                   "types zeroed in the embedding, one mask per batch (training only).",
+                                   minimum=0.0, maximum=0.99)
   vocab_size: int = field(10000, "Most frequent training tokens kept, <unk> included.", minimum=2, fixed=True)
   max_length: int = field(48, "Texts are cut to their first max_length tokens.", minimum=1, fixed=True)
   pad_multiple: int = field(8, "Batch widths round up to a multiple of this (fewer compilations).", minimum=1)
@@ -107,7 +110,8 @@ def build_model(config: Config, cell: str, vocab_size: int, num_classes: int) ->
   return SentenceClassifier(vocab_size=vocab_size, num_classes=num_classes,
                             cell=keras_cell(cell, config.hidden_size, config.activation),
                             embed_size=config.embed_size, bidirectional=config.bidirectional,
-                            num_layers=config.num_layers, dropout=config.dropout)
+                            num_layers=config.num_layers, dropout=config.dropout,
+                            embedding_dropout=config.embedding_dropout)
 
 
 def train_cell(parent: rundir.RunDir, config: Config, cell: str, data: sentiment_data.SentimentSplits,

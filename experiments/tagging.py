@@ -102,6 +102,9 @@ class Config(TrainingConfig):
                                       choices=tagger.TRANSITION_CONSTRAINTS, fixed=True)
   dropout: float = field(0.5, "Dropout on the embeddings and the BiLSTM outputs (Lample et al. 2016: 0.5).",
                          minimum=0.0, maximum=0.99)
+  embedding_dropout: float = field(0.0, "Embedding dropout (Gal & Ghahramani 2016): the rate of whole word "
+                                   "types zeroed in the embedding, one mask per batch (training only).",
+                                   minimum=0.0, maximum=0.99)
   singleton_unk_rate: float = field(0.5, "Probability that a word seen once in train is read as <unk> "
                                     "during training.", minimum=0.0, maximum=1.0)
   pad_multiple: int = field(16, "Batch widths round up to a multiple of this (fewer compilations).",
@@ -152,7 +155,7 @@ def train_and_evaluate(config: Config, workdir: str, options=None) -> dict:
                          embed_size=config.embed_size, cell=make_cell(config.cell, config.hidden_size),
                          num_layers=config.num_layers, dropout=config.dropout, output=config.output,
                          transition_constraints=config.transition_constraints,
-                         tag_names=tuple(data.tag_names))
+                         tag_names=tuple(data.tag_names), embedding_dropout=config.embedding_dropout)
   if config.transition_constraints == "iob2":
     allowed, allowed_start = crf.iob2_constraints(data.tag_names)
     for name, (_, split_tags, _) in data.splits.items():

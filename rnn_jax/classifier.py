@@ -61,6 +61,8 @@ class SentenceClassifier:
     bidirectional: read the sentence both ways and concatenate the two final states.
     num_layers: stacked RNN layers.
     dropout: inverted-dropout rate on the embeddings and on the sentence vector (training only).
+    embedding_dropout: rate of whole word types dropped from the embedding, one mask per batch
+      (Gal & Ghahramani 2016; ``rnn_jax.regularizers.embedding_dropout``; training only).
   """
   vocab_size: int
   num_classes: int
@@ -69,6 +71,7 @@ class SentenceClassifier:
   bidirectional: bool = False
   num_layers: int = 1
   dropout: float = 0.0
+  embedding_dropout: float = 0.0
 
   def __post_init__(self):
     if not isinstance(self.cell, Cell):
@@ -90,7 +93,8 @@ class SentenceClassifier:
 
   @property
   def body(self) -> layers.TokenRNN:
-    return layers.TokenRNN(self.vocab_size, self.embed_size, self.encoder, self.dropout)
+    return layers.TokenRNN(self.vocab_size, self.embed_size, self.encoder, self.dropout,
+                           embedding_dropout=self.embedding_dropout)
 
   @property
   def sentence_size(self) -> int:

@@ -15,7 +15,10 @@ import numpy as np
 
 from rnn_jax import initializers
 from rnn_jax.cells import ACTIVATIONS, linear
+from rnn_jax import regularizers
 from rnn_jax.sequence import dropout as _dropout
+
+_EMBEDDING_DROPOUT_STREAM = 0x6D62   # fold_in constant of TokenRNN's embedding-dropout key
 
 
 def check_token_ids(ids, vocab_size: int, what: str = "token ids") -> None:
@@ -130,8 +133,11 @@ class TokenRNNOutput(NamedTuple):
 class TokenRNN:
   """The body the language model, the classifier and the tagger share.
 
-    x_t = dropout(E[w_t])                 E: [V, D]  (embedding, dropout on training only)
+    x_t = dropout(m[w_t] E[w_t])          E: [V, D]  (embedding; both dropouts on training only)
     h_t^(1..L) = StackedRNN(x_t)          any cell, L layers, (bi)directional, dropout between layers
+
+  m is embedding dropout's mask over word types (``rnn_jax.regularizers.embedding_dropout``, rate
+  ``embedding_dropout``; m = 1 when it is 0), one draw per forward pass.
 
   Params {"embedding": {"table": [V, D]}, "rnn": StackedRNN params}; the model adds its own
   "readout". ``output_dropout`` applies the same rate after the RNN (Zaremba et al. 2014 put
@@ -141,6 +147,7 @@ class TokenRNN:
   embed_size: int
   stack: Any
   dropout: float = 0.0
+  embedding_dropout: float = 0.0
 
   def __post_init__(self):
     if self.vocab_size < 2:
@@ -149,6 +156,8 @@ class TokenRNN:
       raise ValueError(f"TokenRNN: embed_size must be >= 1, got {self.embed_size}")
     if not 0.0 <= self.dropout < 1.0:
       raise ValueError(f"TokenRNN: dropout must be in [0, 1), got {self.dropout}")
+    if not 0.0 <= self.embedding_dropout < 1.0:
+      raise ValueError(f"TokenRNN: embedding_dropout must be in [0, 1), got {self.embedding_dropout}")
 
   def init(self, key_embed, key_rnn) -> dict:
     """{"embedding": E from key_embed, "rnn": the stack's params from key_rnn}."""
@@ -161,10 +170,14 @@ class TokenRNN:
     if ids.ndim != 2:
       raise ValueError(f"TokenRNN: ids must have shape [B, T], got {tuple(ids.shape)}")
     use_dropout = train and self.dropout > 0.0
-    if use_dropout and rng is None:
-      raise ValueError("train=True with dropout > 0 needs an rng key")
+    drop_words = train and self.embedding_dropout > 0.0
+    if (use_dropout or drop_words) and rng is None:
+      raise ValueError("train=True with dropout or embedding_dropout > 0 needs an rng key")
     keys = jax.random.split(rng, 3) if use_dropout else (None, None, None)
     xs = embed(params["embedding"], ids)
+    if drop_words:  # its own stream, so that the other masks are those of embedding_dropout = 0
+      xs = regularizers.embedding_dropout(jax.random.fold_in(rng, _EMBEDDING_DROPOUT_STREAM),
+                                          self.embedding_dropout, xs, ids, self.vocab_size)
     if use_dropout:
       xs = _dropout(keys[0], self.dropout, xs)
     # Without dropout the key still goes to the stack, whose recurrent regularisers may use it.

@@ -3,6 +3,7 @@
     x_t = E[w_t]                                   embedding, E: [V, D]
     h_t^(1..L) = StackedRNN(dropout(x_t))          any cell (Elman, LSTM, GRU), L layers
     o_t = W_hy dropout(h_t^(L)) + b_y              logits over the V tokens
+    o_t = W_hy phi(V_k ... phi(V_1 dropout(h_t^(L)) + c_1) ... + c_k) + b_y   with a deep output
     p(w_{t+1} | w_<=t) = softmax(o_t)
 
 Dropout (rate p, train only) sits on the non-recurrent connections, as in Zaremba et al. (2014):
@@ -10,6 +11,12 @@ on the embeddings, between layers (inside StackedRNN) and before the read-out. T
 connection takes recurrent dropout (Gal & Ghahramani 2016), zoneout (Krueger et al. 2017) and
 DropConnect on W_hh (AWD-LSTM, Merity et al. 2017), all off by default (``rnn_jax.regularizers``).
 Params: {"embedding": {"table": [V, D]}, "rnn": StackedRNN params, "readout": {"w": [V, H], "b": [V]}}.
+
+The deep RNNs of Pascanu, Gulcehre, Cho & Bengio 2013 ("How to construct deep recurrent neural
+networks", arXiv:1312.6026) are this model with a deep-transition cell (``dt_rnn``, ``dts_rnn``,
+``rnn_jax.deep_transition``) and/or ``output_layer_sizes`` (the deep output, DO): DOT(S)-RNN =
+a ``dts_rnn`` cell + a deep output; sRNN = ``num_layers=2`` Elman layers. A deep output adds
+"hidden_1" .. "hidden_k" ({w: [D_j, D_(j-1)], b: [D_j]}) to "readout", whose "w" is then [V, D_k].
 """
 
 from __future__ import annotations
@@ -44,6 +51,11 @@ class LanguageModel:
     recurrent_dropout, zoneout, zoneout_cell, weight_dropout: the stack's regularisers of the
       recurrent connection (``StackedRNN``); one mask per window and example for recurrent dropout,
       per window for DropConnect, per step for zoneout (whose expectation evaluation and sampling use).
+    embedding_dropout: rate of whole word types dropped from the embedding, one mask per window
+      (Gal & Ghahramani 2016; ``rnn_jax.regularizers.embedding_dropout``; train only).
+    output_layer_sizes: D_1 .. D_k of the read-out's intermediate layers (the deep output of
+      Pascanu et al. 2013, ``layers.deep_output``); () is the plain read-out W_hy h_t + b_y.
+    output_activation: phi of those layers, one of ``layers.OUTPUT_ACTIVATIONS``.
   """
   cell: Cell
   vocab_size: int
@@ -56,14 +68,27 @@ class LanguageModel:
   zoneout: float = 0.0
   zoneout_cell: float = 0.0
   weight_dropout: float = 0.0
+  embedding_dropout: float = 0.0
+  output_layer_sizes: tuple[int, ...] = ()
+  output_activation: str = "tanh"
 
   @property
   def body(self) -> layers.TokenRNN:
     """Embedding -> dropout -> StackedRNN, shared with the classifier and the tagger."""
-    return layers.TokenRNN(self.vocab_size, self.embed_size, self.stack, self.dropout)
+    return layers.TokenRNN(self.vocab_size, self.embed_size, self.stack, self.dropout,
+                           embedding_dropout=self.embedding_dropout)
 
   def __post_init__(self):
     self.body  # checks vocab_size, embed_size and dropout
+    if isinstance(self.output_layer_sizes, list):
+      object.__setattr__(self, "output_layer_sizes", tuple(self.output_layer_sizes))   # hashable
+    if (not isinstance(self.output_layer_sizes, tuple)
+        or any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 1 for s in self.output_layer_sizes)):
+      raise ValueError(f"LanguageModel: output_layer_sizes must be a tuple of positive integers (the deep "
+                       f"output's layers), got {self.output_layer_sizes!r}")
+    if self.output_activation not in layers.OUTPUT_ACTIVATIONS:
+      raise ValueError(f"LanguageModel: unknown output_activation {self.output_activation!r}; expected one of "
+                       f"{layers.OUTPUT_ACTIVATIONS}")
 
   @property
   def stack(self) -> StackedRNN:
@@ -72,11 +97,12 @@ class LanguageModel:
                       zoneout_cell=self.zoneout_cell, weight_dropout=self.weight_dropout)
 
   def init(self, key) -> dict:
-    """Params {"embedding", "rnn", "readout": {w: [V, H], b: [V]}}; with ``init_scale`` every leaf
-    ~ U(-init_scale, init_scale)."""
+    """Params {"embedding", "rnn", "readout": {w: [V, H], b: [V]}} (with a deep output also
+    readout["hidden_j"], and w: [V, D_k]); with ``init_scale`` every leaf ~ U(-init_scale, init_scale)."""
     key_embed, key_rnn, key_out = jax.random.split(key, 3)
     params = {**self.body.init(key_embed, key_rnn),
-              "readout": layers.dense_init(key_out, self.stack.output_size, self.vocab_size)}
+              "readout": layers.deep_output_init(key_out, self.stack.output_size, self.vocab_size,
+                                                 self.output_layer_sizes)}
     if self.init_scale is not None:
       leaves, treedef = jax.tree_util.tree_flatten(params)
       keys = jax.random.split(jax.random.fold_in(key, 1), len(leaves))
@@ -102,13 +128,17 @@ class LanguageModel:
     output = self.body(params, inputs, batch.get("lengths"), initial_carries=batch.get("carry"),
                        train=train, rng=rng)
     hs = self.body.output_dropout(output, output.hs)
-    return layers.dense(params["readout"], hs, self.cell.dtype), output.carries
+    return self.readout(params, hs), output.carries
+
+  def readout(self, params: dict, h: jax.Array) -> jax.Array:
+    """o_t from h_t: [..., H] -> [..., V] (``layers.deep_output``; ``layers.dense`` without layers)."""
+    return layers.deep_output(params["readout"], h, self.output_activation, self.cell.dtype)
 
   def next_token_logits(self, params: dict, carries: tuple, tokens: jax.Array):
     """One step of generation: tokens [B] -> (carries, logits [B, V]) through ``StackedRNN.step``."""
     x = layers.embed(params["embedding"], tokens)
     carries, h = self.stack.step(params["rnn"], carries, x)
-    return carries, layers.dense(params["readout"], h, self.cell.dtype)
+    return carries, self.readout(params, h)
 
   def num_params(self, params: dict) -> int:
     return int(sum(np.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(params)))

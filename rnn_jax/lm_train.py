@@ -30,11 +30,16 @@ from rnn_jax.config import TrainingConfig, field
 from rnn_jax.data import Corpus, StreamBatches, eval_windows, load_corpus
 from rnn_jax.data.batching import check_stream
 from rnn_jax.data.text import ENCODING_ERRORS
+from rnn_jax.deep_transition import DeepTransition
 from rnn_jax.lm import LanguageModel, evaluate_stream, make_loss_fn, sample
 from rnn_jax.losses import bits_per_char, perplexity
 from rnn_jax.rundir import LoadedRun, RunDir, RunOptions, load_run
 from rnn_jax.sequence import ScanOptions
 from rnn_jax.train import make_eval_step, train_and_test
+
+# The registry's deep-transition cells (Pascanu et al. 2013: DT-RNN, DT(S)-RNN), which take transition_sizes.
+DEEP_TRANSITION_CELLS = tuple(name for name, (cell_class, _) in cells.PRESETS.items()
+                              if issubclass(cell_class, DeepTransition))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +78,21 @@ class LMConfig(TrainingConfig):
                               "0.05 on h).", minimum=0.0, maximum=0.99, fixed=True)
   weight_dropout: float = field(0.0, "DropConnect on W_hh (AWD-LSTM's weight drop, Merity et al. 2017): one "
                                 "mask per window.", minimum=0.0, maximum=0.99)
+  transition_sizes: tuple[int, ...] = field((), "Sizes D_1 .. D_(L-1) of the intermediate transition layers of the "
+                                            "dt_rnn and dts_rnn cells (Pascanu et al. 2013); empty: one layer of "
+                                            "hidden_size units.", minimum=1, fixed=True)
+  output_layer_sizes: tuple[int, ...] = field((), "Sizes of the intermediate tanh layers of a deep output between "
+                                              "h_t and the softmax (DO; with dts_rnn the DOT(S)-RNN of Pascanu et "
+                                              "al. 2013); empty: o_t = W_hy h_t + b_y.", minimum=1, fixed=True)
+  embedding_dropout: float = field(0.0, "Embedding dropout (Gal & Ghahramani 2016): the rate of whole word "
+                                   "types zeroed in the embedding, one mask per window (training only).",
+                                   minimum=0.0, maximum=0.99)
+
+  def validate(self) -> None:
+    super().validate()
+    if self.transition_sizes and self.cell not in DEEP_TRANSITION_CELLS:
+      raise ValueError(f"transition_sizes {list(self.transition_sizes)} is for the deep-transition cells "
+                       f"{list(DEEP_TRANSITION_CELLS)}, got cell={self.cell!r}")
 
 
 @dataclasses.dataclass
@@ -86,12 +106,35 @@ class LMOutcome:
 
 
 def build_model(config: LMConfig, vocab_size: int) -> LanguageModel:
-  cell = cells.make_cell(config.cell, config.hidden_size)
+  """The LanguageModel of ``config`` over ``vocab_size`` tokens (a deep transition through the cell's
+  transition_sizes, a deep output through output_layer_sizes)."""
+  options = {"transition_sizes": tuple(config.transition_sizes)} if config.transition_sizes else {}
+  cell = cells.make_cell(config.cell, config.hidden_size, **options)
   return LanguageModel(cell, vocab_size, config.embed_size or config.hidden_size,
+                       output_layer_sizes=tuple(config.output_layer_sizes),
                        num_layers=config.num_layers, dropout=config.dropout,
                        recurrent_dropout=config.recurrent_dropout, zoneout=config.zoneout,
                        zoneout_cell=config.zoneout_cell, weight_dropout=config.weight_dropout,
+                       embedding_dropout=config.embedding_dropout,
                        init_scale=config.init_scale or None, scan=ScanOptions(unroll=config.unroll))
+
+
+def count_params(config: LMConfig, vocab_size: int) -> int:
+  """The number of parameters of ``build_model(config, vocab_size)``, from shapes alone (nothing is
+  initialised): how sizes of different architectures are matched to one parameter budget."""
+  model = build_model(config, vocab_size)
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0))
+  return int(sum(np.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(shapes)))
+
+
+def architecture(config: LMConfig) -> str:
+  """"2x256 elman", "1x256 dts_rnn, transition 256, deep output 256": the sizes for titles."""
+  parts = [f"{config.num_layers}x{config.hidden_size} {config.cell}"]
+  if config.cell in DEEP_TRANSITION_CELLS:
+    parts.append("transition " + ",".join(str(s) for s in (config.transition_sizes or (config.hidden_size,))))
+  if config.output_layer_sizes:
+    parts.append("deep output " + ",".join(str(s) for s in config.output_layer_sizes))
+  return ", ".join(parts)
 
 
 def regularizer_summary(config: LMConfig) -> str:
@@ -103,6 +146,8 @@ def regularizer_summary(config: LMConfig) -> str:
     parts.append(f"zoneout {config.zoneout:g}" + (f" (c {config.zoneout_cell:g})" if config.zoneout_cell else ""))
   if config.weight_dropout:
     parts.append(f"weight dropout {config.weight_dropout:g}")
+  if config.embedding_dropout:
+    parts.append(f"embedding dropout {config.embedding_dropout:g}")
   return "".join(", " + part for part in parts)
 
 
@@ -167,7 +212,7 @@ def train_lm(config: LMConfig, workdir: str, options: RunOptions = RunOptions(),
       train_summary=train_summary, progress=options.progress)
   results = {**outcome.results, "num_params": model.num_params(params), "corpus": corpus.summary()}
   metric = "bpc" if corpus.level == "char" else "perplexity"
-  plots.plot_run(run.workdir, f"{experiment}: {config.num_layers}x{config.hidden_size} {config.cell} on "
+  plots.plot_run(run.workdir, f"{experiment}: {architecture(config)} on "
                  f"{corpus.name}{regularizer_summary(config)}", metrics=["loss", metric, "grad_norm"],
                  reference=reference,
                  labels={"loss": "nats per token", "bpc": "bits per character", "perplexity": "perplexity",

@@ -1,4 +1,4 @@
-"""Regularisers of the recurrence: recurrent dropout, zoneout and DropConnect on W_hh.
+"""Regularisers of the recurrence (recurrent dropout, zoneout, DropConnect on W_hh) and of the embedding.
 
 Dropout between layers (``StackedRNN.dropout``) never touches the recurrent connection. The three
 regularisers here do, each with the randomness drawn so that the scan body stays a pure function
@@ -49,7 +49,19 @@ Gradients. The two wrapper cells change the recurrence, which no hand-derived ru
 kernel models: ``grad="auto"`` runs jax's autodiff through ``lax.scan`` for them (the reason is
 ``rnn_jax.bptt.unsupported_reason(cell)``) and ``grad="manual"`` is refused.
 
-``StackedRNN`` applies all three from its ``recurrent_dropout``, ``zoneout``, ``zoneout_cell`` and
+Embedding dropout (Gal & Ghahramani 2016, section 4.2; Merity, Keskar & Socher 2017, section
+4.3). Whole word TYPES are dropped, not single coordinates: one mask entry per row of the
+embedding table E [V, D], drawn once per forward pass, so every occurrence of a dropped word in
+the batch reads the zero vector:
+
+    m ~ Bernoulli(1 - p)^V / (1 - p)                       [V], drawn once per forward pass
+    x_t = m[w_t] * E[w_t]                                  [B, T, D]
+
+``embedding_dropout`` gathers the mask by the ids and scales the embedded rows (the same values
+and gradients as masking the table, without a [V, D] temporary); ``rnn_jax.layers.TokenRNN`` applies it from
+its ``embedding_dropout`` field before its ordinary dropout on x_t.
+
+``StackedRNN`` applies the three recurrent ones from its ``recurrent_dropout``, ``zoneout``, ``zoneout_cell`` and
 ``weight_dropout`` fields (``Regularizers``), each direction of each layer with its own key.
 """
 
@@ -399,6 +411,31 @@ def weight_drop(key, rate: float, params: Params, names=("w_hh",)) -> Params:
     keep = jax.random.bernoulli(sub, 1.0 - rate, w.shape)
     dropped[name] = jnp.where(keep, w / jnp.asarray(1.0 - rate, w.dtype), jnp.zeros((), w.dtype))
   return dropped
+
+
+# ---------------------------------------------------------------------------
+# Embedding dropout
+# ---------------------------------------------------------------------------
+
+def embedding_dropout(key, rate: float, embedded: jax.Array, ids: jax.Array, vocab_size: int) -> jax.Array:
+  """Embedding dropout (Gal & Ghahramani 2016, 4.2): x = m[w] * E[w], one mask entry per word type.
+
+    embedded E[ids] [..., D], ids [...] in [0, V) -> [..., D]
+    m ~ Bernoulli(1 - rate)^V / (1 - rate), from ``key`` (a new key per forward pass)
+
+  Every occurrence of a dropped word in ``ids`` reads the zero vector, and its row of E gets no
+  gradient. rate = 0 returns ``embedded`` itself. ``embedded`` comes from ``rnn_jax.layers.embed``,
+  which has checked the ids (a gather clamps out-of-range ids silently).
+  """
+  check_rate("embedding_dropout", "rate", rate)
+  if embedded.shape[:-1] != jnp.shape(ids):
+    raise ValueError(f"embedding_dropout: embedded {tuple(embedded.shape)} must be ids {tuple(jnp.shape(ids))} "
+                     f"plus a feature axis")
+  if not rate:
+    return embedded
+  keep = jax.random.bernoulli(key, 1.0 - rate, (int(vocab_size),))
+  scale = jnp.where(keep, jnp.asarray(1.0 / (1.0 - rate), embedded.dtype), jnp.zeros((), embedded.dtype))
+  return embedded * jnp.take(scale, ids, axis=0)[..., None]
 
 
 # ---------------------------------------------------------------------------

@@ -57,6 +57,8 @@ class SequenceTagger:
     num_layers: stacked bidirectional layers.
     dropout: inverted dropout on the embeddings and on the BiLSTM outputs (training only),
       as in Lample et al. (2016).
+    embedding_dropout: rate of whole word types dropped from the embedding, one mask per batch
+      (Gal & Ghahramani 2016; ``rnn_jax.regularizers.embedding_dropout``; training only).
     output: "softmax" (an independent softmax per token) or "crf" (a linear-chain CRF;
       params gain "crf": {"transitions" [K, K], "start" [K], "end" [K]}).
     transition_constraints: with output="crf", "none" or "iob2": the transitions IOB2 forbids
@@ -73,6 +75,7 @@ class SequenceTagger:
   output: str = "softmax"
   transition_constraints: str = "none"
   tag_names: tuple[str, ...] = ()
+  embedding_dropout: float = 0.0
 
   def __post_init__(self):
     if not isinstance(self.cell, Cell):
@@ -107,7 +110,8 @@ class SequenceTagger:
 
   @property
   def body(self) -> layers.TokenRNN:
-    return layers.TokenRNN(self.vocab_size, self.embed_size, self.encoder, self.dropout)
+    return layers.TokenRNN(self.vocab_size, self.embed_size, self.encoder, self.dropout,
+                           embedding_dropout=self.embedding_dropout)
 
   def init(self, key) -> dict:
     """Params {"embedding": {table: [V, D]}, "rnn": ..., "readout": {w: [K, 2H], b: [K]}}, and with

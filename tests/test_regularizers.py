@@ -343,6 +343,54 @@ def test_flax_layer_draws_the_regularisers_masks_from_its_dropout_rng():
   np.testing.assert_array_equal(train(variables, xs, jax.random.PRNGKey(3)), ys_a)
 
 
+def test_embedding_dropout_drops_whole_word_types_once_per_batch_and_only_in_training():
+  from rnn_jax import layers
+  from rnn_jax.regularizers import embedding_dropout
+  vocab, rate = 4000, 0.3
+  table = jax.random.normal(jax.random.PRNGKey(0), (vocab, 5))
+  ids = jnp.asarray(np.random.default_rng(0).integers(0, vocab, (8, 400)), jnp.int32)
+  dropped = embedding_dropout(jax.random.PRNGKey(1), rate, table[ids], ids, vocab)
+  ratio = np.asarray(dropped / table[ids])                           # m[w_t], the same in every feature
+  np.testing.assert_allclose(ratio, ratio[..., :1].repeat(5, -1), rtol=1e-6)
+  per_type = {}
+  for word, scale in zip(np.asarray(ids).ravel(), ratio[..., 0].ravel()):
+    per_type.setdefault(int(word), set()).add(round(float(scale), 5))
+  assert all(len(scales) == 1 for scales in per_type.values())       # every occurrence of a word alike
+  assert {s for scales in per_type.values() for s in scales} == {0.0, round(1 / (1 - rate), 5)}
+  share = np.mean([0.0 in scales for scales in per_type.values()])
+  assert abs(share - rate) < 0.04, share                             # about rate of the types seen dropped
+  # a dropped word's row of E gets no gradient, a kept one gets 1 / (1 - rate) per occurrence
+  grad = jax.grad(lambda t: embedding_dropout(jax.random.PRNGKey(1), rate, t[ids], ids, vocab).sum())(table)
+  counts = np.bincount(np.asarray(ids).ravel(), minlength=vocab)
+  kept = np.zeros(vocab)
+  for word, scales in per_type.items():
+    kept[word] = max(scales)
+  np.testing.assert_allclose(np.asarray(grad)[:, 0], counts * kept, rtol=1e-5)
+  np.testing.assert_array_equal(embedding_dropout(jax.random.PRNGKey(1), 0.0, table[ids], ids, vocab), table[ids])
+  # in the language model: training equals the evaluation model on E with the dropped rows zeroed
+  model = LanguageModel(GRU(H), vocab_size=13, embed_size=6, embedding_dropout=0.5)
+  params = _init(model)
+  batch = {"inputs": jnp.asarray(np.random.default_rng(2).integers(0, 13, (3, 9)), jnp.int32)}
+  key = jax.random.PRNGKey(5)
+  train_logits = model(params, batch, train=True, rng=key)[0]
+  stream = jax.random.fold_in(key, layers._EMBEDDING_DROPOUT_STREAM)
+  keep = jax.random.bernoulli(stream, 0.5, (13,))
+  masked = {**params, "embedding": {"table": params["embedding"]["table"] * (keep[:, None] / 0.5)}}
+  np.testing.assert_allclose(train_logits, model(masked, batch)[0], atol=1e-5)
+  assert not np.allclose(train_logits, model(params, batch)[0])
+  np.testing.assert_array_equal(model(params, batch, train=True, rng=key)[0], train_logits)   # from its key
+  # the config's field reaches every model that reads tokens
+  from rnn_jax.classifier import SentenceClassifier
+  from rnn_jax.tagger import SequenceTagger
+  assert build_model(LMConfig(embedding_dropout=0.1), 11).body.embedding_dropout == 0.1
+  assert SequenceTagger(13, 3, GRU(H), embedding_dropout=0.2).body.embedding_dropout == 0.2
+  assert SentenceClassifier(13, 3, GRU(H), embedding_dropout=0.3).body.embedding_dropout == 0.3
+  with pytest.raises(ValueError, match="embedding_dropout must be in"):
+    LanguageModel(GRU(H), vocab_size=13, embed_size=6, embedding_dropout=1.0)
+  with pytest.raises(ValueError, match="needs an rng key"):
+    model(params, batch, train=True)
+
+
 def _train_without_key(stack):
   return stack(_init(stack, F), jnp.zeros((B, T, F)), train=True)
 
