@@ -43,7 +43,7 @@ else:  # run as a script: experiments/ is on sys.path
 from rnn_jax import classifier, metrics, plots, rundir
 from rnn_jax import predict as predict_io
 from rnn_jax.classifier import CELL_NAMES, SentenceClassifier, keras_cell
-from rnn_jax.config import TrainingConfig, field
+from rnn_jax.config import RegularizerConfig, TrainingConfig, field
 from rnn_jax.data import sentiment as sentiment_data
 from rnn_jax.data.sentences import SentenceBatches
 from rnn_jax.train import train_and_test
@@ -57,7 +57,7 @@ KIM_2014 = {"test_accuracy": 0.761,
 
 
 @dataclasses.dataclass(frozen=True)
-class Config(TrainingConfig):
+class Config(TrainingConfig, RegularizerConfig):
   """sentiment: Elman-ReLU, LSTM and GRU sentence classifiers on one split, Adam, clip 5."""
   dataset: str = field("tweets", "Corpus: CrowdFlower tweets (3 classes) or VADER movie snippets (2).",
                        choices=sentiment_data.DATASETS, fixed=True)
@@ -71,9 +71,6 @@ class Config(TrainingConfig):
   num_layers: int = field(1, "Stacked recurrent layers L.", minimum=1, fixed=True)
   dropout: float = field(0.3, "Dropout on the embeddings, between layers and on the sentence vector s.",
                          minimum=0.0, maximum=0.99)
-  embedding_dropout: float = field(0.0, "Embedding dropout (Gal & Ghahramani 2016): the rate of whole word "
-                                   "types zeroed in the embedding, one mask per batch (training only).",
-                                   minimum=0.0, maximum=0.99)
   vocab_size: int = field(10000, "Most frequent training tokens kept, <unk> included.", minimum=2, fixed=True)
   max_length: int = field(48, "Texts are cut to their first max_length tokens.", minimum=1, fixed=True)
   pad_multiple: int = field(8, "Batch widths round up to a multiple of this (fewer compilations).", minimum=1)
@@ -111,7 +108,7 @@ def build_model(config: Config, cell: str, vocab_size: int, num_classes: int) ->
                             cell=keras_cell(cell, config.hidden_size, config.activation),
                             embed_size=config.embed_size, bidirectional=config.bidirectional,
                             num_layers=config.num_layers, dropout=config.dropout,
-                            embedding_dropout=config.embedding_dropout)
+                            **config.regularizer_options())
 
 
 def train_cell(parent: rundir.RunDir, config: Config, cell: str, data: sentiment_data.SentimentSplits,
@@ -145,7 +142,8 @@ def train_cell(parent: rundir.RunDir, config: Config, cell: str, data: sentiment
                         **outcome.results})
   results = {k: v for k, v in results.items() if k not in ("config", "device", "experiment")}
   plots.plot_run(run.workdir, f"sentiment {cell_name(config, cell)} on {config.dataset}: {config.num_layers}x"
-                 f"{config.hidden_size}, D={config.embed_size}, dropout {config.dropout:g}",
+                 f"{config.hidden_size}, D={config.embed_size}, dropout {config.dropout:g}"
+                 f"{config.regularizer_summary()}",
                  metrics=["loss", "accuracy", "macro_f1", "grad_norm"],
                  reference={"accuracy": (baseline_valid, f"majority class ({baseline_valid:.3f})")},
                  labels={"loss": "cross-entropy (nats per text)", "accuracy": "accuracy (fraction)",

@@ -47,7 +47,7 @@ else:  # run as a script: experiments/ is on sys.path
 from rnn_jax import crf, load_run, metrics, plots, rundir, tagger
 from rnn_jax import predict as predict_io
 from rnn_jax.cells import make_cell
-from rnn_jax.config import TrainingConfig, field
+from rnn_jax.config import RegularizerConfig, TrainingConfig, field
 from rnn_jax.data import conll
 from rnn_jax.data.sentences import SentenceBatches
 from rnn_jax.tagger import SequenceTagger
@@ -84,7 +84,7 @@ def published(output: str) -> tuple[dict, str]:
 
 
 @dataclasses.dataclass(frozen=True)
-class Config(TrainingConfig):
+class Config(TrainingConfig, RegularizerConfig):
   """tagging: a 1x100 BiLSTM tagger (softmax or CRF output) with dropout 0.5 and singleton <unk> replacement,
   Adam, clip 5."""
   task: str = field("ner", "Column of CoNLL-2003 to predict: ner (entities) or pos (part of speech).",
@@ -102,9 +102,6 @@ class Config(TrainingConfig):
                                       choices=tagger.TRANSITION_CONSTRAINTS, fixed=True)
   dropout: float = field(0.5, "Dropout on the embeddings and the BiLSTM outputs (Lample et al. 2016: 0.5).",
                          minimum=0.0, maximum=0.99)
-  embedding_dropout: float = field(0.0, "Embedding dropout (Gal & Ghahramani 2016): the rate of whole word "
-                                   "types zeroed in the embedding, one mask per batch (training only).",
-                                   minimum=0.0, maximum=0.99)
   singleton_unk_rate: float = field(0.5, "Probability that a word seen once in train is read as <unk> "
                                     "during training.", minimum=0.0, maximum=1.0)
   pad_multiple: int = field(16, "Batch widths round up to a multiple of this (fewer compilations).",
@@ -155,7 +152,7 @@ def train_and_evaluate(config: Config, workdir: str, options=None) -> dict:
                          embed_size=config.embed_size, cell=make_cell(config.cell, config.hidden_size),
                          num_layers=config.num_layers, dropout=config.dropout, output=config.output,
                          transition_constraints=config.transition_constraints,
-                         tag_names=tuple(data.tag_names), embedding_dropout=config.embedding_dropout)
+                         tag_names=tuple(data.tag_names), **config.regularizer_options())
   if config.transition_constraints == "iob2":
     allowed, allowed_start = crf.iob2_constraints(data.tag_names)
     for name, (_, split_tags, _) in data.splits.items():
@@ -213,7 +210,8 @@ def train_and_evaluate(config: Config, workdir: str, options=None) -> dict:
   if config.transition_constraints != "none":
     output += f" ({config.transition_constraints.upper()}-constrained)"
   title = (f"tagging: CoNLL-2003 {config.task.upper()}, {config.num_layers}x{config.hidden_size} "
-           f"bi-{config.cell} + {output}, D={config.embed_size}, dropout {config.dropout:g}")
+           f"bi-{config.cell} + {output}, D={config.embed_size}, dropout {config.dropout:g}"
+           f"{config.regularizer_summary()}")
   loss_label = ("CRF NLL -log p(y|x) (nats per token)" if config.output == "crf"
                 else "cross-entropy (nats per token)")
   plots.plot_run(run.workdir, title, metrics=shown, reference=reference, final=final,

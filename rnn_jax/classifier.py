@@ -63,6 +63,8 @@ class SentenceClassifier:
     dropout: inverted-dropout rate on the embeddings and on the sentence vector (training only).
     embedding_dropout: rate of whole word types dropped from the embedding, one mask per batch
       (Gal & Ghahramani 2016; ``rnn_jax.regularizers.embedding_dropout``; training only).
+    recurrent_dropout, zoneout, zoneout_cell, weight_dropout: the stack's regularisers of the
+      recurrent connection (``StackedRNN``, ``rnn_jax.regularizers``; 0 = off).
   """
   vocab_size: int
   num_classes: int
@@ -72,6 +74,10 @@ class SentenceClassifier:
   num_layers: int = 1
   dropout: float = 0.0
   embedding_dropout: float = 0.0
+  recurrent_dropout: float = 0.0
+  zoneout: float = 0.0
+  zoneout_cell: float = 0.0
+  weight_dropout: float = 0.0
 
   def __post_init__(self):
     if not isinstance(self.cell, Cell):
@@ -89,7 +95,8 @@ class SentenceClassifier:
   def encoder(self) -> StackedRNN:
     """The (bi)directional stacked RNN over the embeddings."""
     return StackedRNN(self.cell, num_layers=self.num_layers, bidirectional=self.bidirectional,
-                      dropout=self.dropout)
+                      dropout=self.dropout, recurrent_dropout=self.recurrent_dropout, zoneout=self.zoneout,
+                      zoneout_cell=self.zoneout_cell, weight_dropout=self.weight_dropout)
 
   @property
   def body(self) -> layers.TokenRNN:

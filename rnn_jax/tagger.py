@@ -59,6 +59,8 @@ class SequenceTagger:
       as in Lample et al. (2016).
     embedding_dropout: rate of whole word types dropped from the embedding, one mask per batch
       (Gal & Ghahramani 2016; ``rnn_jax.regularizers.embedding_dropout``; training only).
+    recurrent_dropout, zoneout, zoneout_cell, weight_dropout: the stack's regularisers of the
+      recurrent connection (``StackedRNN``, ``rnn_jax.regularizers``; 0 = off).
     output: "softmax" (an independent softmax per token) or "crf" (a linear-chain CRF;
       params gain "crf": {"transitions" [K, K], "start" [K], "end" [K]}).
     transition_constraints: with output="crf", "none" or "iob2": the transitions IOB2 forbids
@@ -76,6 +78,10 @@ class SequenceTagger:
   transition_constraints: str = "none"
   tag_names: tuple[str, ...] = ()
   embedding_dropout: float = 0.0
+  recurrent_dropout: float = 0.0
+  zoneout: float = 0.0
+  zoneout_cell: float = 0.0
+  weight_dropout: float = 0.0
 
   def __post_init__(self):
     if not isinstance(self.cell, Cell):
@@ -106,7 +112,9 @@ class SequenceTagger:
   @property
   def encoder(self) -> StackedRNN:
     """The bidirectional stacked RNN; outputs [->h_t ; <-h_t] of size 2H."""
-    return StackedRNN(self.cell, num_layers=self.num_layers, bidirectional=True, dropout=self.dropout)
+    return StackedRNN(self.cell, num_layers=self.num_layers, bidirectional=True, dropout=self.dropout,
+                      recurrent_dropout=self.recurrent_dropout, zoneout=self.zoneout,
+                      zoneout_cell=self.zoneout_cell, weight_dropout=self.weight_dropout)
 
   @property
   def body(self) -> layers.TokenRNN:

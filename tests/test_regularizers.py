@@ -384,7 +384,9 @@ def test_embedding_dropout_drops_whole_word_types_once_per_batch_and_only_in_tra
   from rnn_jax.tagger import SequenceTagger
   assert build_model(LMConfig(embedding_dropout=0.1), 11).body.embedding_dropout == 0.1
   assert SequenceTagger(13, 3, GRU(H), embedding_dropout=0.2).body.embedding_dropout == 0.2
-  assert SentenceClassifier(13, 3, GRU(H), embedding_dropout=0.3).body.embedding_dropout == 0.3
+  classifier = SentenceClassifier(13, 3, GRU(H), embedding_dropout=0.3, recurrent_dropout=0.1, weight_dropout=0.2)
+  assert classifier.body.embedding_dropout == 0.3
+  assert (classifier.encoder.recurrent_dropout, classifier.encoder.weight_dropout) == (0.1, 0.2)
   with pytest.raises(ValueError, match="embedding_dropout must be in"):
     LanguageModel(GRU(H), vocab_size=13, embed_size=6, embedding_dropout=1.0)
   with pytest.raises(ValueError, match="needs an rng key"):

@@ -187,7 +187,9 @@ def trained_crf(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("tagging") / "ner_crf")
   module = importlib.import_module("experiments.tagging")
   assert common.run(module.EXPERIMENT, ["--progress=false", "--smoke", "--output=crf",
-                                        "--transition_constraints=iob2", f"--workdir={workdir}"]) == 0
+                                        "--transition_constraints=iob2", "--recurrent_dropout=0.2",
+                                        "--zoneout=0.05", "--weight_dropout=0.2", "--embedding_dropout=0.1",
+                                        f"--workdir={workdir}"]) == 0
   return workdir
 
 
@@ -205,6 +207,9 @@ def test_crf_smoke_run_trains_decodes_and_predicts_from_the_workdir(trained_crf,
   assert train and all(np.isfinite(r["loss"]) and np.isfinite(r["grad_norm"]) for r in train)
   loaded = load_run(trained_crf)
   assert loaded.model.output == "crf" and loaded.model.tag_names == tuple(results["tags"])
+  # the regularisers' flags reach the saved model and its stack
+  assert (loaded.model.encoder.recurrent_dropout, loaded.model.encoder.zoneout, loaded.model.encoder.weight_dropout,
+          loaded.model.body.embedding_dropout) == (0.2, 0.05, 0.2, 0.1)
   assert set(loaded.params["crf"]) == {"transitions", "start", "end"}
   assert np.abs(np.asarray(loaded.params["crf"]["transitions"])).sum() > 0  # trained, checkpointed, restored
   result = run_experiment("tagging", f"--workdir={trained_crf}", "--predict=EU rejects German call to boycott .")
