@@ -10,7 +10,17 @@ prints one verse per line as ``Book C:V: text``; lines that do not start with a
 reference are Psalm titles (section headings, repeated by diatheke) and are dropped.
 Strong's numbers (``<H2416>``, ``<G3588>``) and the paragraph sign are stripped, the two
 modules are aligned by verse reference, and the pairs are cached as a TSV file
-(``cache_dir``, default ``~/.cache/rnn_jax``). That gives 31,102 aligned verse pairs.
+(``cache_dir``, default ``~/.cache/rnn_jax``). With the modules engKJV2006eb 14.3 (2022-12-21)
+and spaRV1909eb 2.60 (2022-12-23) (Debian's sword-text-kjv 14.3-1 and sword-text-sparv 2.60-1)
+that gives 31,084 aligned verse pairs: the English has all 31,102 verses of the KJV
+versification, the Spanish leaves 18 of them empty where the Reina-Valera numbers its verses
+differently (Numbers 12:16, 29:40; 1 Samuel 23:29; 2 Samuel 20:26; 2 Chronicles 33:25; Job 35:16,
+38:39-41, 40:20-24; Hosea 11:12; Jonah 1:17; Acts 19:41; 2 Corinthians 13:14). Around those gaps
+about 160 pairs keep the Spanish numbering and are off by one to five verses: Numbers 13 and
+30, 1 Samuel 24, 2 Chronicles 33:11-24, Job 39 and 40:1-19, Hosea 12 and Jonah 2 (KJV Jonah 1:17
+is the Spanish Jonah 2:1); elsewhere one Spanish verse holds two KJV verses (2 Samuel 20:25,
+Job 35:15, Acts 19:40, 2 Corinthians 13:12-13). A Psalm's title is part of its first Spanish
+verse.
 
 Split (deterministic): pair i (0-based, canonical verse order) is ``valid`` if
 i % 50 == 48, ``test`` if i % 50 == 49, else ``train`` (96 / 2 / 2 %, spread over
