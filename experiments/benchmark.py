@@ -138,7 +138,8 @@ class Config:
   implementations: tuple[str, ...] = field(
       ("rnn_jax", "rnn_jax_autodiff", "flax", "torch"),
       "Implementations of the speed and decode sweeps: rnn_jax (the default path: hand-derived BPTT, the "
-      "fused CPU kernels), rnn_jax_scan (the same with the kernels off), rnn_jax_autodiff (jax.grad through "
+      "fused CPU kernels, on a GPU cuDNN for the plain float32 LSTM), rnn_jax_scan (the same with the "
+      "kernels and the cuDNN route off), rnn_jax_autodiff (jax.grad through "
       "lax.scan), rnn_jax_no_retain (rnn_jax with glibc's malloc defaults, RNN_JAX_RETAIN_FREED_MEMORY=0), "
       "flax (nn.RNN), torch (nn.LSTM/GRU/RNN on the CPU), torch_no_onednn (torch without oneDNN), "
       "jax_cudnn (jax.experimental.rnn's cuDNN LSTM, float32) and torch_cuda; the last two need a GPU. "
@@ -204,7 +205,8 @@ PRESETS = {
     "gpu_check": dict(sweep="speed", cells=("lstm", "gru", "elman"), mode=("train", "infer"),
                       hidden_size=(512, 1024), batch_size=(32, 128), seq_len=(128, 1024),
                       compute_dtype=("float32", "bfloat16"),
-                      implementations=("rnn_jax", "flax", "jax_cudnn", "torch_cuda"), repeats=3, steps=2,
+                      implementations=("rnn_jax", "rnn_jax_scan", "flax", "jax_cudnn", "torch_cuda"), repeats=3,
+                      steps=2,
                       reuse_workers=True, require_gpu=True, time_limit_s=450.0),
 }
 SMOKE = dict(batch_size=(4,), seq_len=(16,), hidden_size=(16,), repeats=2, steps=1, peak_matmul_size=256,
@@ -843,6 +845,7 @@ def worker_env(impl: str, retain_freed_memory: bool, num_cpu_devices: int = 0) -
          "XLA_PYTHON_CLIENT_PREALLOCATE": os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE", "false")}
   if impl == "rnn_jax_scan":
     env["RNN_JAX_CPU_KERNELS"] = "0"  # the hand-derived BPTT through lax.scan, without the LSTM kernel
+    env["RNN_JAX_CUDNN"] = "0"        # and, on a GPU, without the cuDNN route (rnn_jax.cudnn_lstm)
   if impl == "rnn_jax_no_retain":
     env["RNN_JAX_RETAIN_FREED_MEMORY"] = "0"  # glibc's malloc defaults, as without import rnn_jax's setting
   if num_cpu_devices:
@@ -1019,12 +1022,19 @@ def plan_speed(config: Config, facts=None) -> tuple[list[str], list[str]]:
   return implementations, warnings
 
 
-def point_skip_reason(impl: str, point: dict):
+CUDNN_ROUTE_ONLY = ("on a GPU rnn_jax_scan differs from rnn_jax only where rnn_jax routes the layer to cuDNN "
+                    "(the float32 LSTM)")
+
+
+def point_skip_reason(impl: str, point: dict, on_gpu: bool = False):
   """Why ``impl`` does not run this (cell, mode, dtype, ...) point, or None."""
+  float32 = point.get("compute_dtype", "float32") == "float32"
   if impl == "jax_cudnn" and point["cell"] != "lstm":
     return "jax.experimental.rnn has only an LSTM"
-  if impl == "jax_cudnn" and point.get("compute_dtype", "float32") != "float32":
+  if impl == "jax_cudnn" and not float32:
     return CUDNN_FLOAT32_ONLY
+  if on_gpu and impl == "rnn_jax_scan" and (point["cell"] != "lstm" or not float32):
+    return CUDNN_ROUTE_ONLY
   return None
 
 
@@ -1044,7 +1054,7 @@ def speed_points(config: Config, implementations) -> tuple[list[tuple[dict, list
                        "hidden_size": H}
               names = []
               for impl in implementations:
-                reason = point_skip_reason(impl, point)
+                reason = point_skip_reason(impl, point, on_gpu=config.require_gpu)
                 if reason:
                   skipped.setdefault((impl, reason), set()).add(dtype if reason == CUDNN_FLOAT32_ONLY else cell)
                 else:

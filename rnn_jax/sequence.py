@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rnn_jax import bptt, regularizers
+from rnn_jax import bptt, cudnn_lstm, regularizers
 from rnn_jax.cells import Cell, Params, linear
 
 
@@ -345,7 +345,9 @@ def rnn(cell: Cell, params: Params, xs: jax.Array, lengths=None, *, initial_carr
 
   Computed time-major inside: a = W_xh x + b for all [T, B] at once, then one
   lax.scan whose body is the batched recurrence (a [B, H] x [H, G*H] matmul).
-  With remat_chunk = k, activation memory grows like T/k + k instead of T.
+  With remat_chunk = k, activation memory grows like T/k + k instead of T. On a GPU the
+  plain float32 LSTM read forwards runs as one cuDNN layer instead (``rnn_jax.cudnn_lstm``;
+  ``cudnn_lstm.reason`` says why not elsewhere; ``RNN_JAX_CUDNN=0`` turns it off).
 
   Args:
     xs: [B, T, F] (time_major=False) or [T, B, F] (time_major=True).
@@ -359,8 +361,12 @@ def rnn(cell: Cell, params: Params, xs: jax.Array, lengths=None, *, initial_carr
   """
   B, T = check_batch(cell.name, xs, lengths, time_major=time_major)
   cell.check_params(params)
-  xs_time_major = xs if time_major else jnp.swapaxes(xs, 0, 1)
   carry = _broadcast_carry(cell, params, initial_carry, B)
+  if cudnn_lstm.reason(cell, params, xs, reverse=reverse, grad=options.grad,
+                       remat_chunk=options.remat_chunk) is None:
+    carry, ys = cudnn_lstm.lstm_layer(params, jnp.swapaxes(xs, 0, 1) if time_major else xs, carry, lengths)
+    return carry, (jnp.swapaxes(ys, 0, 1) if time_major else ys)
+  xs_time_major = xs if time_major else jnp.swapaxes(xs, 0, 1)
   mask = None if lengths is None else jnp.arange(T)[:, None] < jnp.asarray(lengths)[None, :]
   carry, hs = _project_and_scan(cell, params, xs_time_major, carry, mask, reverse=reverse, options=options)
   ys = cell.output(params, hs)

@@ -234,18 +234,20 @@ def test_gpu_check_plan_without_a_gpu(run_experiment, tmp_path):
   assert config.reuse_workers and config.require_gpu and 0 < config.time_limit_s < 480
   gpu = {"backend": "gpu", "device_count": 1, "torch": True, "torch_cuda": True}
   implementations, warnings = benchmark.plan_speed(config, gpu)
-  assert implementations == ["rnn_jax", "flax", "jax_cudnn", "torch_cuda"] and warnings == []
+  assert implementations == ["rnn_jax", "rnn_jax_scan", "flax", "jax_cudnn", "torch_cuda"] and warnings == []
   plan, skips = benchmark.speed_points(config, implementations)
   assert len(plan) == 3 * 2 * 2 * 2 * 2 * 2  # cells x modes x dtypes x H x B x T
-  cudnn = [point for point, names in plan if "jax_cudnn" in names]
-  assert len(cudnn) == 16 and all(p["cell"] == "lstm" and p["compute_dtype"] == "float32" for p in cudnn)
-  assert sum(len(names) for _, names in plan) == 96 * 3 + 16
+  for impl in ("jax_cudnn", "rnn_jax_scan"):  # cuDNN itself, and rnn_jax with its cuDNN route off
+    points = [point for point, names in plan if impl in names]
+    assert len(points) == 16 and all(p["cell"] == "lstm" and p["compute_dtype"] == "float32" for p in points)
+  assert sum(len(names) for _, names in plan) == 96 * 3 + 16 + 16
   assert sorted(skips) == ["skipping jax_cudnn for bfloat16: " + benchmark.CUDNN_FLOAT32_ONLY,
-                           "skipping jax_cudnn for elman, gru: jax.experimental.rnn has only an LSTM"]
+                           "skipping jax_cudnn for elman, gru: jax.experimental.rnn has only an LSTM",
+                           "skipping rnn_jax_scan for elman, gru, lstm: " + benchmark.CUDNN_ROUTE_ONLY]
   # Here (no GPU): the GPU implementations are skipped with their reasons, and the preset is refused.
   cpu = {"backend": "cpu", "device_count": 1, "torch": True, "torch_cuda": False}
   implementations, warnings = benchmark.plan_speed(config, cpu)
-  assert implementations == ["rnn_jax", "flax"]
+  assert implementations == ["rnn_jax", "rnn_jax_scan", "flax"]
   assert warnings[:2] == ["skipping jax_cudnn: jax_cudnn needs a GPU (JAX's backend here is cpu)",
                           "skipping torch_cuda: torch_cuda needs a CUDA device (torch.cuda.is_available() is False)"]
   if NO_GPU:
