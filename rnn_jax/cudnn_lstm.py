@@ -8,7 +8,9 @@ hands a layer to it when ``reason(...)`` is None, that is for
 
 exactly ``cells.LSTM`` without peephole, layer norm or projection, in float32 with no compute
 dtype, read forwards, on the GPU backend, with ``grad="auto"`` and no remat, outside a
-partitioned mesh, and unless ``RNN_JAX_CUDNN=0``. Everywhere else the layer keeps rnn_jax's own
+partitioned mesh and outside vmap, and unless ``RNN_JAX_CUDNN=0``. (``run_cell``, the
+per-example API that vmap maps, never takes the route; a ``vmap`` of an already jitted
+function that calls ``rnn`` cannot be seen at trace time: set ``RNN_JAX_CUDNN=0`` for it.) Everywhere else the layer keeps rnn_jax's own
 scan and hand-derived backward pass.
 
 The weights map one to one (our params are PyTorch's layout and gate order, which is cuDNN's):
@@ -94,7 +96,15 @@ def reason(cell: Cell, params: Params, xs: jax.Array, *, reverse: bool, grad: st
   devices = mesh_lib.partitioned_devices()
   if devices > 1:
     return f"lstm: traced for a mesh of {devices} devices; cuDNN's call has no partitioning rule"
+  if _under_vmap(*arrays):
+    return "lstm: traced under vmap; cuDNN's call has no batching rule (run_cell is the per-example API)"
   return _library_reason()
+
+
+def _under_vmap(*arrays) -> bool:
+  """True if any array is a tracer of jax.vmap (seen when rnn is traced inside vmap)."""
+  from jax._src.interpreters import batching
+  return any(isinstance(a, batching.BatchTracer) for a in arrays)
 
 
 def pack_weights(params: Params) -> jax.Array:

@@ -121,6 +121,10 @@ def test_the_decision_names_why_a_layer_keeps_the_scan(on_a_gpu, change, expecte
 
 def test_the_switch_a_mesh_and_a_cpu_jaxlib_keep_the_scan(on_a_gpu, monkeypatch):
   cell, params, xs, _, _ = _problem()
+  reasons = []
+  jax.vmap(lambda x: reasons.append(cudnn_lstm.reason(cell, params, x, reverse=False, grad="auto",
+                                                      remat_chunk=0)) or x)(xs[None])
+  assert "under vmap" in reasons[0]
   monkeypatch.setattr(cudnn_lstm.mesh_lib, "partitioned_devices", lambda: 8)
   assert "mesh of 8 devices" in cudnn_lstm.reason(cell, params, xs, reverse=False, grad="auto", remat_chunk=0)
   monkeypatch.undo()
