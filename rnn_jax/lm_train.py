@@ -26,7 +26,7 @@ import numpy as np
 from absl import logging
 
 from rnn_jax import cells, plots
-from rnn_jax.config import TrainingConfig, field
+from rnn_jax.config import RegularizerConfig, TrainingConfig, field
 from rnn_jax.data import Corpus, StreamBatches, eval_windows, load_corpus
 from rnn_jax.data.batching import check_stream
 from rnn_jax.data.text import ENCODING_ERRORS
@@ -43,7 +43,7 @@ DEEP_TRANSITION_CELLS = tuple(name for name, (cell_class, _) in cells.PRESETS.it
 
 
 @dataclasses.dataclass(frozen=True)
-class LMConfig(TrainingConfig):
+class LMConfig(TrainingConfig, RegularizerConfig):
   """Every setting of a language-model run."""
   dataset: str = field("ptb_char", "Corpus: ptb_char, ptb_word, shakespeare or file:PATH.", fixed=True)
   encoding: str = field("utf-8", "Text encoding of a file:PATH corpus (a Python codec name, e.g. latin-1).",
@@ -69,24 +69,12 @@ class LMConfig(TrainingConfig):
   l1: float = field(0.0, "L1 penalty on the recurrent weights W_hh only.", minimum=0.0)
   l2: float = field(0.0, "L2 penalty on the recurrent weights W_hh only.", minimum=0.0)
   unroll: int = field(1, "lax.scan unroll of the recurrence.", minimum=1)
-  recurrent_dropout: float = field(0.0, "Recurrent dropout (Gal & Ghahramani 2016): one mask per window and "
-                                   "example on h_{t-1} where it enters W_hh h_{t-1}.", minimum=0.0, maximum=0.99)
-  zoneout: float = field(0.0, "Zoneout on h (Krueger et al. 2017): each unit keeps h_{t-1} with this "
-                         "probability, fresh per step; evaluation uses the expectation.", minimum=0.0,
-                         maximum=0.99, fixed=True)
-  zoneout_cell: float = field(0.0, "Zoneout on the LSTM's cell state c (Krueger et al. 2017 use 0.5 on c, "
-                              "0.05 on h).", minimum=0.0, maximum=0.99, fixed=True)
-  weight_dropout: float = field(0.0, "DropConnect on W_hh (AWD-LSTM's weight drop, Merity et al. 2017): one "
-                                "mask per window.", minimum=0.0, maximum=0.99)
   transition_sizes: tuple[int, ...] = field((), "Sizes D_1 .. D_(L-1) of the intermediate transition layers of the "
                                             "dt_rnn and dts_rnn cells (Pascanu et al. 2013); empty: one layer of "
                                             "hidden_size units.", minimum=1, fixed=True)
   output_layer_sizes: tuple[int, ...] = field((), "Sizes of the intermediate tanh layers of a deep output between "
                                               "h_t and the softmax (DO; with dts_rnn the DOT(S)-RNN of Pascanu et "
                                               "al. 2013); empty: o_t = W_hy h_t + b_y.", minimum=1, fixed=True)
-  embedding_dropout: float = field(0.0, "Embedding dropout (Gal & Ghahramani 2016): the rate of whole word "
-                                   "types zeroed in the embedding, one mask per window (training only).",
-                                   minimum=0.0, maximum=0.99)
 
   def validate(self) -> None:
     super().validate()
@@ -113,9 +101,7 @@ def build_model(config: LMConfig, vocab_size: int) -> LanguageModel:
   return LanguageModel(cell, vocab_size, config.embed_size or config.hidden_size,
                        output_layer_sizes=tuple(config.output_layer_sizes),
                        num_layers=config.num_layers, dropout=config.dropout,
-                       recurrent_dropout=config.recurrent_dropout, zoneout=config.zoneout,
-                       zoneout_cell=config.zoneout_cell, weight_dropout=config.weight_dropout,
-                       embedding_dropout=config.embedding_dropout,
+                       **config.regularizer_options(),
                        init_scale=config.init_scale or None, scan=ScanOptions(unroll=config.unroll))
 
 
@@ -135,20 +121,6 @@ def architecture(config: LMConfig) -> str:
   if config.output_layer_sizes:
     parts.append("deep output " + ",".join(str(s) for s in config.output_layer_sizes))
   return ", ".join(parts)
-
-
-def regularizer_summary(config: LMConfig) -> str:
-  """", recurrent dropout 0.25, zoneout 0.05 (c 0.5), weight dropout 0.5" for the rates in use; "" if none."""
-  parts = []
-  if config.recurrent_dropout:
-    parts.append(f"recurrent dropout {config.recurrent_dropout:g}")
-  if config.zoneout or config.zoneout_cell:
-    parts.append(f"zoneout {config.zoneout:g}" + (f" (c {config.zoneout_cell:g})" if config.zoneout_cell else ""))
-  if config.weight_dropout:
-    parts.append(f"weight dropout {config.weight_dropout:g}")
-  if config.embedding_dropout:
-    parts.append(f"embedding dropout {config.embedding_dropout:g}")
-  return "".join(", " + part for part in parts)
 
 
 def named_metrics(nats: float, level: str) -> dict:
@@ -213,7 +185,7 @@ def train_lm(config: LMConfig, workdir: str, options: RunOptions = RunOptions(),
   results = {**outcome.results, "num_params": model.num_params(params), "corpus": corpus.summary()}
   metric = "bpc" if corpus.level == "char" else "perplexity"
   plots.plot_run(run.workdir, f"{experiment}: {architecture(config)} on "
-                 f"{corpus.name}{regularizer_summary(config)}", metrics=["loss", metric, "grad_norm"],
+                 f"{corpus.name}{config.regularizer_summary()}", metrics=["loss", metric, "grad_norm"],
                  reference=reference,
                  labels={"loss": "nats per token", "bpc": "bits per character", "perplexity": "perplexity",
                          "grad_norm": "gradient norm ||g||"},
