@@ -18,6 +18,13 @@ trained and scored by the negative log-likelihood per time step, in nats. Each c
 ``cells`` is trained in its own sub-directory through the one training recipe; the best
 checkpoint on validation NLL is tested.
 
+Initial output bias (output_bias_init): by default b_y starts at each key's log-odds of
+sounding in the training frames (polyphonic.marginal_log_odds; the prior initialisation of
+Lin et al. 2017), so training starts at the marginal model's NLL (~11.6 nats) instead of
+sigma(o) = 1/2 on all 88 keys (~61 nats). From the U(+-1/sqrt(fan_in)) draw (torch), the
+first steps push every logit down by saturating the hidden units, and the models start slower
+or, with a deep output, stay on the marginal model (docs/results.md, music).
+
 Sizes: Chung et al. 2014 compare cells of about equal parameter count. With
 equal_params (the default) the LSTM has hidden_size units and every other cell the largest
 hidden size whose model has no more parameters than that LSTM's
@@ -77,6 +84,7 @@ CHUNG_2014_JSB_TEST_NLL = {"elman": 9.10, "gru": 8.54, "lstm": 8.67}
 CHUNG_2014_SOURCE = "Chung et al. 2014 (arXiv:1412.3555), JSB Chorales test NLL per time step"
 SPLIT_RULE = "music21 Riemenschneider order, index % 5: 3 -> valid, 4 -> test, else train"
 HIGHEST_MIDI = chorales.LOWEST_MIDI + chorales.NUM_PITCHES - 1
+OUTPUT_BIAS_INITS = ("marginal", "torch")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +106,10 @@ class Config(TrainingConfig):
                                               "between h_t and the sigmoid outputs (DO-RNN, Pascanu et al. "
                                               "2013); empty: o_t = W_hy h_t + b_y.", minimum=1, fixed=True)
   dropout: float = field(0.0, "Dropout between stacked layers (training only).", minimum=0.0, maximum=0.99)
+  output_bias_init: str = field("marginal", "Initial output bias b_y: marginal sets sigma(b_y) to each key's "
+                                "frequency in the training frames (polyphonic.marginal_log_odds); torch "
+                                "draws it from U(+-1/sqrt(fan_in)) like the weights.",
+                                choices=OUTPUT_BIAS_INITS, fixed=True)
   num_chorales: int = field(0, "Chorales read, in catalogue order; 0 reads all 371.", minimum=0, fixed=True)
   data_dir: str = field("", "Cache directory of the parsed chorales; empty: $RNN_JAX_CACHE or "
                         "~/.cache/rnn_jax.")
@@ -109,7 +121,7 @@ class Config(TrainingConfig):
   steps: int = 5000
   learning_rate: float = 5e-3
   clip: float = 1.0
-  eval_every: int = 500
+  eval_every: int = 100
 
   def validate(self) -> None:
     super().validate()
@@ -169,7 +181,9 @@ def train_cell(run: RunDir, config: Config, cell: str, hidden_size: int, splits,
                      num_pitches=chorales.NUM_PITCHES, num_layers=config.num_layers, dropout=config.dropout,
                      output_layer_sizes=tuple(config.output_layer_sizes))
   child.save_model(model, best_metric="nll", best_mode="min", cell=cell, hidden_size=hidden_size)
-  params = model.init(jax.random.PRNGKey(config.seed))
+  output_bias = (polyphonic.marginal_log_odds(splits["train"], chorales.NUM_PITCHES)
+                 if config.output_bias_init == "marginal" else None)
+  params = model.init(jax.random.PRNGKey(config.seed), output_bias=output_bias)
   num_params = polyphonic.count_params(model)
   stream = chorales.RollBatches(splits["train"], config.batch_size, seed=config.seed)
   logging.info("music %s: H=%d, %d params", cell, hidden_size, num_params)

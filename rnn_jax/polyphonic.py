@@ -18,6 +18,9 @@ about the same number of parameters, e.g. 100 tanh, 46 GRU and 36 LSTM units for
 20k parameters on the music data): ``equal_parameter_sizes`` gives each cell the largest
 hidden size whose FrameModel has no more parameters than a reference cell's with H units.
 ``nll_per_step`` evaluates a whole split of variable-length sequences.
+
+Initial output bias: ``marginal_log_odds`` gives b_y at which sigma(b_y) is each key's
+frequency in the training frames (``FrameModel.init(key, output_bias=...)``).
 """
 
 from __future__ import annotations
@@ -73,13 +76,23 @@ class FrameModel:
   def rnn(self) -> StackedRNN:
     return StackedRNN(self.cell, num_layers=self.num_layers, dropout=self.dropout)
 
-  def init(self, key) -> dict:
+  def init(self, key, output_bias=None) -> dict:
     """Params {"rnn": StackedRNN params (input K), "readout": {w: [K, D_k or H], b: [K]} (+ the deep
-    output's {"hidden_1": {w, b}, ...})}."""
+    output's {"hidden_1": {w, b}, ...})}.
+
+    output_bias: the initial b_y [K], e.g. ``marginal_log_odds`` of the training frames; None
+    keeps ``layers.deep_output_init``'s U(+-1/sqrt(fan_in)).
+    """
     key_rnn, key_out = jax.random.split(key)
-    return {"rnn": self.rnn.init(key_rnn, self.num_pitches),
-            "readout": layers.deep_output_init(key_out, self.cell.output_size, self.num_pitches,
-                                               self.output_layer_sizes)}
+    readout = layers.deep_output_init(key_out, self.cell.output_size, self.num_pitches,
+                                      self.output_layer_sizes)
+    if output_bias is not None:
+      output_bias = jnp.asarray(output_bias, readout["b"].dtype)
+      if output_bias.shape != readout["b"].shape:
+        raise ValueError(f"FrameModel.init: output_bias must have shape ({self.num_pitches},), "
+                         f"got {tuple(output_bias.shape)}")
+      readout["b"] = output_bias
+    return {"rnn": self.rnn.init(key_rnn, self.num_pitches), "readout": readout}
 
   def readout(self, params: dict, h: jax.Array) -> jax.Array:
     """o_t from h_t: [..., H] -> [..., K] (``layers.deep_output``; ``layers.dense`` without layers)."""
@@ -198,6 +211,32 @@ def equal_parameter_sizes(cell_names: Sequence[str], hidden_size: int, *, refere
       low, high = (middle, high) if size_of(name, middle) <= budget else (low, middle)
     sizes[name] = low
   return sizes
+
+
+def marginal_log_odds(rolls, num_pitches: int = 88, prior: float = 0.5) -> np.ndarray:
+  """Each key's log-odds of sounding in ``rolls`` ([T_i, K] arrays): b [K] float32.
+
+    p_k = (n_k + prior) / (N + 2 prior),   b_k = log p_k - log(1 - p_k)
+
+  n_k: frames where key k sounds, N: frames in all. With b_y = b and h-independent logits the
+  frame model predicts each key at its training frequency (the add-1/2 estimate keeps keys
+  that never sound finite: about -10 nats for 12k frames). Setting an output bias to the
+  prior's log-odds is the initialisation of Lin et al. 2017 ("Focal loss for dense object
+  detection"); here it spares training the first phase from sigma(o) = 1/2 on all 88 keys
+  (~61 nats per frame), whose large gradients otherwise drive the tanh units under the
+  read-out into saturation (docs/results.md, music).
+  """
+  if not len(rolls):
+    raise ValueError("marginal_log_odds: no sequences (the split is empty)")
+  if prior <= 0:
+    raise ValueError(f"marginal_log_odds: prior must be > 0, got {prior}")
+  bad = [tuple(np.shape(r)) for r in rolls if np.ndim(r) != 2 or np.shape(r)[1] != num_pitches]
+  if bad:
+    raise ValueError(f"marginal_log_odds: rolls must have shape [T, {num_pitches}], got {bad[0]}")
+  counts = np.sum([np.asarray(r, np.float64).sum(axis=0) for r in rolls], axis=0)
+  frames = float(sum(len(r) for r in rolls))
+  p = (counts + prior) / (frames + 2 * prior)
+  return (np.log(p) - np.log1p(-p)).astype(np.float32)
 
 
 @functools.lru_cache(maxsize=16)
