@@ -157,6 +157,14 @@ def chord_frame(pitches) -> np.ndarray:
   return frame
 
 
+def chung_2014_figure(config: Config, cell: str):
+  """Chung et al. 2014's JSB test NLL for ``cell``, or None where their model is not ours: the
+  deep-transition cells, a stacked network (num_layers > 1) or a deep output."""
+  if config.num_layers > 1 or config.output_layer_sizes:
+    return None
+  return CHUNG_2014_JSB_TEST_NLL.get(cell)
+
+
 def cell_options(config: Config, cell: str) -> dict:
   """The hyper-parameters ``config`` gives ``cell`` beyond its registry preset (transition_sizes)."""
   if cell in DEEP_CELL_NAMES and config.transition_sizes:
@@ -199,7 +207,7 @@ def train_cell(run: RunDir, config: Config, cell: str, hidden_size: int, splits,
   outcome = train_and_test(child, config, params=params, loss_fn=loss_fn, stream=stream,
                            steps_per_epoch=steps_per_epoch, evaluate=evaluate, best_metric="nll",
                            tokens_per_step=frames_per_step, progress=options.progress)
-  published = CHUNG_2014_JSB_TEST_NLL.get(cell)   # None for the deep cells: no figure drawn
+  published = chung_2014_figure(config, cell)
   row = {"cell": cell, "hidden_size": hidden_size, "num_params": num_params, "best_step": outcome.best_step,
          "steps": outcome.step,
          "train_nll": polyphonic.nll_per_step(model, outcome.params, splits["train"], config.batch_size),

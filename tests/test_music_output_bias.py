@@ -1,4 +1,5 @@
-"""The frame model's initial output bias at each key's training log-odds (polyphonic.marginal_log_odds)."""
+"""The frame model's initial output bias at each key's training log-odds (polyphonic.marginal_log_odds),
+and which music runs draw Chung et al. 2014's figures."""
 
 import jax
 import jax.numpy as jnp
@@ -58,3 +59,12 @@ def test_init_refuses_an_output_bias_of_the_wrong_shape():
   model = FrameModel(cells.make_cell("gru", 3), num_pitches=4)
   with pytest.raises(ValueError, match=r"output_bias must have shape \(4,\), got \(5,\)"):
     model.init(jax.random.PRNGKey(0), output_bias=jnp.zeros((5,)))
+
+
+def test_chung_2014_figures_are_drawn_only_for_their_one_layer_models():
+  from experiments import music   # pylint: disable=import-outside-toplevel
+  assert music.chung_2014_figure(music.Config(), "gru") == 8.54
+  assert music.chung_2014_figure(music.Config(), "dts_rnn") is None
+  assert music.chung_2014_figure(music.Config(num_layers=2), "elman") is None           # sRNN
+  assert music.chung_2014_figure(music.Config(output_layer_sizes=(8,)), "elman") is None   # DO-RNN
+  assert music.Config().output_bias_init == "marginal" and music.Config().eval_every == 100
