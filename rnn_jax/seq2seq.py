@@ -46,6 +46,10 @@ beam search with beam_size > 1), ``corpus_loss`` is the teacher-forced cross-ent
 whole split, and ``translate(load_run(workdir), sentences)`` translates raw text with a
 trained run directory alone (its model.json and source/target vocabulary files).
 
+Params split into an encoder side (e(x_t), RNN_enc, Cho's W_c) and a decoder side (the rest), whose
+shapes depend on V_x and on V_y alone (``split_params`` / ``join_params``); ``rnn_jax.multitask``
+composes tasks from shared sides.
+
 Shapes: source ids [B, S], source lengths [B]; target inputs/outputs [B, T], target
 lengths [B]. Variable lengths go through ``rnn_jax.sequence`` (padded steps leave the
 state untouched, so h_S is the state at each source's true end). Token ids are
@@ -72,6 +76,9 @@ from rnn_jax.sequence import dropout as dropout_layer
 KINDS = ("cho", "sutskever")
 ATTENTIONS = ("",) + attention_lib.KINDS   # "": no attention (one fixed context)
 NEG_INF = -1e9
+# The params groups of ``Seq2Seq.init``: those that read the source alone (the encoder side) and the rest.
+ENCODER_PARAMS = ("source_embedding", "encoder", "context")
+DECODER_PARAMS = ("target_embedding", "decoder", "readout", "bridge", "attention", "attentional")
 
 
 class Encoded(NamedTuple):
@@ -286,6 +293,31 @@ class Seq2Seq:
         "decoder": self.decoder.init(keys[3], self.decoder_input_size),
         "readout": layers.dense_init(keys[4], self.readout_input_size, self.target_vocab_size),
     }
+
+  def split_params(self, params: dict) -> tuple[dict, dict]:
+    """(encoder side, decoder side) of a params dict; ``join_params`` is its inverse.
+
+    The encoder side reads the source alone: "source_embedding" e(x_t), "encoder" (RNN_enc) and,
+    for Cho without attention, "context" (W_c of c = tanh(W_c h_S + b_c)); everything else (target
+    embedding, RNN_dec, read-out W_hy, bridge W_s, attention scores, Luong's W_c) is the decoder
+    side. The encoder side's shapes depend on V_x only, the decoder side's on V_y only, so one side
+    can be shared by every model that has the same sizes otherwise.
+    """
+    unknown = sorted(set(params) - set(ENCODER_PARAMS) - set(DECODER_PARAMS))
+    if unknown:
+      raise ValueError(f"seq2seq: params hold unknown groups {unknown}; expected some of "
+                       f"{ENCODER_PARAMS + DECODER_PARAMS}")
+    return ({k: v for k, v in params.items() if k in ENCODER_PARAMS},
+            {k: v for k, v in params.items() if k not in ENCODER_PARAMS})
+
+  @staticmethod
+  def join_params(encoder_params: dict, decoder_params: dict) -> dict:
+    """One params dict from an encoder side and a decoder side (``split_params``' inverse)."""
+    clash = sorted(set(encoder_params) & set(decoder_params))
+    if clash or set(encoder_params) - set(ENCODER_PARAMS):
+      raise ValueError(f"seq2seq: encoder params {sorted(encoder_params)} and decoder params "
+                       f"{sorted(decoder_params)} must split as {ENCODER_PARAMS} / the rest")
+    return {**encoder_params, **decoder_params}
 
   def _init_attention(self, key) -> dict:
     keys = jax.random.split(key, 8)
