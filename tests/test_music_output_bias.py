@@ -68,3 +68,4 @@ def test_chung_2014_figures_are_drawn_only_for_their_one_layer_models():
   assert music.chung_2014_figure(music.Config(num_layers=2), "elman") is None           # sRNN
   assert music.chung_2014_figure(music.Config(output_layer_sizes=(8,)), "elman") is None   # DO-RNN
   assert music.Config().output_bias_init == "marginal" and music.Config().eval_every == 100
+  assert music.Config().steps == 2000 and music.PRESETS["deep_transition"]["steps"] == 2000
