@@ -230,9 +230,11 @@ def test_smoke_run_writes_per_task_results_and_resume_continues_exactly(run_expe
     records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
     return [r for r in records if r["split"] == "valid" and r["step"] == 8][-1]
 
-  for key, value in valid_at_8(tmp_path / "whole").items():
-    if key not in ("time_s",):
-      assert valid_at_8(tmp_path / "cut")[key] == pytest.approx(value, rel=1e-5), key
+  whole_valid, cut_valid = valid_at_8(tmp_path / "whole"), valid_at_8(tmp_path / "cut")
+  assert set(whole_valid) == set(cut_valid)
+  for key, value in whole_valid.items():
+    if key not in ("time_s", "split"):
+      assert cut_valid[key] == pytest.approx(value, rel=1e-5), key
 
 
 @pytest.mark.slow
