@@ -129,6 +129,8 @@ def plot_attention(path: str, samples, title: str, *, columns: int = 2) -> str:
   Source tokens on the x axis, output tokens on the y axis, one shared colour scale 0..1 with
   its colourbar. Saved with ``plots.save_figure``; returns ``path``.
   """
+  import textwrap  # pylint: disable=import-outside-toplevel
+
   import numpy as np  # pylint: disable=import-outside-toplevel
   from rnn_jax import plots  # pylint: disable=import-outside-toplevel
   samples = list(samples)
@@ -153,7 +155,8 @@ def plot_attention(path: str, samples, title: str, *, columns: int = 2) -> str:
     axis.set_yticks(range(len(output)), output, fontsize=8)
     axis.set_xlabel("source token")
     axis.set_ylabel("output token")
-    axis.set_title(panel_title, fontsize=9)
+    # A title wider than its panel would run into the next one: wrap it to the panel's width.
+    axis.set_title(textwrap.fill(panel_title, max(30, int(width * 11))), fontsize=9)
   for axis in flat[len(samples):]:
     axis.set_visible(False)
   fig.suptitle(title, fontsize=11)
