@@ -4,7 +4,8 @@
   python experiments/multitask.py --preset=bible --auxiliary_weight=0 # the single-task baseline
   python experiments/multitask.py --preset=bible --setting=many_to_many   # + es->es
   python experiments/multitask.py --preset=bible --setting=many_to_one    # en->es + es->es
-  python experiments/multitask.py --smoke --dataset=dates --workdir=/tmp/smoke   # seconds
+  python experiments/multitask.py                                     # dates: words -> ISO + ISO autoencoder
+  python experiments/multitask.py --smoke --workdir=/tmp/smoke        # seconds, same code path
 
 Luong, Le, Sutskever, Vinyals & Kaiser 2015, "Multi-task sequence to sequence learning"
 (arXiv:1511.06114): tasks share encoders and decoders (rnn_jax.multitask). Each task here is an
@@ -68,8 +69,9 @@ LANGUAGES = {"bible": ("en", "es"), "dates": ("words", "iso")}   # (source, targ
 @dataclasses.dataclass(frozen=True)
 class Config(TrainingConfig):
   """multitask: translation plus autoencoders sharing its encoder and/or decoder, Adam with clipping."""
-  dataset: str = field("bible", "Parallel corpus: bible (KJV English -> Reina-Valera 1909 Spanish) or dates "
-                       "(synthetic, English words -> ISO 8601).", choices=translation.DATASETS, fixed=True)
+  dataset: str = field("dates", "Parallel corpus: dates (synthetic, English words -> ISO 8601; generated, so "
+                       "it runs anywhere) or bible (KJV English -> Reina-Valera 1909 Spanish; --preset=bible, "
+                       "needs the SWORD modules).", choices=translation.DATASETS, fixed=True)
   setting: str = field("one_to_many", "Tasks: one_to_many (translation + source autoencoder, one shared "
                        "encoder), many_to_one (translation + target autoencoder, one shared decoder) or "
                        "many_to_many (both autoencoders).", choices=SETTINGS, fixed=True)
@@ -94,9 +96,9 @@ class Config(TrainingConfig):
                           minimum=0, fixed=True)
   max_length: int = field(20, "Bible: keep verse pairs with at most this many tokens on each side; 0: all.",
                           minimum=0, fixed=True)
-  num_train_pairs: int = field(0, "Dates: training pairs generated. Bible: at most this many training "
+  num_train_pairs: int = field(20000, "Dates: training pairs generated. Bible: at most this many training "
                                "pairs (0: all).", minimum=0, fixed=True)
-  num_eval_pairs: int = field(0, "Dates: validation and test pairs generated, each. Bible: at most this "
+  num_eval_pairs: int = field(1000, "Dates: validation and test pairs generated, each. Bible: at most this "
                               "many of each (0: all).", minimum=0, fixed=True)
   data_dir: str = field("", "Cache directory of the exported Bible; empty: $RNN_JAX_CACHE or "
                         "~/.cache/rnn_jax.")
@@ -112,7 +114,7 @@ class Config(TrainingConfig):
   pad_multiple: int = field(8, "Batch widths are rounded up to a multiple of this (fewer compilations).",
                             minimum=1)
   batch_size: int = 64
-  steps: int = 2000
+  steps: int = 2500
   learning_rate: float = 2e-3
   clip: float = 1.0
   eval_every: int = 500
@@ -130,9 +132,9 @@ class Config(TrainingConfig):
 
 PRESETS = {
     # translate.py --preset=bible's model and data (Cho GRU 128, E=64, 4000 tokens, verses <= 20 tokens).
-    "bible": dict(dataset="bible", steps=2000),
-    "bible_many_to_many": dict(dataset="bible", setting="many_to_many", steps=2000),
-    "dates": dict(dataset="dates", num_train_pairs=20000, num_eval_pairs=1000, steps=2500),
+    "bible": dict(dataset="bible", num_train_pairs=0, num_eval_pairs=0, steps=2000),
+    "bible_many_to_many": dict(dataset="bible", setting="many_to_many", num_train_pairs=0, num_eval_pairs=0,
+                               steps=2000),
 }
 SMOKE = dict(embed_size=16, hidden_size=32, batch_size=16, pad_multiple=32, steps=12, eval_every=6,
              log_every=6, valid_bleu_pairs=16, num_samples=2, num_train_pairs=200, num_eval_pairs=40,
