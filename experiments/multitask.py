@@ -51,83 +51,35 @@ import numpy as np
 from absl import logging
 
 if __package__:
-  from experiments import common
+  from experiments import common, translate
 else:  # run as a script: experiments/ is on sys.path
   import common
+  import translate
 from rnn_jax import attention, cells, metrics, multitask, plots, seq2seq
-from rnn_jax.config import TrainingConfig, field
+from rnn_jax.config import field
 from rnn_jax.data import translation
 from rnn_jax.layers import check_token_ids
 from rnn_jax.rundir import RunDir, RunOptions
 from rnn_jax.train import train_and_test
 
-DEFAULT_CELLS = {"cho": "gru", "sutskever": "lstm"}
 SETTINGS = ("one_to_many", "many_to_one", "many_to_many")
 LANGUAGES = {"bible": ("en", "es"), "dates": ("words", "iso")}   # (source, target) language of each corpus
 
 
 @dataclasses.dataclass(frozen=True)
-class Config(TrainingConfig):
+class Config(translate.EncoderDecoderConfig):
   """multitask: translation plus autoencoders sharing its encoder and/or decoder, Adam with clipping."""
-  dataset: str = field("dates", "Parallel corpus: dates (synthetic, English words -> ISO 8601; generated, so "
-                       "it runs anywhere) or bible (KJV English -> Reina-Valera 1909 Spanish; --preset=bible, "
-                       "needs the SWORD modules).", choices=translation.DATASETS, fixed=True)
   setting: str = field("one_to_many", "Tasks: one_to_many (translation + source autoencoder, one shared "
                        "encoder), many_to_one (translation + target autoencoder, one shared decoder) or "
                        "many_to_many (both autoencoders).", choices=SETTINGS, fixed=True)
   auxiliary_weight: float = field(0.1, "Mixing weight a of each autoencoder task (the translation task has "
                                   "1): a step trains a task with probability w_k / sum_j w_j; 0 is the "
                                   "single-task baseline.", minimum=0.0, fixed=True)
-  model: str = field("cho", "Encoder-decoder: cho (Cho et al. 2014) or sutskever (Sutskever et al. 2014).",
-                     choices=seq2seq.KINDS, fixed=True)
-  cell: str = field("", "Recurrent cell of encoders and decoders; empty: gru for cho, lstm for sutskever.",
-                    choices=("", "elman", "gru", "lstm"), fixed=True)
-  attention: str = field("", "Attention over the source: empty (none: one fixed context), bahdanau "
-                         "(Bahdanau et al. 2014) or Luong et al. 2015's global dot, general or concat.",
-                         choices=seq2seq.ATTENTIONS, fixed=True)
-  input_feeding: bool = field(True, "Luong attention (dot, general, concat): feed the attentional state "
-                              "h~_{t-1} into the next decoder input; unused without it.", fixed=True)
-  embed_size: int = field(64, "Embedding size E of every encoder's and decoder's tokens.", minimum=1, fixed=True)
-  hidden_size: int = field(128, "Hidden size H of every encoder and decoder.", minimum=1, fixed=True)
-  num_layers: int = field(1, "Stacked layers in every encoder and decoder.", minimum=1, fixed=True)
-  dropout: float = field(0.0, "Dropout between stacked layers (training only).", minimum=0.0, maximum=0.99)
-  vocab_size: int = field(4000, "Bible: the most frequent training tokens kept per language, the four "
-                          "specials <pad> <bos> <eos> <unk> included; 0 keeps all (dates keep all).",
-                          minimum=0, fixed=True)
-  max_length: int = field(20, "Bible: keep verse pairs with at most this many tokens on each side; 0: all.",
-                          minimum=0, fixed=True)
-  num_train_pairs: int = field(20000, "Dates: training pairs generated. Bible: at most this many training "
-                               "pairs (0: all).", minimum=0, fixed=True)
-  num_eval_pairs: int = field(1000, "Dates: validation and test pairs generated, each. Bible: at most this "
-                              "many of each (0: all).", minimum=0, fixed=True)
-  data_dir: str = field("", "Cache directory of the exported Bible; empty: $RNN_JAX_CACHE or "
-                        "~/.cache/rnn_jax.")
   beam_size: int = field(4, "Beam size K of the beam-search decoding of the translation task on valid and "
                          "test (1 is greedy).", minimum=1)
-  length_penalty: float = field(0.6, "Beam search picks argmax score / length ** length_penalty.",
-                                minimum=0.0)
-  decode_extra_tokens: int = field(10, "Decode at most (longest reference + <eos> + decode_extra_tokens) "
-                                   "tokens.", minimum=0)
   valid_bleu_pairs: int = field(200, "Validation pairs decoded greedily for each task's BLEU at each "
                                 "validation.", minimum=1)
   num_samples: int = field(5, "Test samples of each task printed and saved in samples.txt.", minimum=0)
-  pad_multiple: int = field(8, "Batch widths are rounded up to a multiple of this (fewer compilations).",
-                            minimum=1)
-  batch_size: int = 64
-  steps: int = 2500
-  learning_rate: float = 2e-3
-  clip: float = 1.0
-  eval_every: int = 500
-
-  def validate(self) -> None:
-    super().validate()
-    if self.dataset == "dates" and (self.num_train_pairs < 1 or self.num_eval_pairs < 1):
-      raise ValueError(f"num_train_pairs and num_eval_pairs must be >= 1 for the generated dates, got "
-                       f"{self.num_train_pairs} and {self.num_eval_pairs}")
-
-  @property
-  def cell_name(self) -> str:
-    return self.cell or DEFAULT_CELLS[self.model]
 
 
 PRESETS = {

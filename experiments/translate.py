@@ -68,14 +68,14 @@ DEFAULT_CELLS = {"cho": "gru", "sutskever": "lstm"}
 
 
 @dataclasses.dataclass(frozen=True)
-class Config(TrainingConfig):
-  """translate: an encoder-decoder on dates (or the Bible) with Adam and global-norm clipping."""
-  dataset: str = field("dates", "Parallel corpus: dates (synthetic, English words -> ISO 8601) or bible "
-                       "(KJV English -> Reina-Valera 1909 Spanish).", choices=translation.DATASETS,
-                       fixed=True)
+class EncoderDecoderConfig(TrainingConfig):
+  """The settings of an encoder-decoder on dates or the Bible, shared by translate.py and multitask.py."""
+  dataset: str = field("dates", "Parallel corpus: dates (synthetic, English words -> ISO 8601; generated, so it "
+                       "runs anywhere) or bible (KJV English -> Reina-Valera 1909 Spanish; needs the SWORD "
+                       "modules).", choices=translation.DATASETS, fixed=True)
   model: str = field("cho", "Encoder-decoder: cho (Cho et al. 2014) or sutskever (Sutskever et al. 2014).",
                      choices=seq2seq.KINDS, fixed=True)
-  cell: str = field("", "Recurrent cell of encoder and decoder; empty: gru for cho, lstm for sutskever.",
+  cell: str = field("", "Recurrent cell of every encoder and decoder; empty: gru for cho, lstm for sutskever.",
                     choices=("", "elman", "gru", "lstm"), fixed=True)
   attention: str = field("", "Attention over the source: empty (none: one fixed context), bahdanau "
                          "(Bahdanau et al. 2014, additive, bidirectional encoder) or Luong et al. 2015's "
@@ -84,8 +84,8 @@ class Config(TrainingConfig):
                               "h~_{t-1} into the next decoder input (Luong et al. 2015, section 3.3); "
                               "unused without it.", fixed=True)
   embed_size: int = field(64, "Embedding size E of source and target tokens.", minimum=1, fixed=True)
-  hidden_size: int = field(128, "Hidden size H of encoder and decoder.", minimum=1, fixed=True)
-  num_layers: int = field(1, "Stacked layers in encoder and decoder.", minimum=1, fixed=True)
+  hidden_size: int = field(128, "Hidden size H of every encoder and decoder.", minimum=1, fixed=True)
+  num_layers: int = field(1, "Stacked layers in every encoder and decoder.", minimum=1, fixed=True)
   dropout: float = field(0.0, "Dropout between stacked layers (training only).", minimum=0.0, maximum=0.99)
   vocab_size: int = field(4000, "Bible: the most frequent training tokens kept per language, the four "
                           "specials <pad> <bos> <eos> <unk> included; 0 keeps all (dates keep all).",
@@ -98,8 +98,8 @@ class Config(TrainingConfig):
                               "many of each (0: all).", minimum=0, fixed=True)
   data_dir: str = field("", "Cache directory of the exported Bible; empty: $RNN_JAX_CACHE or "
                         "~/.cache/rnn_jax.")
-  beam_size: int = field(4, "Beam size K of the beam-search decoding of valid and test (1 is greedy); "
-                         "--translate decodes greedily unless it is given.", minimum=1)
+  beam_size: int = field(4, "Beam size K of the beam-search decoding of valid and test (1 is greedy).",
+                         minimum=1)
   length_penalty: float = field(0.6, "Beam search picks argmax score / length ** length_penalty.",
                                 minimum=0.0)
   decode_extra_tokens: int = field(10, "Decode at most (longest reference + <eos> + decode_extra_tokens) "
@@ -107,8 +107,6 @@ class Config(TrainingConfig):
   valid_bleu_pairs: int = field(200, "Validation pairs decoded greedily for the BLEU of each validation.",
                                 minimum=1)
   num_samples: int = field(10, "Test translations printed and saved in samples.txt.", minimum=0)
-  attention_samples: int = field(4, "With attention: test sentences whose attention weights attention.png "
-                                 "draws.", minimum=0)
   pad_multiple: int = field(8, "Batch widths are rounded up to a multiple of this (fewer compilations).",
                             minimum=1)
   batch_size: int = 64
@@ -127,6 +125,15 @@ class Config(TrainingConfig):
   def cell_name(self) -> str:
     """The cell used: ``cell``, or the model's own (gru for cho, lstm for sutskever)."""
     return self.cell or DEFAULT_CELLS[self.model]
+
+
+@dataclasses.dataclass(frozen=True)
+class Config(EncoderDecoderConfig):
+  """translate: an encoder-decoder on dates (or the Bible) with Adam and global-norm clipping."""
+  beam_size: int = field(4, "Beam size K of the beam-search decoding of valid and test (1 is greedy); "
+                         "--translate decodes greedily unless it is given.", minimum=1)
+  attention_samples: int = field(4, "With attention: test sentences whose attention weights attention.png "
+                                 "draws.", minimum=0)
 
 
 PRESETS = {

