@@ -84,13 +84,10 @@ class Config(translate.EncoderDecoderConfig):
 
 PRESETS = {
     # translate.py --preset=bible's model and data (Cho GRU 128, E=64, 4000 tokens, verses <= 20 tokens).
-    "bible": dict(dataset="bible", num_train_pairs=0, num_eval_pairs=0, steps=2000),
-    "bible_many_to_many": dict(dataset="bible", setting="many_to_many", num_train_pairs=0, num_eval_pairs=0,
-                               steps=2000),
+    "bible": translate.BIBLE,
+    "bible_many_to_many": dict(translate.BIBLE, setting="many_to_many"),
 }
-SMOKE = dict(embed_size=16, hidden_size=32, batch_size=16, pad_multiple=32, steps=12, eval_every=6,
-             log_every=6, valid_bleu_pairs=16, num_samples=2, num_train_pairs=200, num_eval_pairs=40,
-             vocab_size=300, max_length=12, auxiliary_weight=0.5)
+SMOKE = dict(translate.ENCODER_DECODER_SMOKE, num_samples=2, auxiliary_weight=0.5)
 
 
 def task_registry(setting: str, source: str, target: str, auxiliary_weight: float) -> tuple:
@@ -142,13 +139,8 @@ def train_and_evaluate(config: Config, workdir: str, options=None) -> dict:
   """Train the tasks into ``workdir``, decode valid and test per task, and return results.json's content."""
   options = options or RunOptions()
   source, target = LANGUAGES[config.dataset]
-  pairs = translation.load_pairs(config.dataset, num_train_pairs=config.num_train_pairs,
-                                 num_eval_pairs=config.num_eval_pairs, max_length=config.max_length,
-                                 seed=config.seed, cache_dir=config.data_dir or None)
-  if config.batch_size > len(pairs["train"]):
-    raise ValueError(f"batch_size={config.batch_size} exceeds the {len(pairs['train'])} training pairs")
-  max_size = (config.vocab_size or None) if config.dataset == "bible" else None
-  vocabularies = dict(zip((source, target), translation.pair_vocabularies(pairs["train"], max_size)))
+  pairs, pair_vocabularies = translate.load_corpus(config)
+  vocabularies = dict(zip((source, target), pair_vocabularies))
   separators = {source: " ", target: translation.TARGET_SEPARATORS[config.dataset]}
   model = build_model(config, {name: len(v) for name, v in vocabularies.items()})
   main = model.tasks[0].name

@@ -136,15 +136,17 @@ class Config(EncoderDecoderConfig):
                                  "draws.", minimum=0)
 
 
+BIBLE = dict(dataset="bible", num_train_pairs=0, num_eval_pairs=0, steps=2000)   # every verse pair, 2,000 steps
 PRESETS = {
     "sutskever": dict(model="sutskever"),
-    "bible": dict(dataset="bible", num_train_pairs=0, num_eval_pairs=0, steps=2000),
-    "bible_sutskever": dict(dataset="bible", model="sutskever", num_train_pairs=0, num_eval_pairs=0,
-                            steps=2000),
+    "bible": BIBLE,
+    "bible_sutskever": dict(BIBLE, model="sutskever"),
 }
-SMOKE = dict(embed_size=16, hidden_size=32, batch_size=16, pad_multiple=32, steps=12, eval_every=6,
-             log_every=6, valid_bleu_pairs=16, num_samples=3, num_train_pairs=200, num_eval_pairs=40,
-             vocab_size=300, max_length=12, attention_samples=2)
+# The seconds-long run of every encoder-decoder script (multitask.py adds its own fields).
+ENCODER_DECODER_SMOKE = dict(embed_size=16, hidden_size=32, batch_size=16, pad_multiple=32, steps=12,
+                             eval_every=6, log_every=6, valid_bleu_pairs=16, num_train_pairs=200,
+                             num_eval_pairs=40, vocab_size=300, max_length=12)
+SMOKE = dict(ENCODER_DECODER_SMOKE, num_samples=3, attention_samples=2)
 
 
 def build_model(config: Config, source_vocab_size: int, target_vocab_size: int) -> seq2seq.Seq2Seq:
@@ -196,16 +198,21 @@ def _write_outputs(run: RunDir, config: Config, pairs, decoded: dict, separator:
   return text
 
 
-def train_and_evaluate(config: Config, workdir: str, options=None) -> dict:
-  """Train the encoder-decoder into ``workdir``, decode valid and test, and return results.json's content."""
-  options = options or RunOptions()
+def load_corpus(config: EncoderDecoderConfig):
+  """(the token pairs of each split, the vocabularies of source and target built on train)."""
   pairs = translation.load_pairs(config.dataset, num_train_pairs=config.num_train_pairs,
                                  num_eval_pairs=config.num_eval_pairs, max_length=config.max_length,
                                  seed=config.seed, cache_dir=config.data_dir or None)
   if config.batch_size > len(pairs["train"]):
     raise ValueError(f"batch_size={config.batch_size} exceeds the {len(pairs['train'])} training pairs")
   max_size = (config.vocab_size or None) if config.dataset == "bible" else None
-  source_vocab, target_vocab = translation.pair_vocabularies(pairs["train"], max_size)
+  return pairs, translation.pair_vocabularies(pairs["train"], max_size)
+
+
+def train_and_evaluate(config: Config, workdir: str, options=None) -> dict:
+  """Train the encoder-decoder into ``workdir``, decode valid and test, and return results.json's content."""
+  options = options or RunOptions()
+  pairs, (source_vocab, target_vocab) = load_corpus(config)
   encoded = {name: translation.encode_pairs(split, source_vocab, target_vocab)
              for name, split in pairs.items()}
   for name, (sources, targets) in encoded.items():
