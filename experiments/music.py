@@ -73,7 +73,7 @@ if __package__:
 else:  # run as a script: experiments/ is on sys.path
   import common
 from rnn_jax import cells, load_run, plots, polyphonic
-from rnn_jax.config import TrainingConfig, field
+from rnn_jax.config import RecurrentRegularizerConfig, TrainingConfig, field
 from rnn_jax.data import chorales
 from rnn_jax.polyphonic import FrameModel
 from rnn_jax.rundir import RunDir, RunOptions, read_json, read_metrics
@@ -90,7 +90,7 @@ OUTPUT_BIAS_INITS = ("marginal", "torch")
 
 
 @dataclasses.dataclass(frozen=True)
-class Config(TrainingConfig):
+class Config(TrainingConfig, RecurrentRegularizerConfig):
   """music: tanh, GRU and LSTM frame models on the Bach chorales with Adam and clipping."""
   cells: tuple[str, ...] = field(CELL_NAMES, "Cells to train and compare (elman is the tanh RNN; dt_rnn and "
                                  "dts_rnn the deep-transition RNNs of Pascanu et al. 2013).",
@@ -189,7 +189,7 @@ def train_cell(run: RunDir, config: Config, cell: str, hidden_size: int, splits,
   child = run.child(cell, config, label=f"music {cell}")
   model = FrameModel(cells.make_cell(cell, hidden_size, **cell_options(config, cell)),
                      num_pitches=chorales.NUM_PITCHES, num_layers=config.num_layers, dropout=config.dropout,
-                     output_layer_sizes=tuple(config.output_layer_sizes))
+                     output_layer_sizes=tuple(config.output_layer_sizes), **config.regularizer_options())
   child.save_model(model, best_metric="nll", best_mode="min", cell=cell, hidden_size=hidden_size)
   output_bias = (polyphonic.marginal_log_odds(splits["train"], chorales.NUM_PITCHES)
                  if config.output_bias_init == "marginal" else None)

@@ -180,12 +180,12 @@ def resumed(cls, saved: Mapping[str, Any], explicit: Optional[Mapping] = None) -
 
 
 @dataclasses.dataclass(frozen=True)
-class RegularizerConfig:
-  """The regularisers of the recurrence and of the embedding (0 = off): one flag vocabulary for every
-  model that reads tokens through ``rnn_jax.layers.TokenRNN`` (``rnn_jax.regularizers``).
+class RecurrentRegularizerConfig:
+  """The regularisers of the recurrent connection (0 = off): recurrent dropout, zoneout and DropConnect on
+  W_hh, one flag each for every model built on ``rnn_jax.sequence.StackedRNN`` (``rnn_jax.regularizers``).
 
-  A config class lists it beside TrainingConfig, ``class Config(TrainingConfig, RegularizerConfig)``,
-  and hands ``regularizer_options()`` to its model.
+  A config class lists it beside TrainingConfig, ``class Config(TrainingConfig, RecurrentRegularizerConfig)``,
+  and hands ``regularizer_options()`` to its model; models that read tokens take ``RegularizerConfig``.
   """
   recurrent_dropout: float = field(0.0, "Recurrent dropout (Gal & Ghahramani 2016): one mask per sequence (or "
                                    "window) and example on h_{t-1} where it enters W_hh h_{t-1}.",
@@ -197,13 +197,12 @@ class RegularizerConfig:
                               "0.05 on h).", minimum=0.0, maximum=0.99, fixed=True)
   weight_dropout: float = field(0.0, "DropConnect on W_hh (AWD-LSTM's weight drop, Merity et al. 2017): one "
                                 "mask per batch (or window).", minimum=0.0, maximum=0.99)
-  embedding_dropout: float = field(0.0, "Embedding dropout (Gal & Ghahramani 2016): the rate of whole word "
-                                   "types zeroed in the embedding, one mask per batch (or window; training "
-                                   "only).", minimum=0.0, maximum=0.99)
 
   def regularizer_options(self) -> dict:
-    """The five rates as keyword arguments of the LanguageModel, SequenceTagger and SentenceClassifier."""
-    return {name: getattr(self, name) for name in REGULARIZER_FIELDS}
+    """The rates as keyword arguments of the models (LanguageModel, SequenceTagger, SentenceClassifier,
+    FrameModel)."""
+    return {field_.name: getattr(self, field_.name) for field_ in dataclasses.fields(self)
+            if field_.name in REGULARIZER_FIELDS}
 
   def regularizer_summary(self) -> str:
     """", recurrent dropout 0.25, zoneout 0.05 (c 0.5), weight dropout 0.5" for the rates in use; "" if none."""
@@ -214,9 +213,18 @@ class RegularizerConfig:
       parts.append(f"zoneout {self.zoneout:g}" + (f" (c {self.zoneout_cell:g})" if self.zoneout_cell else ""))
     if self.weight_dropout:
       parts.append(f"weight dropout {self.weight_dropout:g}")
-    if self.embedding_dropout:
+    if getattr(self, "embedding_dropout", 0.0):
       parts.append(f"embedding dropout {self.embedding_dropout:g}")
     return "".join(", " + part for part in parts)
+
+
+@dataclasses.dataclass(frozen=True)
+class RegularizerConfig(RecurrentRegularizerConfig):
+  """The recurrent regularisers and embedding dropout: one flag vocabulary for every model that reads
+  tokens through ``rnn_jax.layers.TokenRNN``."""
+  embedding_dropout: float = field(0.0, "Embedding dropout (Gal & Ghahramani 2016): the rate of whole word "
+                                   "types zeroed in the embedding, one mask per batch (or window; training "
+                                   "only).", minimum=0.0, maximum=0.99)
 
 
 REGULARIZER_FIELDS = ("recurrent_dropout", "zoneout", "zoneout_cell", "weight_dropout", "embedding_dropout")

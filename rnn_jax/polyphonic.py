@@ -55,6 +55,8 @@ class FrameModel:
     output_layer_sizes: D_1 .. D_k of the read-out's intermediate layers (deep output);
       () is the plain read-out o_t = W_hy h_t + b_y.
     output_activation: phi of those layers.
+    recurrent_dropout, zoneout, zoneout_cell, weight_dropout: the stack's regularisers of the
+      recurrent connection (``StackedRNN``, ``rnn_jax.regularizers``; 0 = off).
   """
   cell: Cell
   num_pitches: int = 88
@@ -62,6 +64,10 @@ class FrameModel:
   dropout: float = 0.0
   output_layer_sizes: tuple[int, ...] = ()
   output_activation: str = "tanh"
+  recurrent_dropout: float = 0.0
+  zoneout: float = 0.0
+  zoneout_cell: float = 0.0
+  weight_dropout: float = 0.0
 
   def __post_init__(self):
     if isinstance(self.output_layer_sizes, list):
@@ -74,7 +80,9 @@ class FrameModel:
 
   @property
   def rnn(self) -> StackedRNN:
-    return StackedRNN(self.cell, num_layers=self.num_layers, dropout=self.dropout)
+    return StackedRNN(self.cell, num_layers=self.num_layers, dropout=self.dropout,
+                      recurrent_dropout=self.recurrent_dropout, zoneout=self.zoneout,
+                      zoneout_cell=self.zoneout_cell, weight_dropout=self.weight_dropout)
 
   def init(self, key, output_bias=None) -> dict:
     """Params {"rnn": StackedRNN params (input K), "readout": {w: [K, D_k or H], b: [K]} (+ the deep

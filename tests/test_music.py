@@ -183,7 +183,8 @@ def test_music_smoke_with_one_cell_then_generate_from_the_workdir(run_experiment
                                                                   monkeypatch):
   workdir = tmp_path / "music"
   done = run_experiment("music", "--smoke", "--cells=lstm", f"--workdir={workdir}",
-                        f"--data_dir={chorale_cache}")
+                        f"--data_dir={chorale_cache}", "--recurrent_dropout=0.1", "--zoneout_cell=0.2",
+                        "--weight_dropout=0.1")
   assert done.code == 0, done.err
   results = _read(workdir / "results.json")
   [row] = results["cells"]
@@ -207,7 +208,11 @@ def test_music_smoke_with_one_cell_then_generate_from_the_workdir(run_experiment
   assert {r["split"] for r in records} == {"train", "valid", "test"}
   assert [r["step"] for r in records if r["split"] == "valid"] == [4, 8]
   assert _read(workdir / "lstm" / "results.json")["test_nll"] == row["test_nll"]
-  assert load_run(str(workdir / "lstm")).extra["hidden_size"] == 8
+  loaded = load_run(str(workdir / "lstm"))
+  assert loaded.extra["hidden_size"] == 8
+  # the regularisers' flags reach the saved model's stack (generation below uses its zoneout expectation)
+  assert (loaded.model.rnn.recurrent_dropout, loaded.model.rnn.zoneout_cell, loaded.model.rnn.weight_dropout) == (
+      0.1, 0.2, 0.1)
 
   def refuse(*args, **kwargs):
     raise AssertionError("--generate read the corpus")
