@@ -249,10 +249,7 @@ def train_and_evaluate(config: Config, workdir: str, options=None) -> dict:
     results["tasks"][task.name] = summary
   results.update({k: v for k, v in results["tasks"][main].items() if k.startswith(("valid_", "test_"))})
   results["translation_minibatches"] = stream.counts[main]
-  rows = ["\t".join([p.reference, " ".join(p.source), separators[target].join(p.target),
-                     separators[target].join(g), separators[target].join(b)])
-          for p, g, b in zip(data[main]["test"], test_decoded["greedy"], test_decoded["beam"])]
-  run.write_text("test_translations.tsv", "reference\tsource\ttarget\tgreedy\tbeam\n" + "\n".join(rows) + "\n")
+  translate.write_test_translations(run, data[main]["test"], test_decoded, separators[target])
   run.write_text("samples.txt", "\n".join(samples) + "\n")
   print("\n".join(samples))
 

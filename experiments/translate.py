@@ -182,13 +182,17 @@ def _plot_attention(run: RunDir, config: Config, model, params, pairs, sources, 
   return attention.plot_attention(run.path("attention.png"), samples, title)
 
 
+def write_test_translations(run: RunDir, pairs, decoded: dict, separator: str) -> None:
+  """test_translations.tsv: reference, source, target, greedy and beam output of every test pair."""
+  lines = ["\t".join([p.reference, " ".join(p.source), separator.join(p.target), separator.join(g),
+                      separator.join(b)]) for p, g, b in zip(pairs, decoded["greedy"], decoded["beam"])]
+  run.write_text("test_translations.tsv", "reference\tsource\ttarget\tgreedy\tbeam\n" + "\n".join(lines) + "\n")
+
+
 def _write_outputs(run: RunDir, config: Config, pairs, decoded: dict, separator: str) -> str:
   """test_translations.tsv (every test pair) and samples.txt (the first num_samples); returns the samples."""
+  write_test_translations(run, pairs, decoded, separator)
   rows = list(zip(pairs, decoded["greedy"], decoded["beam"]))
-  lines = ["\t".join([p.reference, " ".join(p.source), separator.join(p.target), separator.join(g),
-                      separator.join(b)]) for p, g, b in rows]
-  header = "reference\tsource\ttarget\tgreedy\tbeam\n"
-  run.write_text("test_translations.tsv", header + "\n".join(lines) + "\n")
   samples = [f"{p.reference + ': ' if p.reference else ''}source : {' '.join(p.source)}\n"
              f"  target : {separator.join(p.target)}\n"
              f"  greedy : {separator.join(g)}\n"

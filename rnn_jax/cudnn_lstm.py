@@ -53,13 +53,11 @@ def _experimental_lstm():
 def _library_reason() -> Optional[str]:
   """Why jax.experimental.rnn cannot run here, or None."""
   try:
-    from jax.experimental import rnn as jax_rnn
-    from jax._src.lib import gpu_rnn
-  except ImportError as error:  # pragma: no cover - jax without the experimental module
-    return f"jax.experimental.rnn is not importable ({error})"
+    from jax._src.lib import gpu_rnn  # what jax.experimental.rnn lowers through
+  except ImportError as error:  # pragma: no cover - a jaxlib without the module
+    return f"jax.experimental.rnn's cuDNN bindings are not importable ({error})"
   if not hasattr(gpu_rnn, "compute_rnn_workspace_reserve_space_sizes"):
     return "this jaxlib has no cuDNN RNN support (jax._src.lib.gpu_rnn lacks its workspace query)"
-  del jax_rnn
   return None
 
 
@@ -80,11 +78,11 @@ def reason(cell: Cell, params: Params, xs: jax.Array, *, reverse: bool, grad: st
     return "lstm: cuDNN runs the plain LSTM only (no peephole, layer_norm or proj_size)"
   if cell.dtype is not None:
     return f"lstm: the cuDNN path computes in float32, not dtype={cell.dtype!r}"
-  arrays = [xs, *(params[name] for name in ("w_xh", "w_hh", "b"))]
-  if any(jnp.dtype(a.dtype) != jnp.float32 for a in arrays):
-    return "lstm: the cuDNN path takes float32 inputs and params only"
   if set(params) != {"w_xh", "w_hh", "b"}:
     return f"lstm: params {sorted(params)} are not the plain LSTM's w_xh, w_hh, b"
+  arrays = [xs, params["w_xh"], params["w_hh"], params["b"]]
+  if any(jnp.dtype(a.dtype) != jnp.float32 for a in arrays):
+    return "lstm: the cuDNN path takes float32 inputs and params only"
   if reverse:
     return "lstm: a reversed layer keeps the padding-aware scan"
   if grad != "auto":

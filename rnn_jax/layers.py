@@ -81,6 +81,22 @@ def dense(params: dict, h: jax.Array, compute_dtype: str | None = None) -> jax.A
 OUTPUT_ACTIVATIONS = tuple(ACTIVATIONS)
 
 
+def check_deep_output(owner: str, layer_sizes, activation: str) -> tuple:
+  """The deep output's layer sizes as a tuple (hashable), after checking them and the activation.
+
+  Raises ValueError naming ``owner`` for sizes that are not a tuple (or list) of positive integers
+  and for an activation outside ``OUTPUT_ACTIVATIONS``.
+  """
+  sizes = tuple(layer_sizes) if isinstance(layer_sizes, list) else layer_sizes
+  if (not isinstance(sizes, tuple)
+      or any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 1 for s in sizes)):
+    raise ValueError(f"{owner}: output_layer_sizes must be a tuple of positive integers (the deep output's "
+                     f"layers), got {layer_sizes!r}")
+  if activation not in OUTPUT_ACTIVATIONS:
+    raise ValueError(f"{owner}: unknown output_activation {activation!r}; expected one of {OUTPUT_ACTIVATIONS}")
+  return sizes
+
+
 def deep_output_init(key, in_size: int, out_size: int, layer_sizes: tuple = (), dtype=jnp.float32) -> dict:
   """A read-out with ``len(layer_sizes)`` intermediate layers (DO-RNN, Pascanu et al. 2013).
 

@@ -80,15 +80,8 @@ class LanguageModel:
 
   def __post_init__(self):
     self.body  # checks vocab_size, embed_size and dropout
-    if isinstance(self.output_layer_sizes, list):
-      object.__setattr__(self, "output_layer_sizes", tuple(self.output_layer_sizes))   # hashable
-    if (not isinstance(self.output_layer_sizes, tuple)
-        or any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 1 for s in self.output_layer_sizes)):
-      raise ValueError(f"LanguageModel: output_layer_sizes must be a tuple of positive integers (the deep "
-                       f"output's layers), got {self.output_layer_sizes!r}")
-    if self.output_activation not in layers.OUTPUT_ACTIVATIONS:
-      raise ValueError(f"LanguageModel: unknown output_activation {self.output_activation!r}; expected one of "
-                       f"{layers.OUTPUT_ACTIVATIONS}")
+    object.__setattr__(self, "output_layer_sizes", layers.check_deep_output(
+        "LanguageModel", self.output_layer_sizes, self.output_activation))
 
   @property
   def stack(self) -> StackedRNN:

@@ -109,8 +109,7 @@ def count_params(config: LMConfig, vocab_size: int) -> int:
   """The number of parameters of ``build_model(config, vocab_size)``, from shapes alone (nothing is
   initialised): how sizes of different architectures are matched to one parameter budget."""
   model = build_model(config, vocab_size)
-  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0))
-  return int(sum(np.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(shapes)))
+  return model.num_params(jax.eval_shape(model.init, jax.random.PRNGKey(0)))
 
 
 def architecture(config: LMConfig) -> str:

@@ -70,13 +70,8 @@ class FrameModel:
   weight_dropout: float = 0.0
 
   def __post_init__(self):
-    if isinstance(self.output_layer_sizes, list):
-      object.__setattr__(self, "output_layer_sizes", tuple(self.output_layer_sizes))
-    if any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 1 for s in self.output_layer_sizes):
-      raise ValueError(f"FrameModel: output_layer_sizes must be positive integers, got {self.output_layer_sizes!r}")
-    if self.output_activation not in layers.OUTPUT_ACTIVATIONS:
-      raise ValueError(f"FrameModel: unknown output_activation {self.output_activation!r}; expected one of "
-                       f"{layers.OUTPUT_ACTIVATIONS}")
+    object.__setattr__(self, "output_layer_sizes", layers.check_deep_output(
+        "FrameModel", self.output_layer_sizes, self.output_activation))
 
   @property
   def rnn(self) -> StackedRNN:
