@@ -50,7 +50,7 @@ def _problem(seed=0):
   return cell, params, xs, carry, lengths
 
 
-def test_packed_weights_unpack_to_our_matrices_and_the_reference_equals_the_scan():
+def test_packed_weights_unpack_to_our_matrices_in_cudnn_layout():
   cell, params, xs, carry, lengths = _problem()
   flat = cudnn_lstm.pack_weights(params)
   assert flat.shape == (jax_rnn.get_num_params_in_lstm(F, H, 1, False),)
