@@ -267,8 +267,17 @@ class Cell(abc.ABC):
     return hs
 
   def step(self, params: Params, carry, x_t: jax.Array):
-    """One time step, scan's body signature: (carry_{t-1}, x_t: [F]) -> (carry_t, y_t)."""
-    carry, h_t = self.recurrence(params, carry, self.input_projection(params, x_t))
+    """One time step, scan's body signature: (carry_{t-1}, x_t: [F]) -> (carry_t, y_t).
+
+    Where a fused CPU kernel runs the whole step (the plain float32 LSTM; ``bptt.fused_step``)
+    it does, with the same equations and derivatives; otherwise XLA runs
+    ``recurrence(params, carry, input_projection(params, x_t))``.
+    """
+    from rnn_jax import bptt  # bptt builds on this module
+    fused = bptt.fused_step(self, params, carry, x_t)
+    if fused is None:
+      fused = self.recurrence(params, carry, self.input_projection(params, x_t))
+    carry, h_t = fused
     return carry, self.output(params, h_t)
 
 

@@ -156,13 +156,18 @@ def _generate(model: FrameModel, params: dict, seed: jax.Array, key, num_frames:
 
   carries, _ = advance(stack.initial_carries(params["rnn"], batch), jnp.zeros_like(seed))
 
-  def body(state, step_key):
+  def body(state, uniform):
     carries, previous = state
     carries, logits = advance(carries, previous)
-    frame = jax.random.bernoulli(step_key, jax.nn.sigmoid(logits)).astype(jnp.float32)
+    frame = (uniform < jax.nn.sigmoid(logits)).astype(jnp.float32)
     return (carries, frame), frame
 
-  _, sampled = jax.lax.scan(body, (carries, seed), jax.random.split(key, num_frames - 1))
+  # Bernoulli(p) draws are u < p with u ~ U[0, 1) (jax.random.bernoulli's own definition, so the
+  # samples are the same): the uniforms of every frame come from one vectorised call before the
+  # loop instead of one small threefry loop per frame.
+  step_keys = jax.random.split(key, num_frames - 1)
+  uniforms = jax.vmap(lambda step_key: jax.random.uniform(step_key, seed.shape, jnp.float32))(step_keys)
+  _, sampled = jax.lax.scan(body, (carries, seed), uniforms)
   frames = jnp.concatenate([seed[None], sampled], axis=0)
   return frames if batch is None else jnp.swapaxes(frames, 0, 1)
 
