@@ -348,39 +348,45 @@ def kernel_adds_bias(cell: Cell, params: Params, xs: jax.Array, carry) -> bool:
 
 def step_kernel_choice(cell: Cell, params: Params, x_t: jax.Array, carry) -> KernelChoice:
   """Whether a fused kernel runs ONE step x_t -> (carry_t, h_t) (decoding, sampling, generation),
-  its input projection included: the plain float32 LSTM on CPU (``lstm_kernel.lstm_step``),
-  where ``kernel_choice`` would run its recurrence and the cell keeps ``Cell.step`` and the
-  LSTM's input projection; else the reason it does not."""
+  its input projection included (``lstm_kernel.lstm_step``, ``gru_kernel.gru_step``,
+  ``elman_kernel.elman_step``): where ``kernel_choice`` would run the cell's recurrence, and the
+  cell keeps ``Cell.step`` and its type's input projection; else the reason it does not."""
   choice = kernel_choice(cell, params, x_t[None], carry)
   if choice.kernel is None:
     return choice
-  if choice.kernel != "lstm_cpu":
-    return KernelChoice(None, f"{cell.name}: no fused decoding step for {type(cell).__name__} (the step runs in XLA)")
+  base, module = KERNELS[choice.kernel]
   klass = type(cell)
-  if klass.step is not Cell.step or klass.input_projection is not LSTM.input_projection:
-    return KernelChoice(None, f"{cell.name}: {klass.__name__} redefines the LSTM's step or input projection, "
-                        f"which the fused step does not run")
-  reason = lstm_kernel.LIBRARY.why_not(cell.hidden_size, params["w_xh"], params["b"])
+  if klass.step is not Cell.step or klass.input_projection is not base.input_projection:
+    return KernelChoice(None, f"{cell.name}: {klass.__name__} redefines the {base.__name__} step or input "
+                        f"projection, which the fused step does not run")
+  reason = module.LIBRARY.why_not(cell.hidden_size, x_t, params["w_xh"], params["b"])
   if reason is not None:
     return KernelChoice(None, reason)
-  return KernelChoice("lstm_cpu", "plain float32 LSTM decoding step on CPU")
+  return KernelChoice(choice.kernel, choice.reason + ", one decoding step")
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
-def _lstm_kernel_step(cell: LSTM, params: Params, carry: LSTMState, x_t: jax.Array):
-  """(LSTMState(h_t, c_t), h_t) from ``lstm_kernel.lstm_step``; the W_xh and W_hh gate panels
-  are transposes that XLA hoists out of a decoding loop."""
-  h_t, c_t = lstm_kernel.lstm_step(x_t, lstm_kernel.gate_panels(params["w_xh"]),
-                                   lstm_kernel.gate_panels(params["w_hh"]), params["b"], carry.h, carry.c)
-  return LSTMState(h_t, c_t), h_t
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def _kernel_step(kernel: str, cell: Cell, params: Params, carry, x_t: jax.Array):
+  """(carry_t, h_t) of one step from the fused kernel ``kernel``."""
+  if kernel == "lstm_cpu":
+    h_t, c_t = lstm_kernel.lstm_step(x_t, params["w_xh"], params["w_hh"], params["b"], carry.h, carry.c)
+    return LSTMState(h_t, c_t), h_t
+  if kernel == "gru_cpu":
+    h_t = gru_kernel.gru_step(x_t, params["w_xh"], params["w_hh"], params["b"], params["b_hn"], carry,
+                              reset_after=cell.reset_after)
+  else:
+    h_t = elman_kernel.elman_step(x_t, params["w_xh"], params["w_hh"], params["b"], carry,
+                                  activation=cell.activation)
+  return h_t, h_t
 
 
-@_lstm_kernel_step.defjvp
-def _lstm_kernel_step_jvp(cell, primals, tangents):
+@_kernel_step.defjvp
+def _kernel_step_jvp(kernel, cell, primals, tangents):
   """Differentiated (forward mode, and reverse mode through JAX's transpose of this rule), the
   step is the cell's own equations in XLA, ``cell.recurrence(params, carry,
   cell.input_projection(params, x_t))``, values included: a gradient costs what it cost without
   the kernel, and only undifferentiated steps (decoding) run the kernel."""
+  del kernel
   reference = lambda params, carry, x_t: cell.recurrence(params, carry, cell.input_projection(params, x_t))
   return jax.jvp(reference, primals, tangents)
 
@@ -388,10 +394,11 @@ def _lstm_kernel_step_jvp(cell, primals, tangents):
 def fused_step(cell: Cell, params: Params, carry, x_t: jax.Array):
   """(carry_t, h_t) of one step from the fused kernel where ``step_kernel_choice`` picks one, else None
   (``Cell.step`` then runs the cell's equations in XLA)."""
-  if step_kernel_choice(cell, params, x_t, carry).kernel is None:
+  kernel = step_kernel_choice(cell, params, x_t, carry).kernel
+  if kernel is None:
     return None
   _check_features(cell.name, "x", x_t, params["w_xh"].shape[1])
-  return _lstm_kernel_step(cell, params, carry, x_t)
+  return _kernel_step(kernel, cell, params, carry, x_t)
 
 
 # ---------------------------------------------------------------------------

@@ -269,8 +269,9 @@ class Cell(abc.ABC):
   def step(self, params: Params, carry, x_t: jax.Array):
     """One time step, scan's body signature: (carry_{t-1}, x_t: [F]) -> (carry_t, y_t).
 
-    Where a fused CPU kernel runs the whole step (the plain float32 LSTM; ``bptt.fused_step``)
-    it does, with the same equations and derivatives; otherwise XLA runs
+    Where a fused CPU kernel runs the whole step (float32 on CPU: the plain LSTM, the GRU and the
+    Elman cell; ``bptt.fused_step``) it does, with the same equations and derivatives; otherwise
+    XLA runs
     ``recurrence(params, carry, input_projection(params, x_t))``.
     """
     from rnn_jax import bptt  # bptt builds on this module

@@ -22,17 +22,19 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from rnn_jax import kernel_build
 from rnn_jax.kernel_build import BATCH_MAJOR, KernelLibrary, batch_rows, mask_operand, rows_batched
 
 FORWARD_TARGET = "rnn_jax_elman_forward"
 BACKWARD_TARGET = "rnn_jax_elman_backward"
-LIBRARY = KernelLibrary("elman_cpu",
-                        {FORWARD_TARGET: "RnnJaxElmanForward", BACKWARD_TARGET: "RnnJaxElmanBackward"})
+STEP_TARGET = "rnn_jax_elman_step"
+LIBRARY = KernelLibrary("elman_cpu", {FORWARD_TARGET: "RnnJaxElmanForward", BACKWARD_TARGET: "RnnJaxElmanBackward",
+                                      STEP_TARGET: "RnnJaxElmanStep"})
 ACTIVATION_CODES = {"tanh": 0, "relu": 1, "sigmoid": 2, "identity": 3}
 """The activations the kernel runs (every one of ``cells.ACTIVATIONS``), by their code in the C++."""
 
-__all__ = ["ACTIVATION_CODES", "BACKWARD_TARGET", "FORWARD_TARGET", "LIBRARY", "elman_backward",
-           "elman_forward"]
+__all__ = ["ACTIVATION_CODES", "BACKWARD_TARGET", "FORWARD_TARGET", "LIBRARY", "STEP_TARGET", "elman_backward",
+           "elman_forward", "elman_step"]
 
 
 def _code(activation: str) -> int:
@@ -103,3 +105,33 @@ def elman_backward(hs, w_hh, d_hs, dh_last, mask=None, *, reverse: bool = False,
   kernel = rows_batched(kernel, (1, None, 1, 0, 1 if use_mask else None), (1, 0))
   dz, dh0 = kernel(hs.reshape(T, N, H), w_hh, d_hs.reshape(T, N, H), dh_last.reshape(N, H), mask_array)
   return dz.reshape(hs.shape), dh0.reshape(batch_shape + (H,))
+
+
+def _step_call(x, w_xh_panels, w_hh_panels, bias, h, *, activation):
+  """The step FFI call on rows N: x [N, F], h [N, H] -> (h_t,)."""
+  call = jax.ffi.ffi_call(STEP_TARGET, (jax.ShapeDtypeStruct(h.shape, jnp.float32),))
+  return call(x, w_xh_panels, w_hh_panels, bias, h, activation=activation)
+
+
+@functools.lru_cache(maxsize=len(ACTIVATION_CODES))
+def _step_rows(code: int):
+  return rows_batched(functools.partial(_step_call, activation=code), (0, None, None, None, 0), (0,))
+
+
+def elman_step(x, w_xh, w_hh, bias, h, *, activation: str = "tanh"):
+  """One decoding step of the Elman cell in one kernel call, the input projection included:
+
+    h_t = f(W_xh x_t + W_hh h_{t-1} + b)
+
+  Args:
+    x: [..., F] float32, x_t; h: [..., H] (the same leading axes, or none).
+    w_xh: [H, F]; w_hh: [H, H]; bias: [H]. Packed here; inside a decoding loop XLA packs them
+      once, outside it (``kernel_build.gate_panels``).
+    activation: f, one of ``ACTIVATION_CODES``.
+  Returns:
+    h_t [..., H]. It has no derivative of its own (``bptt.fused_step`` gives it XLA's).
+  """
+  LIBRARY.require()
+  width = LIBRARY.vector_width()
+  weights = (kernel_build.gate_panels(w_xh, 1, width), kernel_build.gate_panels(w_hh, 1, width), bias)
+  return kernel_build.step_on_rows(_step_rows(_code(activation)), x, weights, (h,))[0]

@@ -24,13 +24,17 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from rnn_jax import kernel_build
 from rnn_jax.kernel_build import BATCH_MAJOR, KernelLibrary, batch_rows, mask_operand, rows_batched
 
 FORWARD_TARGET = "rnn_jax_gru_forward"
 BACKWARD_TARGET = "rnn_jax_gru_backward"
-LIBRARY = KernelLibrary("gru_cpu", {FORWARD_TARGET: "RnnJaxGruForward", BACKWARD_TARGET: "RnnJaxGruBackward"})
+STEP_TARGET = "rnn_jax_gru_step"
+LIBRARY = KernelLibrary("gru_cpu", {FORWARD_TARGET: "RnnJaxGruForward", BACKWARD_TARGET: "RnnJaxGruBackward",
+                                    STEP_TARGET: "RnnJaxGruStep"})
 
-__all__ = ["BACKWARD_TARGET", "FORWARD_TARGET", "LIBRARY", "gru_backward", "gru_forward", "saved_gates"]
+__all__ = ["BACKWARD_TARGET", "FORWARD_TARGET", "LIBRARY", "STEP_TARGET", "gru_backward", "gru_forward",
+           "gru_step", "recurrent_panels", "saved_gates"]
 
 
 def saved_gates(reset_after: bool) -> int:
@@ -119,3 +123,43 @@ def gru_backward(gates, hs, h0, w_hh, d_hs, dh_last, mask=None, *, reverse: bool
                          d_hs.reshape(T, N, H), dh_last.reshape(N, H), mask_array)
   unflatten = lambda x: x.reshape((T,) + batch_shape + x.shape[-1:])
   return unflatten(da), (unflatten(du_n) if reset_after else None), dh0.reshape(batch_shape + (H,))
+
+
+def recurrent_panels(w_hh: jax.Array, reset_after: bool) -> jax.Array:
+  """W_hh [3H, H] packed as the forward call packs it, flat [3H H]: the gate panels of (r, z, n)
+  (reset_after), or those of (r, z) followed by those of n (reset_before, whose W_hn product
+  waits for r h_{t-1})."""
+  width = LIBRARY.vector_width()
+  if reset_after:
+    return kernel_build.gate_panels(w_hh, 3, width).reshape(-1)
+  H = w_hh.shape[1]
+  return jnp.concatenate([kernel_build.gate_panels(w_hh[:2 * H], 2, width).reshape(-1),
+                          kernel_build.gate_panels(w_hh[2 * H:], 1, width).reshape(-1)])
+
+
+def _step_call(x, w_xh_panels, w_hh_panels, bias, b_hn, h, *, reset_after):
+  """The step FFI call on rows N: x [N, F], h [N, H] -> (h_t,)."""
+  call = jax.ffi.ffi_call(STEP_TARGET, (jax.ShapeDtypeStruct(h.shape, jnp.float32),))
+  return call(x, w_xh_panels, w_hh_panels, bias, b_hn, h, reset_after=int(reset_after))
+
+
+@functools.lru_cache(maxsize=2)
+def _step_rows(reset_after: bool):
+  return rows_batched(functools.partial(_step_call, reset_after=reset_after), (0, None, None, None, None, 0), (0,))
+
+
+def gru_step(x, w_xh, w_hh, bias, b_hn, h, *, reset_after: bool = True):
+  """One decoding step of the GRU in one kernel call, the input projection included (``cells.GRU``'s
+  equations, either reset variant, from a_t = W_xh x_t + b).
+
+  Args:
+    x: [..., F] float32, x_t; h: [..., H] (the same leading axes, or none).
+    w_xh: [3H, F]; w_hh: [3H, H]; bias: [3H]; b_hn: [H]. Packed here; inside a decoding loop
+      XLA packs them once, outside it (``kernel_build.gate_panels``).
+  Returns:
+    h_t [..., H]. It has no derivative of its own (``bptt.fused_step`` gives it XLA's).
+  """
+  LIBRARY.require()
+  weights = (kernel_build.gate_panels(w_xh, 3, LIBRARY.vector_width()), recurrent_panels(w_hh, reset_after), bias,
+             b_hn)
+  return kernel_build.step_on_rows(_step_rows(bool(reset_after)), x, weights, (h,))[0]

@@ -27,6 +27,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from rnn_jax import kernel_build
 from rnn_jax.kernel_build import (BATCH_MAJOR, KernelLibrary, batch_rows, enabled, mask_operand, rows_batched,
                                   set_enabled)
 
@@ -128,22 +129,10 @@ def lstm_backward(gates, cs, c0, w_hh, d_hs, dh_last, dc_last, mask=None, *, rev
           dc0.reshape(batch_shape + (H,)))
 
 
+
 def gate_panels(w: jax.Array, gates: int = 4) -> jax.Array:
-  """The kernel's packed layout of a gate-blocked weight: w [G H, K] -> [H / W, K, G, W], W the vector width.
-
-    panels[v, k, q, lane] = w[q H + v W + lane, k]
-
-  so that one unit vector's block of the product reads one contiguous stream over k. Inside a
-  decoding loop the weights are loop-invariant, but XLA's loop-invariant code motion does not
-  hoist a transpose on its own (it counts as too cheap), and the step would repack W_hh every
-  token (LSTM music generation, B=32, H=256: 50 ms a call against 27 ms hoisted). The float32
-  ``reduce_precision`` after it is the identity, bit for bit, and makes the pair worth hoisting.
-  """
-  width = vector_width()
-  rows, K = w.shape
-  H = rows // gates
-  panels = w.reshape(gates, H // width, width, K).transpose(1, 3, 0, 2)
-  return jax.lax.reduce_precision(panels, exponent_bits=8, mantissa_bits=23)
+  """``kernel_build.gate_panels`` at this library's vector width: w [G H, K] -> [H / W, K, G, W]."""
+  return kernel_build.gate_panels(w, gates, vector_width())
 
 
 def _step_call(x, w_xh_panels, w_hh_panels, bias, h, c):
@@ -155,20 +144,17 @@ def _step_call(x, w_xh_panels, w_hh_panels, bias, h, c):
 _step_rows = rows_batched(_step_call, (0, None, None, None, 0, 0), (0, 0))
 
 
-def lstm_step(x, w_xh_panels, w_hh_panels, bias, h, c):
+def lstm_step(x, w_xh, w_hh, bias, h, c):
   """One decoding step of the plain LSTM in one kernel call, the input projection included.
 
     (i, f, g, o) = W_xh x_t + W_hh h_{t-1} + b;  c_t = sigma(f) c_{t-1} + sigma(i) tanh(g);  h_t = sigma(o) tanh(c_t)
 
   Args:
-    x: [..., F] float32, x_t; h, c: [..., H], the carry (the same leading axes).
-    w_xh_panels, w_hh_panels: ``gate_panels(W_xh)`` and ``gate_panels(W_hh)``.
-    bias: [4H].
+    x: [..., F] float32, x_t; h, c: [..., H], the carry (the same leading axes, or none).
+    w_xh: [4H, F]; w_hh: [4H, H]; bias: [4H]. Packed here (``gate_panels``): inside a decoding
+      loop XLA packs them once, outside it.
   Returns:
-    (h_t, c_t), each [..., H]. It has no derivative of its own (``cells.LSTM.step`` gives it one).
+    (h_t, c_t), each [..., H]. It has no derivative of its own (``bptt.fused_step`` gives it XLA's).
   """
   LIBRARY.require()
-  batch_shape, H = h.shape[:-1], h.shape[-1]
-  rows = lambda v: v.reshape((-1, v.shape[-1]))
-  h_t, c_t = _step_rows(rows(x), w_xh_panels, w_hh_panels, bias, rows(h), rows(c))
-  return h_t.reshape(batch_shape + (H,)), c_t.reshape(batch_shape + (H,))
+  return kernel_build.step_on_rows(_step_rows, x, (gate_panels(w_xh), gate_panels(w_hh), bias), (h, c))

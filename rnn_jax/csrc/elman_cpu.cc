@@ -192,6 +192,35 @@ ffi::Error ElmanForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::
   return ffi::Error::Success();
 }
 
+// One decoding step, x_t -> h_t, with its input projection (ProjectChunk, as in lstm_cpu.cc's
+// step); both weights arrive as single-gate panels packed by XLA.
+ffi::Error ElmanStepImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_xh_panels,
+                         ffi::Buffer<ffi::F32> w_hh_panels, ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> h0,
+                         int64_t activation, ffi::ResultBuffer<ffi::F32> h) {
+  auto dims = h0.dimensions();
+  if (dims.size() != 2) return ffi::Error::InvalidArgument("rnn_jax elman kernel: h0 must be [N, H]");
+  const int64_t N = dims[0], H = dims[1];
+  RETURN_IF_ERROR(CheckHidden(kKernel, H));
+  RETURN_IF_ERROR(CheckStepInput(kKernel, x.dimensions(), w_xh_panels.dimensions(), N, H, 1));
+  RETURN_IF_ERROR(CheckShape(kKernel, "W_hh panels", w_hh_panels.dimensions(), {H / kWidth, H, 1, kWidth}));
+  RETURN_IF_ERROR(CheckShape(kKernel, "b", bias.dimensions(), {H}));
+  RETURN_IF_ERROR(CheckShape(kKernel, "h", h->dimensions(), {N, H}));
+  RETURN_IF_ERROR(CheckActivation(activation));
+  if (N == 0) return ffi::Error::Success();
+  const int64_t F = x.dimensions()[1];
+  thread_local Scratch projected;
+  float* a = projected.Get(N * H);
+  const Forward step{a, bias.typed_data(), w_hh_panels.typed_data(), nullptr, h0.typed_data(), h->typed_data(),
+                     1, N, H, false, activation};
+  const float* x_t = x.typed_data();
+  const float* x_panels = w_xh_panels.typed_data();
+  RunSteps(pool, H, 1, [&](int64_t, int64_t unit_begin, int64_t unit_end) {
+    ProjectChunk<1>(x_t, N, F, x_panels, H, unit_begin, unit_end, a);
+    step.Chunk(0, unit_begin, unit_end);
+  });
+  return ffi::Error::Success();
+}
+
 ffi::Error ElmanBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> hs, ffi::Buffer<ffi::F32> w_hh,
                              ffi::Buffer<ffi::F32> d_hs, ffi::Buffer<ffi::F32> dh_last,
                              ffi::Buffer<ffi::PRED> mask, int64_t reverse, int64_t use_mask, int64_t activation,
@@ -238,6 +267,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnJaxElmanForward, ElmanForwardImpl,
                                   .Attr<int64_t>("use_mask")
                                   .Attr<int64_t>("activation")
                                   .Ret<ffi::Buffer<ffi::F32>>()); // hs
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnJaxElmanStep, ElmanStepImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // x_t
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // W_xh panels
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // W_hh panels
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // b
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // h_{t-1}
+                                  .Attr<int64_t>("activation")
+                                  .Ret<ffi::Buffer<ffi::F32>>()); // h_t
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnJaxElmanBackward, ElmanBackwardImpl,
                               ffi::Ffi::Bind()

@@ -369,6 +369,49 @@ ffi::Error GruForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Bu
   return ffi::Error::Success();
 }
 
+// One decoding step, x_t -> h_t, with its input projection (ProjectChunk, as in lstm_cpu.cc's
+// step). W_hh arrives packed as the forward call packs it: reset_after, the gate panels of
+// (r, z, n); reset_before, those of (r, z) and then those of n; flat, [3H H].
+ffi::Error GruStepImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_xh_panels,
+                       ffi::Buffer<ffi::F32> w_hh_panels, ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> b_hn,
+                       ffi::Buffer<ffi::F32> h0, int64_t reset_after, ffi::ResultBuffer<ffi::F32> h) {
+  auto dims = h0.dimensions();
+  if (dims.size() != 2) return ffi::Error::InvalidArgument("rnn_jax gru kernel: h0 must be [N, H]");
+  const int64_t N = dims[0], H = dims[1];
+  RETURN_IF_ERROR(CheckHidden(kKernel, H));
+  RETURN_IF_ERROR(CheckStepInput(kKernel, x.dimensions(), w_xh_panels.dimensions(), N, H, 3));
+  RETURN_IF_ERROR(CheckShape(kKernel, "W_hh panels", w_hh_panels.dimensions(), {3 * H * H}));
+  RETURN_IF_ERROR(CheckShape(kKernel, "b", bias.dimensions(), {3 * H}));
+  RETURN_IF_ERROR(CheckShape(kKernel, "b_hn", b_hn.dimensions(), {H}));
+  RETURN_IF_ERROR(CheckShape(kKernel, "h", h->dimensions(), {N, H}));
+  if (N == 0) return ffi::Error::Success();
+  const int64_t F = x.dimensions()[1];
+  thread_local Scratch projected, current, rh;
+  float* a = projected.Get(N * 3 * H);
+  const Forward step{a, bias.typed_data(), b_hn.typed_data(), w_hh_panels.typed_data(), nullptr, h0.typed_data(),
+                     h->typed_data(), nullptr, reset_after ? nullptr : current.Get(3 * N * H),
+                     reset_after ? nullptr : rh.Get(N * H), 1, N, H, false};
+  const float* x_t = x.typed_data();
+  const float* x_panels = w_xh_panels.typed_data();
+  if (reset_after) {
+    RunSteps(pool, H, 1, [&](int64_t, int64_t unit_begin, int64_t unit_end) {
+      ProjectChunk<3>(x_t, N, F, x_panels, H, unit_begin, unit_end, a);
+      step.ChunkAfter(0, unit_begin, unit_end);
+    });
+  } else {
+    // Phase 1 projects the chunk's units of all three gates; phase 2 reads back a_n of the same units.
+    RunSteps(pool, H, 2, [&](int64_t phase, int64_t unit_begin, int64_t unit_end) {
+      if (phase == 0) {
+        ProjectChunk<3>(x_t, N, F, x_panels, H, unit_begin, unit_end, a);
+        step.ChunkResetUpdate(0, unit_begin, unit_end);
+      } else {
+        step.ChunkCandidate(0, unit_begin, unit_end);
+      }
+    });
+  }
+  return ffi::Error::Success();
+}
+
 ffi::Error GruBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> gates, ffi::Buffer<ffi::F32> hs,
                            ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> w_hh, ffi::Buffer<ffi::F32> d_hs,
                            ffi::Buffer<ffi::F32> dh_last, ffi::Buffer<ffi::PRED> mask, int64_t reverse,
@@ -438,6 +481,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnJaxGruForward, GruForwardImpl,
                                   .Attr<int64_t>("reset_after")
                                   .Ret<ffi::Buffer<ffi::F32>>()   // hs
                                   .Ret<ffi::Buffer<ffi::F32>>()); // gates
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnJaxGruStep, GruStepImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // x_t
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // W_xh gate panels
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // W_hh panels, flat
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // b
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // b_hn
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // h_{t-1}
+                                  .Attr<int64_t>("reset_after")
+                                  .Ret<ffi::Buffer<ffi::F32>>()); // h_t
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnJaxGruBackward, GruBackwardImpl,
                               ffi::Ffi::Bind()

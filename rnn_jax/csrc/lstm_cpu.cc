@@ -36,7 +36,7 @@ constexpr const char* kKernel = "lstm";
 // ---- forward --------------------------------------------------------------------
 
 struct Forward {
-  const float* a;     // [T, N, 4H], or null for a decoding step: then a_t = W_xh x_t from x below
+  const float* a;     // [T, N, 4H]
   const float* bias;  // [4H], added to every a_t
   const float* w_packed;  // gate panels of W_hh, 4 gates
   const bool* mask;
@@ -48,10 +48,6 @@ struct Forward {
   float* gates;  // null when the gates are not saved
   int64_t T, N, H;
   bool reverse;
-  // A decoding step (a null): x_t [N, F] and the gate panels of W_xh, read before W_hh h_{t-1}.
-  const float* x = nullptr;
-  const float* x_packed = nullptr;
-  int64_t F = 0;
 
   int64_t Time(int64_t step) const { return reverse ? T - 1 - step : step; }
   float* HiddenRow(int64_t t, int64_t b) const { return hs + (b * T + t) * H; }
@@ -73,16 +69,8 @@ struct Forward {
     Vec acc[R][4];
     for (int r = 0; r < R; ++r) {
       h_prev[r] = PreviousHiddenRow(step, b0 + r);
-      for (int q = 0; q < 4; ++q) acc[r][q] = Load(bias + q * H + u);
-      if (a != nullptr) {
-        const float* a_t = a + (t * N + b0 + r) * G + u;
-        for (int q = 0; q < 4; ++q) acc[r][q] += Load(a_t + q * H);
-      }
-    }
-    if (a == nullptr) {
-      const float* x_rows[R];
-      for (int r = 0; r < R; ++r) x_rows[r] = x + (t * N + b0 + r) * F;
-      AccumulateGates<R, 4>(acc, x_rows, F, x_packed + (u / kWidth) * F * 4 * kWidth);
+      const float* a_t = a + (t * N + b0 + r) * G + u;
+      for (int q = 0; q < 4; ++q) acc[r][q] = Load(a_t + q * H) + Load(bias + q * H + u);
     }
     AccumulateGates<R, 4>(acc, h_prev, H, w_packed + (u / kWidth) * H * 4 * kWidth);
     for (int r = 0; r < R; ++r) {
@@ -228,10 +216,10 @@ ffi::Error LstmForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::B
   return ffi::Error::Success();
 }
 
-// One decoding step, x_t -> (h_t, c_t), with the input projection inside: the gates are
-// b + W_xh x_t + W_hh h_{t-1}. A decoder's next input depends on this step's output, so there is
-// no sequence of inputs to project at once. The weights arrive as gate panels, packed by XLA
-// (lstm_kernel.gate_panels) once, outside the decoding loop.
+// One decoding step, x_t -> (h_t, c_t): a decoder's next input depends on this step's output, so
+// there is no sequence of inputs to project at once, and the step projects x_t itself
+// (ProjectChunk) before the recurrence. The weights arrive as gate panels packed by XLA
+// (kernel_build.gate_panels) once, outside the decoding loop.
 ffi::Error LstmStepImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_xh_panels,
                         ffi::Buffer<ffi::F32> w_hh_panels, ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> h0,
                         ffi::Buffer<ffi::F32> c0, ffi::ResultBuffer<ffi::F32> h, ffi::ResultBuffer<ffi::F32> c) {
@@ -239,23 +227,24 @@ ffi::Error LstmStepImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   if (dims.size() != 2) return ffi::Error::InvalidArgument("rnn_jax lstm kernel: h0 must be [N, H]");
   const int64_t N = dims[0], H = dims[1];
   RETURN_IF_ERROR(CheckHidden(kKernel, H));
-  auto x_dims = x.dimensions();
-  if (x_dims.size() != 2 || x_dims[0] != N)
-    return ffi::Error::InvalidArgument("rnn_jax lstm kernel: x must be [N, F] with the N of h0");
-  const int64_t F = x_dims[1];
-  RETURN_IF_ERROR(CheckShape(kKernel, "W_xh panels", w_xh_panels.dimensions(), {H / kWidth, F, 4, kWidth}));
+  RETURN_IF_ERROR(CheckStepInput(kKernel, x.dimensions(), w_xh_panels.dimensions(), N, H, 4));
   RETURN_IF_ERROR(CheckShape(kKernel, "W_hh panels", w_hh_panels.dimensions(), {H / kWidth, H, 4, kWidth}));
   RETURN_IF_ERROR(CheckShape(kKernel, "b", bias.dimensions(), {4 * H}));
   RETURN_IF_ERROR(CheckShape(kKernel, "c0", c0.dimensions(), {N, H}));
   RETURN_IF_ERROR(CheckShape(kKernel, "h", h->dimensions(), {N, H}));
   RETURN_IF_ERROR(CheckShape(kKernel, "c", c->dimensions(), {N, H}));
   if (N == 0) return ffi::Error::Success();
-  Forward step{nullptr, bias.typed_data(), w_hh_panels.typed_data(), nullptr, h0.typed_data(), c0.typed_data(),
-               h->typed_data(), nullptr, c->typed_data(), nullptr, 1, N, H, false};
-  step.x = x.typed_data();
-  step.x_packed = w_xh_panels.typed_data();
-  step.F = F;
-  RunSteps(pool, H, 1, [&step](int64_t, int64_t unit_begin, int64_t unit_end) { step.Chunk(0, unit_begin, unit_end); });
+  const int64_t F = x.dimensions()[1];
+  thread_local Scratch projected;
+  float* a = projected.Get(N * 4 * H);
+  const Forward step{a, bias.typed_data(), w_hh_panels.typed_data(), nullptr, h0.typed_data(), c0.typed_data(),
+                     h->typed_data(), nullptr, c->typed_data(), nullptr, 1, N, H, false};
+  const float* x_t = x.typed_data();
+  const float* x_panels = w_xh_panels.typed_data();
+  RunSteps(pool, H, 1, [&](int64_t, int64_t unit_begin, int64_t unit_end) {
+    ProjectChunk<4>(x_t, N, F, x_panels, H, unit_begin, unit_end, a);
+    step.Chunk(0, unit_begin, unit_end);
+  });
   return ffi::Error::Success();
 }
 

@@ -202,6 +202,31 @@ inline void AccumulatePanels(Vec (&acc)[R][V], const float* const (&x)[R], int64
   }
 }
 
+// ---- the input projection of a decoding step ---------------------------------------
+
+// A decoding step's a_t = W_xh x_t for rows [b0, b0 + R) and unit vector u of each of Q gates:
+// a[b, q H + u + lane] = sum_k x[b, k] W_xh[q H + u + lane, k]. x: [N, F]; x_panels: the gate
+// panels of W_xh ([H / kWidth][F][Q][kWidth], rnn_jax.kernel_build.gate_panels); a: [N, Q H].
+template <int R, int Q>
+inline void ProjectBlock(const float* x, int64_t F, const float* x_panels, int64_t H, int64_t b0, int64_t u,
+                         float* a) {
+  const float* rows[R];
+  Vec acc[R][Q] = {};
+  for (int r = 0; r < R; ++r) rows[r] = x + (b0 + r) * F;
+  AccumulateGates<R, Q>(acc, rows, F, x_panels + (u / kWidth) * F * Q * kWidth);
+  for (int r = 0; r < R; ++r)
+    for (int q = 0; q < Q; ++q) Store(a + (b0 + r) * Q * H + q * H + u, acc[r][q]);
+}
+
+// The same for every row and the units [unit_begin, unit_end) of a chunk: the thread that then
+// runs the chunk's recurrence reads back what it wrote, so a step needs no extra barrier.
+template <int Q>
+inline void ProjectChunk(const float* x, int64_t N, int64_t F, const float* x_panels, int64_t H,
+                         int64_t unit_begin, int64_t unit_end, float* a) {
+  for (int64_t u = unit_begin; u < unit_end; u += kWidth)
+    ForRowBlocks(N, [&](int64_t b0, auto rows) { ProjectBlock<decltype(rows)::value, Q>(x, F, x_panels, H, b0, u, a); });
+}
+
 // ---- ticketed steps ------------------------------------------------------------
 
 // A counter that participants wait on: spin briefly (a step's chunks take tens of
@@ -392,6 +417,15 @@ inline ffi::Error CheckHidden(const char* kernel, int64_t H) {
   if (H % kWidth == 0) return ffi::Error::Success();
   return ffi::Error::InvalidArgument(std::string("rnn_jax ") + kernel + " kernel: H must be a multiple of " +
                                      std::to_string(kWidth) + ", got " + std::to_string(H));
+}
+
+// The decoding step's operands x_t [N, F] and the W_xh panels, checked: F, or an error naming them.
+inline ffi::Error CheckStepInput(const char* kernel, ffi::Span<const int64_t> x, ffi::Span<const int64_t> panels,
+                                 int64_t N, int64_t H, int64_t gates) {
+  if (x.size() != 2 || x[0] != N)
+    return ffi::Error::InvalidArgument(std::string("rnn_jax ") + kernel + " kernel: x must be [N, F] with N = " +
+                                       std::to_string(N) + " rows, as h0");
+  return CheckShape(kernel, "W_xh panels", panels, {H / kWidth, x[1], gates, kWidth});
 }
 
 #define RETURN_IF_ERROR(expr)               \

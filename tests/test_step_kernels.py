@@ -1,6 +1,7 @@
-"""The fused LSTM decoding step (``lstm_kernel.lstm_step``, routed by ``bptt.fused_step`` from
-``Cell.step``): the LSTM equations in float64 numpy, the same derivatives as XLA's step, any
-batch axes, and the weight packing done once outside a decoding loop.
+"""The fused decoding steps (``lstm_kernel.lstm_step``, ``gru_kernel.gru_step``,
+``elman_kernel.elman_step``, routed by ``bptt.fused_step`` from ``Cell.step``): each cell's
+equations in float64 numpy, the same derivatives as XLA's step, any batch axes, and the weight
+packing done once outside a decoding loop.
 
 Batches of 13 and 5 rows leave remainders after the kernel's blocks of 6 rows; F = 7 input
 features is not a multiple of anything the kernel blocks by.
@@ -14,13 +15,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rnn_jax import GRU, LSTM, bptt, lstm_kernel, polyphonic
-from rnn_jax.cells import LSTMState
+from rnn_jax import GRU, LSTM, Elman, bptt, lstm_kernel, polyphonic
+from rnn_jax.cells import ACTIVATIONS, LSTMState
 
 pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None,
                                 reason="no C++ compiler to build the kernel with")
 
 F = 7
+
+
+class ScaledInputGRU(GRU):
+  """A GRU whose input projection reads 2 x_t: a subclass the fused step must leave to XLA."""
+
+  def input_projection(self, params, xs, *, bias=True):
+    return super().input_projection(params, 2 * xs, bias=bias)
 
 
 @pytest.fixture(autouse=True)
@@ -170,9 +178,13 @@ def test_where_the_fused_step_does_not_run_it_says_why_and_xla_steps():
   peephole = LSTM(cell.hidden_size, peephole=True)
   peephole_params = peephole.init(jax.random.PRNGKey(1), F)
   assert "plain LSTM" in bptt.step_kernel_choice(peephole, peephole_params, x, carry).reason
-  gru = GRU(cell.hidden_size)
-  gru_params = gru.init(jax.random.PRNGKey(1), F)
-  assert "no fused decoding step for GRU" in bptt.step_kernel_choice(gru, gru_params, x, carry.h).reason
+  scaled = ScaledInputGRU(cell.hidden_size)
+  scaled_params = scaled.init(jax.random.PRNGKey(1), F)
+  assert "redefines the GRU step or input projection" in bptt.step_kernel_choice(
+      scaled, scaled_params, x, carry.h).reason
+  _, h_scaled = scaled.step(scaled_params, carry.h, x)
+  np.testing.assert_allclose(h_scaled, _numpy_gru_step(scaled_params, carry.h, 2 * x, True), atol=2e-6)
+  assert "float32" in bptt.step_kernel_choice(cell, params, x.astype(jnp.float16), carry).reason
   odd = LSTM(cell.hidden_size + 1)
   odd_params = odd.init(jax.random.PRNGKey(1), F)
   odd_carry = LSTMState(jnp.zeros((5, odd.hidden_size)), jnp.zeros((5, odd.hidden_size)))
@@ -207,3 +219,79 @@ def test_generated_frames_are_bernoulli_draws_of_each_step():
     expected.append(previous)
   np.testing.assert_array_equal(frames, np.swapaxes(np.stack(expected), 0, 1))
   assert 0 < frames[:, 1:].sum() < frames[:, 1:].size
+
+
+def _numpy_gru_step(params, h, x, reset_after):
+  w_xh, w_hh, b, b_hn = (np.asarray(params[k], np.float64) for k in ("w_xh", "w_hh", "b", "b_hn"))
+  h, H = np.asarray(h, np.float64), w_hh.shape[1]
+  a_r, a_z, a_n = np.split(np.asarray(x, np.float64) @ w_xh.T + b, 3, axis=-1)
+  sigmoid = lambda v: 1 / (1 + np.exp(-v))
+  r = sigmoid(a_r + h @ w_hh[:H].T)
+  z = sigmoid(a_z + h @ w_hh[H:2 * H].T)
+  if reset_after:
+    n = np.tanh(a_n + r * (h @ w_hh[2 * H:].T + b_hn))
+  else:
+    n = np.tanh(a_n + (r * h) @ w_hh[2 * H:].T + b_hn)
+  return (1 - z) * n + z * h
+
+
+NUMPY_ACTIVATIONS = {"tanh": np.tanh, "relu": lambda v: np.maximum(v, 0), "sigmoid": lambda v: 1 / (1 + np.exp(-v)),
+                     "identity": lambda v: v}
+
+
+def _gru_or_elman(cell, rows, seed=0):
+  keys = jax.random.split(jax.random.PRNGKey(seed), 4)
+  params = cell.init(keys[0], F)
+  params = {**params, "b": params["b"] + 0.3 * jax.random.normal(keys[3], params["b"].shape)}
+  return params, 0.7 * jax.random.normal(keys[2], (rows, cell.hidden_size)), jax.random.normal(keys[1], (rows, F))
+
+
+@pytest.mark.parametrize("reset_after", [True, False])
+@pytest.mark.parametrize("rows,hidden_multiple", [(13, 2), (5, 3)])
+def test_gru_step_equals_the_equations_in_numpy(reset_after, rows, hidden_multiple):
+  cell = GRU(hidden_multiple * lstm_kernel.vector_width(), reset_after=reset_after)
+  params, h, x = _gru_or_elman(cell, rows)
+  assert bptt.step_kernel_choice(cell, params, x, h).kernel == "gru_cpu"
+  h_t, y_t = cell.step(params, h, x)
+  np.testing.assert_allclose(h_t, _numpy_gru_step(params, h, x, reset_after), atol=2e-6)
+  np.testing.assert_array_equal(h_t, y_t)
+  assert "rnn_jax_gru_step" in jax.jit(cell.step).lower(params, h, x).as_text()
+
+
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+def test_elman_step_equals_the_equations_in_numpy_with_every_activation(activation):
+  cell = Elman(2 * lstm_kernel.vector_width(), activation=activation)
+  params, h, x = _gru_or_elman(cell, 13)
+  assert bptt.step_kernel_choice(cell, params, x, h).kernel == "elman_cpu"
+  h_t, _ = cell.step(params, h, x)
+  w_xh, w_hh, b = (np.asarray(params[k], np.float64) for k in ("w_xh", "w_hh", "b"))
+  expected = NUMPY_ACTIVATIONS[activation](np.asarray(x, np.float64) @ w_xh.T + np.asarray(h, np.float64) @ w_hh.T + b)
+  np.testing.assert_allclose(h_t, expected, atol=2e-6, rtol=1e-6)
+  assert "rnn_jax_elman_step" in jax.jit(cell.step).lower(params, h, x).as_text()
+
+
+@pytest.mark.parametrize("cell", [GRU(32, reset_after=False), GRU(32), Elman(32, activation="relu", readout_size=5)],
+                         ids=["gru_reset_before", "gru", "elman_readout"])
+def test_gru_and_elman_steps_vmap_differentiate_and_pack_once(cell):
+  params, h, x = _gru_or_elman(cell, 5, seed=2)
+  reference = lambda p, h, x: cell.recurrence(p, h, cell.input_projection(p, x))
+  _, y_t = cell.step(params, h, x)
+  np.testing.assert_allclose(y_t, cell.output(params, reference(params, h, x)[1]), atol=2e-6)
+  _, h_mapped = jax.vmap(cell.step, in_axes=(None, 0, 0))(params, h, x)
+  np.testing.assert_allclose(h_mapped, y_t, atol=2e-6)
+  loss = lambda step: lambda p, h, x: jnp.sum(jnp.sin(step(p, h, x)[1]))
+  fused = jax.grad(loss(cell.step), argnums=(0, 1, 2))(params, h, x)
+  expected = jax.grad(loss(lambda p, h, x: (None, cell.output(p, reference(p, h, x)[1]))), argnums=(0, 1, 2))(params, h, x)
+  for got, want in zip(jax.tree_util.tree_leaves(fused), jax.tree_util.tree_leaves(expected)):
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+  @jax.jit
+  def decode(params, h, x):
+    def body(h, _):
+      h, _ = cell.step(params, h, x)
+      return h, h
+    return jax.lax.scan(body, h, None, length=4)[1]
+
+  compiled = decode.lower(params, h, x).compile().as_text()
+  bodies = [c for c in compiled.split("\n\n") if "_step\"" in c and "custom_call_target" in c]
+  assert bodies and not any("transpose" in body for body in bodies)
