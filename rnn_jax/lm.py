@@ -191,14 +191,18 @@ def _filter_logits(logits, temperature: float, top_k: int):
 @functools.partial(jax.jit, static_argnames=("model", "length", "top_k"))
 def _sample_tokens(model: LanguageModel, params, carries, last_logits, key, length: int,
                    temperature, top_k: int):
-  def body(state, key_t):
+  def body(state, noise_t):
     carries, logits = state
-    token = jax.random.categorical(key_t, _filter_logits(logits, temperature, top_k), axis=-1)
+    token = jnp.argmax(_filter_logits(logits, temperature, top_k) + noise_t, axis=-1)
     carries, next_logits = model.next_token_logits(params, carries, token)
     return (carries, next_logits), token
 
+  # jax.random.categorical(key_t, logits) is argmax(logits + Gumbel noise drawn with key_t) (the
+  # Gumbel-max trick, and jax's own definition, so the tokens are the same): the noise of every
+  # step comes from one vectorised call before the loop instead of one small threefry loop per token.
   keys = jax.random.split(key, length)
-  _, tokens = jax.lax.scan(body, (carries, last_logits), keys)
+  noise = jax.vmap(lambda key_t: jax.random.gumbel(key_t, last_logits.shape, last_logits.dtype))(keys)
+  _, tokens = jax.lax.scan(body, (carries, last_logits), noise)
   return tokens.T
 
 
