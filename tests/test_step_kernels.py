@@ -295,3 +295,23 @@ def test_gru_and_elman_steps_vmap_differentiate_and_pack_once(cell):
   compiled = decode.lower(params, h, x).compile().as_text()
   bodies = [c for c in compiled.split("\n\n") if "_step\"" in c and "custom_call_target" in c]
   assert bodies and not any("transpose" in body for body in bodies)
+
+
+@pytest.mark.parametrize("temperature,top_k", [(1.0, 0), (0.7, 5)])
+def test_sampled_tokens_are_categorical_draws_of_each_step(temperature, top_k):
+  """lm.sample draws every token's Gumbel noise before its loop; the tokens are those of
+  jax.random.categorical with each step's key, step by step."""
+  from rnn_jax import lm
+  model = lm.LanguageModel(cell=GRU(lstm_kernel.vector_width()), vocab_size=30, embed_size=8)
+  params = model.init(jax.random.PRNGKey(0))
+  prime = np.array([[1, 2, 3], [4, 5, 6]])
+  key = jax.random.PRNGKey(9)
+  tokens = lm.sample(model, params, prime, 12, key, temperature=temperature, top_k=top_k)
+  logits, carries = model(params, {"inputs": jnp.asarray(prime)})
+  logits, expected = logits[:, -1], []
+  for key_t in jax.random.split(key, 12):
+    token = jax.random.categorical(key_t, lm._filter_logits(logits, temperature, top_k), axis=-1)
+    carries, logits = model.next_token_logits(params, carries, token)
+    expected.append(token)
+  np.testing.assert_array_equal(tokens, np.stack(expected, axis=1))
+  assert len(set(tokens.ravel().tolist())) > 3
