@@ -1605,12 +1605,14 @@ def _plot_bars(rows: list[dict], key_fields, label, references, ylabel: str, tit
   reference = next((name for name in references if any(f"vs_{name}" in r for r in rows)), None)
   ratio = f"vs_{reference}" if reference else None
   panels = 2 if ratio else 1
-  width_in = min(24.0, max(7.0, 0.3 * len(configs) * len(impls) + 2.5))
+  names = [label(dict(zip(key_fields, c))) for c in configs]
+  # Each group needs room for its bars and for its tick label (up to three lines, ~7 points a character).
+  label_in = max(len(line) for name in names for line in name.split("\n")) * 0.075
+  width_in = min(32.0, max(7.0, len(configs) * max(0.3 * len(impls), label_in + 0.15) + 2.5))
   figure, axes = plt.subplots(panels, 1, figsize=(width_in, 3.2 * panels + 1.2), squeeze=False, sharex=True)
   axes = axes[:, 0]
   width = 0.8 / max(1, len(impls))
   ticks = [i + 0.4 - width / 2 for i in range(len(configs))]
-  names = [label(dict(zip(key_fields, c))) for c in configs]
   lookup = {(r["impl"], *key(r)): r for r in rows}
   for index, impl in enumerate(impls):
     color = plots.RUN_COLORS[index % len(plots.RUN_COLORS)]

@@ -1,6 +1,7 @@
 // What the fused CPU recurrences (lstm_cpu.cc, gru_cpu.cc, elman_cpu.cc) share: vector math, the
-// register-blocked products with W_hh and W_hh^T, the packed weight layouts, the ticketed steps
-// that spread one recurrence over the calling thread and XLA's intra-op pool, and shape checks.
+// register-blocked products with W_hh and W_hh^T, the packed weight layouts, a decoding step's
+// input projection, the ticketed steps that spread one recurrence over the calling thread and
+// XLA's intra-op pool, and shape checks.
 //
 // Every kernel follows the same plan. The input projection a = W_xh x (all steps) and the weight
 // gradients stay in XLA as single matmuls; a kernel call runs the whole recurrence of one
@@ -29,10 +30,6 @@
 #include <string>
 #include <thread>
 #include <type_traits>
-
-#if defined(__AVX512F__) || defined(__AVX__)
-#include <immintrin.h>
-#endif
 
 #include "xla/ffi/api/ffi.h"
 
@@ -67,19 +64,13 @@ inline void Store(float* p, Vec v) { std::memcpy(p, &v, sizeof(Vec)); }
 
 inline Vec Splat(float x) { return Vec{} + x; }
 
-// exp(x), x clamped to [-87, 88] (the float range): 2^n p(r), x = n ln2 + r, |r| <= ln2 / 2, with a
-// degree-6 polynomial for e^r (relative error about 2e-7 after rounding). With AVX-512 the
-// clamp is min/max, the rounding one vrndscaleps and 2^n p one vscalefps.
+// exp(x) for x in float range: 2^n p(r), x = n ln2 + r, |r| <= ln2 / 2, with a
+// degree-6 polynomial for e^r (relative error about 2e-7 after rounding).
 inline Vec Exp(Vec x) {
-#if defined(__AVX512F__)
-  x = (Vec)_mm512_min_ps(_mm512_max_ps((__m512)x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
-  const Vec n = (Vec)_mm512_roundscale_ps((__m512)(x * 1.44269504088896341f), _MM_FROUND_TO_NEAREST_INT);
-#else
   x = x < -87.0f ? Splat(-87.0f) : x;
   x = x > 88.0f ? Splat(88.0f) : x;
   const Vec round_magic = Splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
-  const Vec n = (x * 1.44269504088896341f + round_magic) - round_magic;
-#endif
+  Vec n = (x * 1.44269504088896341f + round_magic) - round_magic;
   Vec r = x - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
   Vec p = Splat(1.9875691500e-4f);
@@ -89,34 +80,13 @@ inline Vec Exp(Vec x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-#if defined(__AVX512F__)
-  return (Vec)_mm512_scalef_ps((__m512)p, (__m512)n);
-#else
   IntVec bits = (__builtin_convertvector(n, IntVec) + 127) << 23;
   return p * (Vec)bits;
-#endif
 }
 
-// 1 / x for x >= 1 (the denominators below): the hardware estimate (relative error 2^-14 with
-// AVX-512, 1.5 2^-12 with AVX) and one Newton step r (2 - x r), which squares the error to
-// below float rounding. A division costs a third of the gate arithmetic otherwise (vdivps zmm
-// issues once every 8-10 cycles; the five per LSTM unit vector took about 8% of a step).
-inline Vec Reciprocal(Vec x) {
-#if defined(__AVX512F__)
-  const Vec r = (Vec)_mm512_rcp14_ps((__m512)x);
-#elif defined(__AVX__)
-  const Vec r = (Vec)_mm256_rcp_ps((__m256)x);
-#else
-  return 1.0f / x;
-#endif
-#if defined(__AVX512F__) || defined(__AVX__)
-  return r * (2.0f - x * r);
-#endif
-}
+inline Vec Sigmoid(Vec x) { return 1.0f / (1.0f + Exp(-x)); }
 
-inline Vec Sigmoid(Vec x) { return Reciprocal(1.0f + Exp(-x)); }
-
-inline Vec Tanh(Vec x) { return 1.0f - 2.0f * Reciprocal(Exp(x + x) + 1.0f); }
+inline Vec Tanh(Vec x) { return 1.0f - 2.0f / (Exp(x + x) + 1.0f); }
 
 inline Vec Relu(Vec x) { return x > 0.0f ? x : Splat(0.0f); }
 
@@ -218,8 +188,9 @@ inline void ProjectBlock(const float* x, int64_t F, const float* x_panels, int64
     for (int q = 0; q < Q; ++q) Store(a + (b0 + r) * Q * H + q * H + u, acc[r][q]);
 }
 
-// The same for every row and the units [unit_begin, unit_end) of a chunk: the thread that then
-// runs the chunk's recurrence reads back what it wrote, so a step needs no extra barrier.
+// The same for every row and the units [unit_begin, unit_end) of a chunk. The chunk's own
+// recurrence then reads those units back (in the same ticket, or after the step's barrier), so a
+// decoding step needs no barrier of its own for its projection.
 template <int Q>
 inline void ProjectChunk(const float* x, int64_t N, int64_t F, const float* x_panels, int64_t H,
                          int64_t unit_begin, int64_t unit_end, float* a) {
