@@ -207,17 +207,12 @@ ffi::Error ElmanStepImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buf
   RETURN_IF_ERROR(CheckShape(kKernel, "h", h->dimensions(), {N, H}));
   RETURN_IF_ERROR(CheckActivation(activation));
   if (N == 0) return ffi::Error::Success();
-  const int64_t F = x.dimensions()[1];
   thread_local Scratch projected;
   float* a = projected.Get(N * H);
   const Forward step{a, bias.typed_data(), w_hh_panels.typed_data(), nullptr, h0.typed_data(), h->typed_data(),
                      1, N, H, false, activation};
-  const float* x_t = x.typed_data();
-  const float* x_panels = w_xh_panels.typed_data();
-  RunSteps(pool, H, 1, [&](int64_t, int64_t unit_begin, int64_t unit_end) {
-    ProjectChunk<1>(x_t, N, F, x_panels, H, unit_begin, unit_end, a);
-    step.Chunk(0, unit_begin, unit_end);
-  });
+  RunDecodingStep<1>(pool, x, w_xh_panels, H, a, 1,
+                     [&step](int64_t, int64_t unit_begin, int64_t unit_end) { step.Chunk(0, unit_begin, unit_end); });
   return ffi::Error::Success();
 }
 

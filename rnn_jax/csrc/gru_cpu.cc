@@ -385,28 +385,20 @@ ffi::Error GruStepImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   RETURN_IF_ERROR(CheckShape(kKernel, "b_hn", b_hn.dimensions(), {H}));
   RETURN_IF_ERROR(CheckShape(kKernel, "h", h->dimensions(), {N, H}));
   if (N == 0) return ffi::Error::Success();
-  const int64_t F = x.dimensions()[1];
   thread_local Scratch projected, current, rh;
   float* a = projected.Get(N * 3 * H);
   const Forward step{a, bias.typed_data(), b_hn.typed_data(), w_hh_panels.typed_data(), nullptr, h0.typed_data(),
                      h->typed_data(), nullptr, reset_after ? nullptr : current.Get(3 * N * H),
                      reset_after ? nullptr : rh.Get(N * H), 1, N, H, false};
-  const float* x_t = x.typed_data();
-  const float* x_panels = w_xh_panels.typed_data();
   if (reset_after) {
-    RunSteps(pool, H, 1, [&](int64_t, int64_t unit_begin, int64_t unit_end) {
-      ProjectChunk<3>(x_t, N, F, x_panels, H, unit_begin, unit_end, a);
+    RunDecodingStep<3>(pool, x, w_xh_panels, H, a, 1, [&step](int64_t, int64_t unit_begin, int64_t unit_end) {
       step.ChunkAfter(0, unit_begin, unit_end);
     });
   } else {
-    // Phase 1 projects the chunk's units of all three gates; phase 2 reads back a_n of the same units.
-    RunSteps(pool, H, 2, [&](int64_t phase, int64_t unit_begin, int64_t unit_end) {
-      if (phase == 0) {
-        ProjectChunk<3>(x_t, N, F, x_panels, H, unit_begin, unit_end, a);
-        step.ChunkResetUpdate(0, unit_begin, unit_end);
-      } else {
-        step.ChunkCandidate(0, unit_begin, unit_end);
-      }
+    // Phase 0 projects the chunk's units of all three gates; phase 1 reads back a_n of the same units.
+    RunDecodingStep<3>(pool, x, w_xh_panels, H, a, 2, [&step](int64_t phase, int64_t unit_begin, int64_t unit_end) {
+      if (phase == 0) step.ChunkResetUpdate(0, unit_begin, unit_end);
+      else step.ChunkCandidate(0, unit_begin, unit_end);
     });
   }
   return ffi::Error::Success();

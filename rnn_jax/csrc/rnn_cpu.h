@@ -371,6 +371,21 @@ class Scratch {
   int64_t size_ = 0;
 };
 
+// A decoding step: `phases` ticketed phases of one step (the GRU's reset-before variant has two),
+// where each chunk first projects its units of x_t [N, F] into a [N, Q H] (ProjectChunk) and
+// then runs work(phase, unit_begin, unit_end) on it.
+template <int Q, typename Work>
+inline void RunDecodingStep(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> x_panels,
+                            int64_t H, float* a, int64_t phases, Work work) {
+  const int64_t N = x.dimensions()[0], F = x.dimensions()[1];
+  const float* x_t = x.typed_data();
+  const float* panels = x_panels.typed_data();
+  RunSteps(pool, H, phases, [=](int64_t phase, int64_t unit_begin, int64_t unit_end) {
+    if (phase == 0) ProjectChunk<Q>(x_t, N, F, panels, H, unit_begin, unit_end, a);
+    work(phase, unit_begin, unit_end);
+  });
+}
+
 // ---- argument checks -------------------------------------------------------------
 
 inline ffi::Error CheckShape(const char* kernel, const char* name, ffi::Span<const int64_t> got,
