@@ -184,6 +184,9 @@ def _project_and_scan(cell: Cell, params: Params, xs: jax.Array, carry, mask, *,
     xs = jnp.where(mask[..., None], xs, jnp.zeros((), xs.dtype))
 
   def scan_chunk(xs_chunk, carry_chunk, mask_chunk):
+    if manual and bptt.fuses_input_gradient(cell, params, xs_chunk, carry_chunk):
+      return bptt.projected_manual_scan(cell, params, xs_chunk, carry_chunk, mask_chunk, reverse=reverse,
+                                        unroll=unroll)
     if manual and bptt.kernel_adds_bias(cell, params, xs_chunk, carry_chunk):
       # The CPU LSTM kernel adds b while it reads a_t, which spares XLA a pass over a.
       a = cell.input_projection(params, xs_chunk, bias=False)
