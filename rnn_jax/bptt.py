@@ -359,7 +359,7 @@ def step_kernel_choice(cell: Cell, params: Params, x_t: jax.Array, carry) -> Ker
   if klass.step is not Cell.step or klass.input_projection is not base.input_projection:
     return KernelChoice(None, f"{cell.name}: {klass.__name__} redefines the {base.__name__} step or input "
                         f"projection, which the fused step does not run")
-  reason = module.LIBRARY.why_not(cell.hidden_size, x_t, params["w_xh"], params["b"])
+  reason = module.LIBRARY.why_not(cell.hidden_size, params["w_xh"], params["b"])  # x_t was checked as a
   if reason is not None:
     return KernelChoice(None, reason)
   return KernelChoice(choice.kernel, choice.reason + ", one decoding step")
@@ -646,12 +646,19 @@ def projected_manual_scan(cell: Cell, params: Params, xs: jax.Array, carry, mask
   operands = Operands({name: params[name] for name in rule.recurrent_params(cell)}, cell.projection_bias(params))
   kernel = kernel_choice(cell, params, xs, carry).kernel
   fallback = lambda: manual_scan(cell, params, cell.input_projection(params, xs, bias=False), carry, mask,
-                                 reverse=reverse, unroll=unroll, input_bias=cell.projection_bias(params))
-  if _under_forward_mode(operands, params["w_xh"], xs, carry):
+                                 reverse=reverse, unroll=unroll, input_bias=operands.input_bias)
+  return _custom_vjp_or(fallback, lambda: _projected(cell, reverse, unroll, kernel, operands, params["w_xh"], xs,
+                                                     carry, mask), operands, params["w_xh"], xs, carry)
+
+
+def _custom_vjp_or(fallback, call, *trees):
+  """call() (a custom VJP), or fallback() (jax's own derivative) under forward-mode differentiation
+  of ``trees``, which ``jax.jvp`` / ``jacfwd`` cannot pass through a custom VJP."""
+  if _under_forward_mode(*trees):
     return fallback()
   try:
-    return _projected(cell, reverse, unroll, kernel, operands, params["w_xh"], xs, carry, mask)
-  except TypeError as error:  # jax.jvp / jacfwd cannot pass a custom_vjp: use jax's own derivative
+    return call()
+  except TypeError as error:
     if "forward-mode" not in str(error):
       raise
     return fallback()
@@ -706,11 +713,5 @@ def manual_scan(cell: Cell, params: Params, a: jax.Array, carry, mask=None, *,
   rule = rule_for(cell)
   operands = Operands({name: params[name] for name in rule.recurrent_params(cell)}, input_bias)
   kernel = kernel_choice(cell, params, a, carry).kernel
-  if _under_forward_mode(operands, a, carry):
-    return _autodiff_scan(cell, operands, a, carry, mask, reverse, unroll)
-  try:
-    return _manual(cell, reverse, unroll, kernel, operands, a, carry, mask)
-  except TypeError as error:  # jax.jvp / jacfwd cannot pass a custom_vjp: use jax's own derivative
-    if "forward-mode" not in str(error):
-      raise
-    return _autodiff_scan(cell, operands, a, carry, mask, reverse, unroll)
+  return _custom_vjp_or(lambda: _autodiff_scan(cell, operands, a, carry, mask, reverse, unroll),
+                        lambda: _manual(cell, reverse, unroll, kernel, operands, a, carry, mask), operands, a, carry)

@@ -271,8 +271,7 @@ class Cell(abc.ABC):
 
     Where a fused CPU kernel runs the whole step (float32 on CPU: the plain LSTM, the GRU and the
     Elman cell; ``bptt.fused_step``) it does, with the same equations and derivatives; otherwise
-    XLA runs
-    ``recurrence(params, carry, input_projection(params, x_t))``.
+    XLA runs ``recurrence(params, carry, input_projection(params, x_t))``.
     """
     from rnn_jax import bptt  # bptt builds on this module
     fused = bptt.fused_step(self, params, carry, x_t)

@@ -160,6 +160,6 @@ def gru_step(x, w_xh, w_hh, bias, b_hn, h, *, reset_after: bool = True):
     h_t [..., H]. It has no derivative of its own (``bptt.fused_step`` gives it XLA's).
   """
   LIBRARY.require()
-  weights = (kernel_build.gate_panels(w_xh, 3, LIBRARY.vector_width()), recurrent_panels(w_hh, reset_after), bias,
-             b_hn)
+  weights = (kernel_build.gate_panels(w_xh, 3, LIBRARY.vector_width()), recurrent_panels(w_hh, reset_after),
+             bias, b_hn)
   return kernel_build.step_on_rows(_step_rows(bool(reset_after)), x, weights, (h,))[0]

@@ -229,8 +229,6 @@ def rows_batched(call, in_row_axes, out_row_axes):
   return wrapped
 
 
-
-
 # ---- a decoding step's operands ---------------------------------------------------------
 
 def gate_panels(w: jax.Array, gates: int, width: int) -> jax.Array:

@@ -38,7 +38,7 @@ LIBRARY = KernelLibrary("lstm_cpu", {FORWARD_TARGET: "RnnJaxLstmForward", BACKWA
                                      STEP_TARGET: "RnnJaxLstmStep"})
 
 __all__ = ["BACKWARD_TARGET", "FORWARD_TARGET", "LIBRARY", "STEP_TARGET", "applies", "available", "enabled",
-           "gate_panels", "lstm_backward", "lstm_forward", "lstm_step", "set_enabled", "unavailable_reason",
+           "lstm_backward", "lstm_forward", "lstm_step", "set_enabled", "unavailable_reason",
            "vector_width", "why_not"]
 
 
@@ -129,12 +129,6 @@ def lstm_backward(gates, cs, c0, w_hh, d_hs, dh_last, dc_last, mask=None, *, rev
           dc0.reshape(batch_shape + (H,)))
 
 
-
-def gate_panels(w: jax.Array, gates: int = 4) -> jax.Array:
-  """``kernel_build.gate_panels`` at this library's vector width: w [G H, K] -> [H / W, K, G, W]."""
-  return kernel_build.gate_panels(w, gates, vector_width())
-
-
 def _step_call(x, w_xh_panels, w_hh_panels, bias, h, c):
   """The step FFI call on rows N: x [N, F], h, c [N, H] -> (h_t, c_t)."""
   out = jax.ShapeDtypeStruct(h.shape, jnp.float32)
@@ -151,10 +145,12 @@ def lstm_step(x, w_xh, w_hh, bias, h, c):
 
   Args:
     x: [..., F] float32, x_t; h, c: [..., H], the carry (the same leading axes, or none).
-    w_xh: [4H, F]; w_hh: [4H, H]; bias: [4H]. Packed here (``gate_panels``): inside a decoding
-      loop XLA packs them once, outside it.
+    w_xh: [4H, F]; w_hh: [4H, H]; bias: [4H]. Packed here (``kernel_build.gate_panels``): inside a
+      decoding loop XLA packs them once, outside it.
   Returns:
     (h_t, c_t), each [..., H]. It has no derivative of its own (``bptt.fused_step`` gives it XLA's).
   """
   LIBRARY.require()
-  return kernel_build.step_on_rows(_step_rows, x, (gate_panels(w_xh), gate_panels(w_hh), bias), (h, c))
+  width = vector_width()
+  weights = (kernel_build.gate_panels(w_xh, 4, width), kernel_build.gate_panels(w_hh, 4, width), bias)
+  return kernel_build.step_on_rows(_step_rows, x, weights, (h, c))

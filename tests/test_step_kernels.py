@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rnn_jax import GRU, LSTM, Elman, bptt, lstm_kernel, polyphonic
+from rnn_jax import GRU, LSTM, Elman, bptt, kernel_build, lstm_kernel, polyphonic
 from rnn_jax.cells import ACTIVATIONS, LSTMState
 
 pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None,
@@ -166,7 +166,7 @@ def test_gate_panels_layout_and_exact_values():
   H, K = 2 * width, 5
   w = np.arange(4 * H * K, dtype=np.float32).reshape(4 * H, K)
   w[0, 0], w[1, 0], w[2, 0], w[3, 0] = np.inf, np.nan, 1e-45, -0.0  # the packing is bit-exact
-  panels = np.asarray(lstm_kernel.gate_panels(jnp.asarray(w)))
+  panels = np.asarray(kernel_build.gate_panels(jnp.asarray(w), 4, width))
   assert panels.shape == (H // width, K, 4, width)
   v, k, q, lane = 1, 3, 2, 5
   assert panels[v, k, q, lane] == w[q * H + v * width + lane, k]
