@@ -613,10 +613,12 @@ def _projected_bwd(cell, reverse, unroll, kernel, saved_inputs, cotangents):
   w_hh = operands.weights["w_hh"]
   H = w_hh.shape[1]
   inputs = jnp.concatenate([cell.hidden(previous), xs.astype(da.dtype)], axis=-1)
-  # [h_{t-1}, x_t]^T da, then transposed: XLA then copies the narrow [T B, H + F] factor into the
-  # matmul's layout instead of da [T B, G H] (the LSTM layer's gradient, B=32, T=128, H=256 / 512:
-  # 38-39 / 125-127 ms, against 40-42 / 130-134 ms with da transposed or the two matmuls apart).
-  joint = sum_outer(inputs, da, cell.dtype, w_hh.dtype).T
+  # [h_{t-1}, x_t]^T da [H + F, G H], then transposed: XLA copies the narrow [T B, H + F] factor
+  # into the matmul's layout instead of da [T B, G H]. The barrier keeps XLA from folding the
+  # transpose into the dot, which turns it into da^T [h_{t-1}, x_t] [G H, H + F], a matmul with
+  # the long axis leading both operands that XLA:CPU runs on its slower Eigen path (AMD EPYC, the
+  # LSTM layer's gradient at B=32, T=128, H=256 / 512: 29.0 / 91.3 ms against 35.6 / 101.5 ms).
+  joint = jax.lax.optimization_barrier(sum_outer(inputs, da, cell.dtype, w_hh.dtype)).T
   d_x = linear_transposed(da, w_xh, cell.dtype).astype(xs.dtype)
   d_operands = Operands({"w_hh": joint[:, :H]}, _input_bias_gradient(operands, da))
   return d_operands, joint[:, H:].astype(w_xh.dtype), d_x, d_carry_0, None
