@@ -25,7 +25,8 @@
 // read-out consumes and produces them: no transposes there.
 //
 // A forward block holds the accumulators of kRows batch rows x 4 gates x one vector of units
-// in registers (24 of the 32 AVX-512 registers) over one packed panel of W_hh.
+// in registers (24 of the 32 AVX-512 registers) over one packed panel of W_hh, and adds a_t + b
+// after the product (rnn_cpu.h, PrefetchGates).
 
 #include "rnn_cpu.h"
 
@@ -66,15 +67,16 @@ struct Forward {
   void Block(int64_t step, int64_t b0, int64_t u) const {
     const int64_t t = Time(step), G = 4 * H;
     const float* h_prev[R];
-    Vec acc[R][4];
+    Vec acc[R][4] = {};
     for (int r = 0; r < R; ++r) {
       h_prev[r] = PreviousHiddenRow(step, b0 + r);
-      const float* a_t = a + (t * N + b0 + r) * G + u;
-      for (int q = 0; q < 4; ++q) acc[r][q] = Load(a_t + q * H) + Load(bias + q * H + u);
+      PrefetchGates<4>(a + (t * N + b0 + r) * G, H, u);
     }
     AccumulateGates<R, 4>(acc, h_prev, H, w_packed + (u / kWidth) * H * 4 * kWidth);
     for (int r = 0; r < R; ++r) {
       const int64_t b = b0 + r;
+      const float* a_t = a + (t * N + b) * G + u;
+      for (int q = 0; q < 4; ++q) acc[r][q] += Load(a_t + q * H) + Load(bias + q * H + u);
       const Vec i = Sigmoid(acc[r][0]), f = Sigmoid(acc[r][1]), g = Tanh(acc[r][2]),
                 o = Sigmoid(acc[r][3]);
       Vec c = Load(PreviousCellRow(step, b) + u);
