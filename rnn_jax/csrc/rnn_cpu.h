@@ -172,20 +172,6 @@ inline void AccumulatePanels(Vec (&acc)[R][V], const float* const (&x)[R], int64
   }
 }
 
-// ---- the projected inputs a_t ------------------------------------------------------
-
-// A forward block's accumulators start at zero and take a_t + b after the product with W_hh, and
-// the block asks for the a_t lines of its rows' next unit vector (PrefetchGates): a [T, N, G H] is
-// too large to stay cached and is read in a pattern the hardware prefetcher misses, and a product
-// started from a_t waited on those loads. LSTM forward, B=32, T=128, AMD EPYC, 2 cores: 8.93 / 29.85
-// -> 8.51 / 28.73 ms with the gates saved at H=256 / 512, inference unchanged (one core outside XLA,
-// the forward steps alone: 136 / 151 -> 180 / 200 GFLOP/s).
-template <int Q>
-inline void PrefetchGates(const float* a_row, int64_t H, int64_t u) {
-  if (u + kWidth >= H) return;
-  for (int q = 0; q < Q; ++q) __builtin_prefetch(a_row + q * H + u + kWidth, 0, 3);
-}
-
 // ---- the input projection of a decoding step ---------------------------------------
 
 // A decoding step's a_t = W_xh x_t for rows [b0, b0 + R) and unit vector u of each of Q gates:
