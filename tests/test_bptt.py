@@ -7,6 +7,7 @@ variable lengths (including 0 and T) and are read forwards and reversed.
 """
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -218,3 +219,23 @@ def test_forward_mode_and_second_derivatives_through_the_default_path(cell):
   hessian_auto = jax.hessian(lambda x: loss(params, x, "auto"))(xs)
   hessian_ref = jax.hessian(lambda x: loss(params, x, "autodiff"))(xs)
   np.testing.assert_allclose(hessian_auto, hessian_ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("out_size,in_size", [(12, 5), (5, 5), (4, 9)])
+def test_sum_outer_is_the_summed_outer_product_in_either_form(out_size, in_size):
+  """dW = sum over (t, b) of delta v^T, whichever factor is wider: on the CPU a wider delta is
+  formed as (v^T delta)^T, so the compiled matmul's output is [in, out] there and [out, in]
+  otherwise."""
+  rng = np.random.default_rng(0)
+  delta = rng.standard_normal((T, B, out_size))
+  v = rng.standard_normal((T, B, in_size))
+  want = np.einsum("tbo,tbi->oi", delta, v)
+  got = bptt.sum_outer(jnp.asarray(delta, jnp.float32), jnp.asarray(v, jnp.float32), None, jnp.float32)
+  assert got.shape == (out_size, in_size)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+  compiled = jax.jit(lambda d, x: bptt.sum_outer(d, x, None, jnp.float32)).lower(
+      jnp.asarray(delta, jnp.float32), jnp.asarray(v, jnp.float32)).compile().as_text()
+  shapes = re.findall(r"= f32\[([0-9,]+)\]\{[0-9,]+\} (?:dot|fusion)\(", compiled)
+  transposed = out_size > in_size and jax.default_backend() == "cpu"
+  expected = f"{in_size},{out_size}" if transposed else f"{out_size},{in_size}"
+  assert expected in shapes, shapes
