@@ -205,12 +205,13 @@ ffi::Error LstmForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::B
 
   thread_local Scratch packed, cells;
   float* w_packed = packed.Get(4 * H * H);
-  PackGatePanels(w_hh.typed_data(), H, H, 0, 4, w_packed);
+  const float* w = w_hh.typed_data();
   const Forward forward{a.typed_data(), bias.typed_data(), w_packed, use_mask ? mask.typed_data() : nullptr,
                         h0.typed_data(), c0.typed_data(), hs->typed_data(),
                         save_gates ? cs->typed_data() : nullptr, save_gates ? nullptr : cells.Get(2 * N * H),
                         save_gates ? gates->typed_data() : nullptr, T, N, H, reverse != 0};
-  RunSteps(pool, H, T, [&forward](int64_t step, int64_t unit_begin, int64_t unit_end) {
+  RunSteps(pool, H, T, [&forward, w, w_packed, H](int64_t step, int64_t unit_begin, int64_t unit_end) {
+    if (step == 0) PackGatePanels(w, H, H, 0, 4, w_packed, unit_begin, unit_end);
     forward.Chunk(step, unit_begin, unit_end);
   });
   if (!save_gates) std::memcpy(cs->typed_data(), forward.CellRow(T - 1, 0), N * H * sizeof(float));

@@ -125,9 +125,11 @@ inline void ForVectorGroups(int64_t unit_begin, int64_t unit_end, Fn fn) {
 // Gate panels: W [rows, K] (row-major) with gate blocks of H rows, gates
 // [first, first + Q) interleaved per unit vector, so that the block of one unit vector reads
 // one contiguous stream: packed[v][k][q][lane] = W[(first + q) H + v kWidth + lane, k].
-// Reading W in place strode 4-8 KB between rows and hit cache-set aliasing.
-inline void PackGatePanels(const float* w, int64_t H, int64_t K, int64_t first, int64_t Q, float* packed) {
-  for (int64_t v = 0; v < H / kWidth; ++v)
+// Reading W in place strode 4-8 KB between rows and hit cache-set aliasing. Only the panels of
+// units [unit_begin, unit_end) are written: each chunk packs its own in the first step.
+inline void PackGatePanels(const float* w, int64_t H, int64_t K, int64_t first, int64_t Q, float* packed,
+                           int64_t unit_begin, int64_t unit_end) {
+  for (int64_t v = unit_begin / kWidth; v < unit_end / kWidth; ++v)
     for (int64_t q = 0; q < Q; ++q)
       for (int64_t lane = 0; lane < kWidth; ++lane) {
         const float* row = w + ((first + q) * H + v * kWidth + lane) * K;
