@@ -186,10 +186,12 @@ ffi::Error ElmanForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::
   const float* w = w_hh.typed_data();
   const Forward forward{a.typed_data(), bias.typed_data(), w_packed, use_mask ? mask.typed_data() : nullptr,
                         h0.typed_data(), hs->typed_data(), T, N, H, reverse != 0, activation};
-  RunSteps(pool, H, T, [&forward, w, w_packed, H](int64_t step, int64_t unit_begin, int64_t unit_end) {
-    if (step == 0) PackGatePanels(w, H, H, 0, 1, w_packed, unit_begin, unit_end);
-    forward.Chunk(step, unit_begin, unit_end);
-  });
+  RunStepsPackingFirst(
+      pool, H, T,
+      [w, w_packed, H](int64_t unit_begin, int64_t unit_end) {
+        PackGatePanels(w, H, H, 0, 1, w_packed, unit_begin, unit_end);
+      },
+      [&forward](int64_t step, int64_t unit_begin, int64_t unit_end) { forward.Chunk(step, unit_begin, unit_end); });
   return ffi::Error::Success();
 }
 

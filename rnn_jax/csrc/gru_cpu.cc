@@ -350,23 +350,28 @@ ffi::Error GruForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Bu
                         save_gates ? gates->typed_data() : nullptr,
                         reset_after || save_gates ? nullptr : current.Get(3 * N * H),
                         reset_after ? nullptr : rh.Get(N * H), T, N, H, reverse != 0};
-  // Each chunk packs its own units' panels in the first step (phase): reset_after, those of
-  // (r, z, n); reset_before, those of (r, z) and then those of n.
+  // Panels: reset_after, those of (r, z, n); reset_before, those of (r, z) and then those of n.
   if (reset_after) {
-    RunSteps(pool, H, T, [&forward, w, w_packed, H](int64_t step, int64_t unit_begin, int64_t unit_end) {
-      if (step == 0) PackGatePanels(w, H, H, 0, 3, w_packed, unit_begin, unit_end);
-      forward.ChunkAfter(step, unit_begin, unit_end);
-    });
+    RunStepsPackingFirst(
+        pool, H, T,
+        [w, w_packed, H](int64_t unit_begin, int64_t unit_end) {
+          PackGatePanels(w, H, H, 0, 3, w_packed, unit_begin, unit_end);
+        },
+        [&forward](int64_t step, int64_t unit_begin, int64_t unit_end) {
+          forward.ChunkAfter(step, unit_begin, unit_end);
+        });
   } else {
     // Two tickets per step: r, z and r h_{t-1} for every unit, then n and h_t.
-    RunSteps(pool, H, 2 * T, [&forward, w, w_packed, H](int64_t phase, int64_t unit_begin, int64_t unit_end) {
-      if (phase == 0) {
-        PackGatePanels(w, H, H, 0, 2, w_packed, unit_begin, unit_end);
-        PackGatePanels(w, H, H, 2, 1, w_packed + 2 * H * H, unit_begin, unit_end);
-      }
-      if (phase % 2 == 0) forward.ChunkResetUpdate(phase / 2, unit_begin, unit_end);
-      else forward.ChunkCandidate(phase / 2, unit_begin, unit_end);
-    });
+    RunStepsPackingFirst(
+        pool, H, 2 * T,
+        [w, w_packed, H](int64_t unit_begin, int64_t unit_end) {
+          PackGatePanels(w, H, H, 0, 2, w_packed, unit_begin, unit_end);
+          PackGatePanels(w, H, H, 2, 1, w_packed + 2 * H * H, unit_begin, unit_end);
+        },
+        [&forward](int64_t phase, int64_t unit_begin, int64_t unit_end) {
+          if (phase % 2 == 0) forward.ChunkResetUpdate(phase / 2, unit_begin, unit_end);
+          else forward.ChunkCandidate(phase / 2, unit_begin, unit_end);
+        });
   }
   return ffi::Error::Success();
 }

@@ -210,10 +210,12 @@ ffi::Error LstmForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::B
                         h0.typed_data(), c0.typed_data(), hs->typed_data(),
                         save_gates ? cs->typed_data() : nullptr, save_gates ? nullptr : cells.Get(2 * N * H),
                         save_gates ? gates->typed_data() : nullptr, T, N, H, reverse != 0};
-  RunSteps(pool, H, T, [&forward, w, w_packed, H](int64_t step, int64_t unit_begin, int64_t unit_end) {
-    if (step == 0) PackGatePanels(w, H, H, 0, 4, w_packed, unit_begin, unit_end);
-    forward.Chunk(step, unit_begin, unit_end);
-  });
+  RunStepsPackingFirst(
+      pool, H, T,
+      [w, w_packed, H](int64_t unit_begin, int64_t unit_end) {
+        PackGatePanels(w, H, H, 0, 4, w_packed, unit_begin, unit_end);
+      },
+      [&forward](int64_t step, int64_t unit_begin, int64_t unit_end) { forward.Chunk(step, unit_begin, unit_end); });
   if (!save_gates) std::memcpy(cs->typed_data(), forward.CellRow(T - 1, 0), N * H * sizeof(float));
   return ffi::Error::Success();
 }

@@ -126,7 +126,7 @@ inline void ForVectorGroups(int64_t unit_begin, int64_t unit_end, Fn fn) {
 // [first, first + Q) interleaved per unit vector, so that the block of one unit vector reads
 // one contiguous stream: packed[v][k][q][lane] = W[(first + q) H + v kWidth + lane, k].
 // Reading W in place strode 4-8 KB between rows and hit cache-set aliasing. Only the panels of
-// units [unit_begin, unit_end) are written: each chunk packs its own in the first step.
+// units [unit_begin, unit_end) are written (RunStepsPackingFirst: each chunk packs its own).
 inline void PackGatePanels(const float* w, int64_t H, int64_t K, int64_t first, int64_t Q, float* packed,
                            int64_t unit_begin, int64_t unit_end) {
   for (int64_t v = unit_begin / kWidth; v < unit_end / kWidth; ++v)
@@ -350,6 +350,18 @@ inline void RunSteps(ffi::ThreadPool& pool, int64_t H, int64_t steps, Work work)
   const Chunking chunking = MakeChunking(H, participants);
   Steps::Run(pool, participants - 1, steps, chunking.chunks, [work, chunking](int64_t step, int64_t c) {
     work(step, chunking.Begin(c) * kWidth, chunking.End(c) * kWidth);
+  });
+}
+
+// RunSteps for a forward call that packs W_hh: each chunk of the first step runs
+// pack(unit_begin, unit_end) for its own units' panels before its work, so the threads share the
+// packing instead of the caller doing it all while the helpers wait (LSTM forward 0-4.5%
+// faster). A later step's chunk may read panels another thread packed: the step barrier orders it.
+template <typename Pack, typename Work>
+inline void RunStepsPackingFirst(ffi::ThreadPool& pool, int64_t H, int64_t steps, Pack pack, Work work) {
+  RunSteps(pool, H, steps, [pack, work](int64_t step, int64_t unit_begin, int64_t unit_end) {
+    if (step == 0) pack(unit_begin, unit_end);
+    work(step, unit_begin, unit_end);
   });
 }
 
