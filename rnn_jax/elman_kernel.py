@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 
 from rnn_jax import kernel_build
-from rnn_jax.kernel_build import BATCH_MAJOR, KernelLibrary, batch_rows, mask_operand, rows_batched
+from rnn_jax.kernel_build import (KernelLibrary, batch_rows, mask_operand, rows_batched, to_batch_major,
+                                  to_time_major)
 
 FORWARD_TARGET = "rnn_jax_elman_forward"
 BACKWARD_TARGET = "rnn_jax_elman_backward"
@@ -45,18 +46,17 @@ def _code(activation: str) -> int:
 
 def _forward_call(a, w_hh, bias, h0, mask, **attributes):
   """The forward FFI call on rows N: a [T, N, H] -> hs [T, N, H]."""
-  call = jax.ffi.ffi_call(FORWARD_TARGET, jax.ShapeDtypeStruct(a.shape, jnp.float32),
-                          output_layouts=BATCH_MAJOR)
-  return (call(a, w_hh, bias, h0, mask, **attributes),)
+  T, N, H = a.shape
+  call = jax.ffi.ffi_call(FORWARD_TARGET, jax.ShapeDtypeStruct((N, T, H), jnp.float32))
+  return (to_time_major(call(a, w_hh, bias, h0, mask, **attributes)),)
 
 
 def _backward_call(hs, w_hh, d_hs, dh_last, mask, **attributes):
   """The backward FFI call on rows N: -> dz [T, N, H], dL/dh0 [N, H]."""
   call = jax.ffi.ffi_call(
       BACKWARD_TARGET,
-      (jax.ShapeDtypeStruct(hs.shape, jnp.float32), jax.ShapeDtypeStruct(dh_last.shape, jnp.float32)),
-      input_layouts=(BATCH_MAJOR, None, BATCH_MAJOR, None, None))
-  return call(hs, w_hh, d_hs, dh_last, mask, **attributes)
+      (jax.ShapeDtypeStruct(hs.shape, jnp.float32), jax.ShapeDtypeStruct(dh_last.shape, jnp.float32)))
+  return call(to_batch_major(hs), w_hh, to_batch_major(d_hs), dh_last, mask, **attributes)
 
 
 def elman_forward(a, w_hh, h0, mask=None, *, bias=None, reverse: bool = False, activation: str = "tanh"):

@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 
 from rnn_jax import kernel_build
-from rnn_jax.kernel_build import BATCH_MAJOR, KernelLibrary, batch_rows, mask_operand, rows_batched
+from rnn_jax.kernel_build import (KernelLibrary, batch_rows, mask_operand, rows_batched, to_batch_major,
+                                  to_time_major)
 
 FORWARD_TARGET = "rnn_jax_gru_forward"
 BACKWARD_TARGET = "rnn_jax_gru_backward"
@@ -49,9 +50,9 @@ def _forward_call(a, w_hh, bias, b_hn, h0, mask, **attributes):
   gates_shape = (T, N, saved_gates(attributes["reset_after"]) * H) if attributes["save_gates"] else (0,)
   call = jax.ffi.ffi_call(
       FORWARD_TARGET,
-      (jax.ShapeDtypeStruct((T, N, H), jnp.float32), jax.ShapeDtypeStruct(gates_shape, jnp.float32)),
-      output_layouts=(BATCH_MAJOR, None))
-  return call(a, w_hh, bias, b_hn, h0, mask, **attributes)
+      (jax.ShapeDtypeStruct((N, T, H), jnp.float32), jax.ShapeDtypeStruct(gates_shape, jnp.float32)))
+  hs, gates = call(a, w_hh, bias, b_hn, h0, mask, **attributes)
+  return to_time_major(hs), gates
 
 
 def _backward_call(gates, hs, h0, w_hh, d_hs, dh_last, mask, **attributes):
@@ -61,9 +62,8 @@ def _backward_call(gates, hs, h0, w_hh, d_hs, dh_last, mask, **attributes):
   call = jax.ffi.ffi_call(
       BACKWARD_TARGET,
       (jax.ShapeDtypeStruct((T, N, 3 * H), jnp.float32), jax.ShapeDtypeStruct(du_shape, jnp.float32),
-       jax.ShapeDtypeStruct((N, H), jnp.float32)),
-      input_layouts=(None, BATCH_MAJOR, None, None, BATCH_MAJOR, None, None))
-  return call(gates, hs, h0, w_hh, d_hs, dh_last, mask, **attributes)
+       jax.ShapeDtypeStruct((N, H), jnp.float32)))
+  return call(gates, to_batch_major(hs), h0, w_hh, to_batch_major(d_hs), dh_last, mask, **attributes)
 
 
 def gru_forward(a, w_hh, b_hn, h0, mask=None, *, bias=None, reverse: bool = False, reset_after: bool = True,

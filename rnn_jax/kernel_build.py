@@ -169,10 +169,23 @@ class KernelLibrary:
 
 # ---- calls on rows N, with a vmap rule ------------------------------------------------
 
-# hs and dL/dhs ([T, N, H]) are handed over batch-major ([N, T, H] in memory): rnn()'s read-out runs
-# batch-major, so XLA needs no transpose there. a stays time-major: XLA transposes the small
-# inputs x before the projection, so a = W_xh x arrives time-major and goes in as it is.
-BATCH_MAJOR = (1, 0, 2)
+# The kernels hand hs and dL/dhs over batch-major: the FFI operands are [N, T, H], and the calls
+# below swap them to and from the time-major [T, N, H] of the Python API. rnn()'s read-out runs
+# batch-major, so that swap meets the read-out's own swap back and XLA folds the two into nothing.
+# (A custom layout on a [T, N, H] operand, {2, 0, 1}, left a copy of hs behind every forward call
+# and of dL/dhs before every backward call: XLA:CPU's layout assignment did not see through it.)
+# a stays time-major: XLA transposes the small inputs x before the projection, so a = W_xh x
+# arrives time-major and goes in as it is.
+
+
+def to_batch_major(x: jax.Array) -> jax.Array:
+  """[T, N, H] -> [N, T, H], the kernels' hs and dL/dhs operands."""
+  return jnp.swapaxes(x, 0, 1)
+
+
+def to_time_major(x: jax.Array) -> jax.Array:
+  """[N, T, H] -> [T, N, H]: a kernel's hs result in the Python API's order."""
+  return jnp.swapaxes(x, 0, 1)
 
 
 def batch_rows(shape) -> tuple[tuple, int]:

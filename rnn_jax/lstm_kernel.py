@@ -28,8 +28,8 @@ import jax
 import jax.numpy as jnp
 
 from rnn_jax import kernel_build
-from rnn_jax.kernel_build import (BATCH_MAJOR, KernelLibrary, batch_rows, enabled, mask_operand, rows_batched,
-                                  set_enabled)
+from rnn_jax.kernel_build import (KernelLibrary, batch_rows, enabled, mask_operand, rows_batched, set_enabled,
+                                  to_batch_major, to_time_major)
 
 FORWARD_TARGET = "rnn_jax_lstm_forward"
 BACKWARD_TARGET = "rnn_jax_lstm_backward"
@@ -57,10 +57,10 @@ def _forward_call(a, w_hh, bias, h0, c0, mask, **attributes):
   cells_shape, gates_shape = ((T, N, G // 4), (T, N, G)) if save else ((N, G // 4), (0,))
   call = jax.ffi.ffi_call(
       FORWARD_TARGET,
-      (jax.ShapeDtypeStruct((T, N, G // 4), jnp.float32), jax.ShapeDtypeStruct(cells_shape, jnp.float32),
-       jax.ShapeDtypeStruct(gates_shape, jnp.float32)),
-      output_layouts=(BATCH_MAJOR, None, None))
-  return call(a, w_hh, bias, h0, c0, mask, **attributes)
+      (jax.ShapeDtypeStruct((N, T, G // 4), jnp.float32), jax.ShapeDtypeStruct(cells_shape, jnp.float32),
+       jax.ShapeDtypeStruct(gates_shape, jnp.float32)))
+  hs, cs, gates = call(a, w_hh, bias, h0, c0, mask, **attributes)
+  return to_time_major(hs), cs, gates
 
 
 def _backward_call(gates, cs, c0, w_hh, d_hs, dh_last, dc_last, mask, **attributes):
@@ -69,9 +69,8 @@ def _backward_call(gates, cs, c0, w_hh, d_hs, dh_last, dc_last, mask, **attribut
   call = jax.ffi.ffi_call(
       BACKWARD_TARGET,
       (jax.ShapeDtypeStruct((T, N, 4 * H), jnp.float32), jax.ShapeDtypeStruct((N, H), jnp.float32),
-       jax.ShapeDtypeStruct((N, H), jnp.float32)),
-      input_layouts=(None, None, None, None, BATCH_MAJOR, None, None, None))
-  return call(gates, cs, c0, w_hh, d_hs, dh_last, dc_last, mask, **attributes)
+       jax.ShapeDtypeStruct((N, H), jnp.float32)))
+  return call(gates, cs, c0, w_hh, to_batch_major(d_hs), dh_last, dc_last, mask, **attributes)
 
 
 def lstm_forward(a, w_hh, h0, c0, mask=None, *, bias=None, reverse: bool = False, save_gates: bool = True):

@@ -15,7 +15,7 @@
 //   on masked steps dz_t = 0 and dh passes through unchanged.
 //
 // Shapes: a, dz: [T, N, H]; h0, dh0: [N, H]; mask: [T, N]; W_hh: [H, H]; b: [H]. hs and d_hs:
-// [T, N, H] batch-major ([N, T, H] in memory), as in lstm_cpu.cc.
+// [N, T, H] (batch-major), as in lstm_cpu.cc.
 //
 // With one gate, a block holds kRows batch rows x 4 consecutive vectors of units in registers,
 // over 4 single-vector panels of W_hh (and of W_hh^T in the backward).
@@ -177,7 +177,7 @@ ffi::Error ElmanForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::
   RETURN_IF_ERROR(CheckShape(kKernel, "b", bias.dimensions(), {H}));
   RETURN_IF_ERROR(CheckShape(kKernel, "h0", h0.dimensions(), {N, H}));
   if (use_mask) RETURN_IF_ERROR(CheckShape(kKernel, "mask", mask.dimensions(), {T, N}));
-  RETURN_IF_ERROR(CheckShape(kKernel, "hs", hs->dimensions(), {T, N, H}));
+  RETURN_IF_ERROR(CheckShape(kKernel, "hs", hs->dimensions(), {N, T, H}));
   RETURN_IF_ERROR(CheckActivation(activation));
   if (T == 0 || N == 0) return ffi::Error::Success();
 
@@ -224,11 +224,11 @@ ffi::Error ElmanBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> hs, ffi
                              ffi::Buffer<ffi::PRED> mask, int64_t reverse, int64_t use_mask, int64_t activation,
                              ffi::ResultBuffer<ffi::F32> dz, ffi::ResultBuffer<ffi::F32> dh0) {
   auto dims = hs.dimensions();
-  if (dims.size() != 3) return ffi::Error::InvalidArgument("rnn_jax elman kernel: hs must be [T, N, H]");
-  const int64_t T = dims[0], N = dims[1], H = dims[2];
+  if (dims.size() != 3) return ffi::Error::InvalidArgument("rnn_jax elman kernel: hs must be [N, T, H]");
+  const int64_t N = dims[0], T = dims[1], H = dims[2];
   RETURN_IF_ERROR(CheckHidden(kKernel, H));
   RETURN_IF_ERROR(CheckShape(kKernel, "W_hh", w_hh.dimensions(), {H, H}));
-  RETURN_IF_ERROR(CheckShape(kKernel, "d_hs", d_hs.dimensions(), {T, N, H}));
+  RETURN_IF_ERROR(CheckShape(kKernel, "d_hs", d_hs.dimensions(), {N, T, H}));
   RETURN_IF_ERROR(CheckShape(kKernel, "dh_T", dh_last.dimensions(), {N, H}));
   if (use_mask) RETURN_IF_ERROR(CheckShape(kKernel, "mask", mask.dimensions(), {T, N}));
   RETURN_IF_ERROR(CheckShape(kKernel, "dz", dz->dimensions(), {T, N, H}));

@@ -26,7 +26,7 @@
 // cotangent of W_hh h_{t-1}, for dW_hn and db_hn) and dh0.
 //
 // Shapes: h0, dh0: [N, H]; mask: [T, N]; W_hh: [3H, H]; b: [3H]; b_hn: [H]. hs and d_hs:
-// [T, N, H] batch-major ([N, T, H] in memory), as in lstm_cpu.cc.
+// [N, T, H] (batch-major), as in lstm_cpu.cc.
 
 #include "rnn_cpu.h"
 
@@ -338,7 +338,7 @@ ffi::Error GruForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Bu
   RETURN_IF_ERROR(CheckShape(kKernel, "b_hn", b_hn.dimensions(), {H}));
   RETURN_IF_ERROR(CheckShape(kKernel, "h0", h0.dimensions(), {N, H}));
   if (use_mask) RETURN_IF_ERROR(CheckShape(kKernel, "mask", mask.dimensions(), {T, N}));
-  RETURN_IF_ERROR(CheckShape(kKernel, "hs", hs->dimensions(), {T, N, H}));
+  RETURN_IF_ERROR(CheckShape(kKernel, "hs", hs->dimensions(), {N, T, H}));
   if (save_gates) RETURN_IF_ERROR(CheckShape(kKernel, "gates", gates->dimensions(), {T, N, saved}));
   if (T == 0 || N == 0) return ffi::Error::Success();
 
@@ -417,13 +417,13 @@ ffi::Error GruBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> gates, ff
                            int64_t use_mask, int64_t reset_after, ffi::ResultBuffer<ffi::F32> da,
                            ffi::ResultBuffer<ffi::F32> du_n, ffi::ResultBuffer<ffi::F32> dh0) {
   auto dims = hs.dimensions();
-  if (dims.size() != 3) return ffi::Error::InvalidArgument("rnn_jax gru kernel: hs must be [T, N, H]");
-  const int64_t T = dims[0], N = dims[1], H = dims[2];
+  if (dims.size() != 3) return ffi::Error::InvalidArgument("rnn_jax gru kernel: hs must be [N, T, H]");
+  const int64_t N = dims[0], T = dims[1], H = dims[2];
   RETURN_IF_ERROR(CheckHidden(kKernel, H));
   RETURN_IF_ERROR(CheckShape(kKernel, "gates", gates.dimensions(), {T, N, reset_after ? 4 * H : 3 * H}));
   RETURN_IF_ERROR(CheckShape(kKernel, "h0", h0.dimensions(), {N, H}));
   RETURN_IF_ERROR(CheckShape(kKernel, "W_hh", w_hh.dimensions(), {3 * H, H}));
-  RETURN_IF_ERROR(CheckShape(kKernel, "d_hs", d_hs.dimensions(), {T, N, H}));
+  RETURN_IF_ERROR(CheckShape(kKernel, "d_hs", d_hs.dimensions(), {N, T, H}));
   RETURN_IF_ERROR(CheckShape(kKernel, "dh_T", dh_last.dimensions(), {N, H}));
   if (use_mask) RETURN_IF_ERROR(CheckShape(kKernel, "mask", mask.dimensions(), {T, N}));
   RETURN_IF_ERROR(CheckShape(kKernel, "da", da->dimensions(), {T, N, 3 * H}));

@@ -20,9 +20,8 @@
 //   on masked steps da_t = 0 and (dh, dc) pass through unchanged.
 //
 // Shapes: a, gates, da: [T, N, 4H]; cs: [T, N, H]; h0, c0, dh0, dc0: [N, H]; mask: [T, N];
-// W_hh: [4H, H]; b: [4H]. hs and d_hs: [T, N, H] are stored batch-major ([N, T, H] in memory,
-// the layout the caller requests through the FFI), which is how rnn_jax.rnn's batch-major
-// read-out consumes and produces them: no transposes there.
+// W_hh: [4H, H]; b: [4H]. hs and d_hs: [N, T, H] (batch-major), which is how rnn_jax.rnn's
+// batch-major read-out consumes and produces them: no transposes there (kernel_build).
 //
 // A forward block holds the accumulators of kRows batch rows x 4 gates x one vector of units
 // in registers (24 of the 32 AVX-512 registers) over one packed panel of W_hh. They start at zero
@@ -193,7 +192,7 @@ ffi::Error LstmForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::B
   RETURN_IF_ERROR(CheckShape(kKernel, "h0", h0.dimensions(), {N, H}));
   RETURN_IF_ERROR(CheckShape(kKernel, "c0", c0.dimensions(), {N, H}));
   if (use_mask) RETURN_IF_ERROR(CheckShape(kKernel, "mask", mask.dimensions(), {T, N}));
-  RETURN_IF_ERROR(CheckShape(kKernel, "hs", hs->dimensions(), {T, N, H}));
+  RETURN_IF_ERROR(CheckShape(kKernel, "hs", hs->dimensions(), {N, T, H}));
   if (save_gates) {
     RETURN_IF_ERROR(CheckShape(kKernel, "cs", cs->dimensions(), {T, N, H}));
     RETURN_IF_ERROR(CheckShape(kKernel, "gates", gates->dimensions(), {T, N, 4 * H}));
@@ -260,7 +259,7 @@ ffi::Error LstmBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> gates, f
   RETURN_IF_ERROR(CheckShape(kKernel, "gates", gates.dimensions(), {T, N, 4 * H}));
   RETURN_IF_ERROR(CheckShape(kKernel, "c0", c0.dimensions(), {N, H}));
   RETURN_IF_ERROR(CheckShape(kKernel, "W_hh", w_hh.dimensions(), {4 * H, H}));
-  RETURN_IF_ERROR(CheckShape(kKernel, "d_hs", d_hs.dimensions(), {T, N, H}));
+  RETURN_IF_ERROR(CheckShape(kKernel, "d_hs", d_hs.dimensions(), {N, T, H}));
   RETURN_IF_ERROR(CheckShape(kKernel, "dh_T", dh_last.dimensions(), {N, H}));
   RETURN_IF_ERROR(CheckShape(kKernel, "dc_T", dc_last.dimensions(), {N, H}));
   if (use_mask) RETURN_IF_ERROR(CheckShape(kKernel, "mask", mask.dimensions(), {T, N}));
