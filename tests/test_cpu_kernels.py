@@ -558,3 +558,70 @@ def test_weight_gradients_of_the_lstm_kernel_are_one_matmul():
   assert not bptt.fuses_input_gradient(gru, gru_params, jnp.zeros((T, B, F)), jnp.zeros((B, H)))
   assert not bptt.fuses_input_gradient(LSTM(H, peephole=True), LSTM(H, peephole=True).init(jax.random.PRNGKey(0), F),
                                        jnp.zeros((T, B, F)), LSTMState(jnp.zeros((B, H)), jnp.zeros((B, H))))
+
+
+def _entry_instructions(compiled_text: str) -> dict:
+  """{name: line} for the instructions of the compiled module's entry computation."""
+  entry = compiled_text.split("\nENTRY ", 1)[1].split("\n}", 1)[0]
+  found = {}
+  for line in entry.splitlines()[1:]:
+    match = re.match(r"\s*(?:ROOT )?(%[\w.\-]+) = ", line)
+    if match:
+      found[match.group(1)] = line
+  return found
+
+
+def _operands(line: str) -> list:
+  return re.findall(r"(%[\w.\-]+)", line.split(" = ", 1)[1])
+
+
+def _is_copy_of_hidden_states(line: str, rows: int, H: int) -> bool:
+  """A copy or transpose (alone, or a loop fusion named for one) whose f32 result is hs again,
+  [rows, H] or [B, T, H] in some memory order: a change of layout and nothing else. (The GRU's
+  and LSTM's weight gradients transpose h to [H, rows] on purpose: bptt.sum_outer.)"""
+  name, op = line.split(" = ", 1)
+  match = re.match(r"\s*f32\[([0-9,]*)\]\{[0-9,]*\} ([\w-]+)\(", op)
+  if match is None:
+    return False
+  dims = [int(d) for d in match.group(1).split(",") if d]
+  if not dims or dims[-1] != H or int(np.prod(dims)) != rows * H:
+    return False
+  opcode = match.group(2)
+  return opcode in ("copy", "transpose") or (opcode == "fusion" and "kind=kLoop" in op
+                                              and re.search(r"copy|transpose", name) is not None)
+
+
+@pytest.mark.parametrize("make_cell", [LSTM, GRU, Elman], ids=["lstm", "gru", "elman"])
+def test_hidden_states_reach_the_read_out_without_a_copy(make_cell):
+  """The kernels' hs result feeds the batch-major read-out, and the read-out's cotangent feeds
+  the backward call, through bitcasts only: no copy or transpose of the whole of hs [B, T, H]
+  in between (a custom operand layout once left one on each side of the kernel)."""
+  H, V = _hidden_sizes()[0], 7
+  cell = make_cell(H)
+  params = {"rnn": cell.init(jax.random.PRNGKey(0), F), "w": jax.random.normal(jax.random.PRNGKey(1), (V, H))}
+  xs = jax.random.normal(jax.random.PRNGKey(2), (B, T, F))
+  logits = lambda p: rnn(cell, p["rnn"], xs)[1] @ p["w"].T
+  for mode, function in (("infer", logits), ("train", jax.grad(lambda p: jnp.sum(jnp.sin(logits(p)))))):
+    found = _entry_instructions(jax.jit(function).lower(params).compile().as_text())
+    kernels = {name: line for name, line in found.items() if 'custom_call_target="rnn_jax_' in line}
+    forward = [name for name, line in kernels.items() if "_forward" in line]
+    assert len(forward) == 1, (mode, list(kernels))
+    # hs: the forward call itself (one result) or its tuple element 0, then any bitcasts.
+    hs = set(forward) | {name for name, line in found.items()
+                         if " get-tuple-element(" in line and _operands(line)[0] == forward[0] and "index=0" in line}
+    grew = True
+    while grew:
+      more = {name for name, line in found.items() if " bitcast(" in line and _operands(line)[0] in hs}
+      grew = not more <= hs
+      hs |= more
+    for name, line in found.items():
+      if name not in hs and set(_operands(line)) & (hs - set(forward)):
+        assert not _is_copy_of_hidden_states(line, B * T, H), (mode, line)
+    if mode == "train":
+      backward = [line for line in kernels.values() if "_backward" in line]
+      assert len(backward) == 1
+      d_hs_index = 2 if isinstance(cell, Elman) else 4
+      producer = _operands(backward[0])[d_hs_index]
+      while " bitcast(" in found[producer]:
+        producer = _operands(found[producer])[0]
+      assert not _is_copy_of_hidden_states(found[producer], B * T, H), found[producer]
