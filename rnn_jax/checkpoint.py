@@ -37,6 +37,11 @@ corrupt is never deleted. With ``resume_step(fallback=True)`` (the run option ``
 a corrupt latest step is moved aside (``<s>.corrupt-<time>``) and the run resumes from the
 newest step that verifies, with a logged warning naming both steps.
 
+A failed read of a step saved before manifests existed (nothing checks its bytes beforehand)
+leaves TensorStore reads in flight after orbax has closed its event loop; their "Event loop is
+closed" callbacks, which would print a dozen tracebacks after the one-line error, are dropped
+(``_drop_stray_read_callbacks``), and nothing else is.
+
 Restoring into a target checks the saved tree against the target (same leaves, same shapes and
 dtypes) and raises ``CheckpointMismatchError`` naming every difference, so a checkpoint of
 another architecture cannot be loaded silently.
@@ -53,6 +58,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import threading
 import time
 from typing import Any, Optional
@@ -723,6 +729,7 @@ class CheckpointManager:
     step = self._checked_step(step)
     self.check_compatible(step, target)
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
+    _drop_stray_read_callbacks()
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract), extra=ocp.args.JsonRestore()))
@@ -735,6 +742,7 @@ class CheckpointManager:
   def restore_raw(self, step: int) -> tuple[Any, dict]:
     """(state, extra) of ``step`` as saved, as nested dicts of arrays, with no target tree."""
     step = self._checked_step(step)
+    _drop_stray_read_callbacks()
     try:
       restored = self._manager.restore(int(step), args=ocp.args.Composite(
           state=ocp.args.StandardRestore(), extra=ocp.args.JsonRestore()))
@@ -751,6 +759,47 @@ class CheckpointManager:
 
   def close(self) -> None:
     self._manager.close()
+
+
+def _is_closed_loop_callback(unraisable) -> bool:
+  """True for asyncio's RuntimeError('Event loop is closed') raised by ``call_soon_threadsafe``:
+  what a TensorStore read still in flight reports when it finishes after the event loop of a
+  failed orbax restore has closed."""
+  error, trace = unraisable.exc_value, unraisable.exc_traceback
+  if not isinstance(error, RuntimeError) or str(error) != "Event loop is closed":
+    return False
+  while trace is not None and trace.tb_next is not None:
+    trace = trace.tb_next
+  return trace is not None and trace.tb_frame.f_code.co_name == "_check_closed"
+
+
+_stray_callbacks_dropped = False
+_stray_callbacks_lock = threading.Lock()
+
+
+def _drop_stray_read_callbacks() -> None:
+  """From the first restore on, drop the "Event loop is closed" callbacks of TensorStore reads
+  that outlive a failed orbax restore (``_is_closed_loop_callback``); every other unraisable
+  exception still goes to the hook that was in place. Idempotent.
+
+  When one read of a step fails (a truncated file of a step saved before manifests existed, which
+  nothing can check beforehand), orbax closes its event loop while TensorStore still reads the
+  other arrays. Each of those reads then reports an unraisable RuntimeError on stderr, up to a
+  dozen tracebacks after the one-line error, saying nothing about the checkpoint; they may come
+  at any moment after the restore has returned, so the filter stays for the process.
+  """
+  global _stray_callbacks_dropped
+  with _stray_callbacks_lock:
+    if _stray_callbacks_dropped:
+      return
+    previous = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+      if not _is_closed_loop_callback(unraisable):
+        previous(unraisable)
+
+    sys.unraisablehook = hook
+    _stray_callbacks_dropped = True
 
 
 def _user_extra(extra) -> dict:
