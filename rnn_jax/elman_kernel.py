@@ -23,8 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from rnn_jax import kernel_build
-from rnn_jax.kernel_build import (KernelLibrary, batch_rows, mask_operand, rows_batched, to_batch_major,
-                                  to_time_major)
+from rnn_jax.kernel_build import KernelLibrary, batch_rows, mask_operand, rows_batched, swap_time_and_rows
 
 FORWARD_TARGET = "rnn_jax_elman_forward"
 BACKWARD_TARGET = "rnn_jax_elman_backward"
@@ -48,7 +47,7 @@ def _forward_call(a, w_hh, bias, h0, mask, **attributes):
   """The forward FFI call on rows N: a [T, N, H] -> hs [T, N, H]."""
   T, N, H = a.shape
   call = jax.ffi.ffi_call(FORWARD_TARGET, jax.ShapeDtypeStruct((N, T, H), jnp.float32))
-  return (to_time_major(call(a, w_hh, bias, h0, mask, **attributes)),)
+  return (swap_time_and_rows(call(a, w_hh, bias, h0, mask, **attributes)),)
 
 
 def _backward_call(hs, w_hh, d_hs, dh_last, mask, **attributes):
@@ -56,7 +55,7 @@ def _backward_call(hs, w_hh, d_hs, dh_last, mask, **attributes):
   call = jax.ffi.ffi_call(
       BACKWARD_TARGET,
       (jax.ShapeDtypeStruct(hs.shape, jnp.float32), jax.ShapeDtypeStruct(dh_last.shape, jnp.float32)))
-  return call(to_batch_major(hs), w_hh, to_batch_major(d_hs), dh_last, mask, **attributes)
+  return call(swap_time_and_rows(hs), w_hh, swap_time_and_rows(d_hs), dh_last, mask, **attributes)
 
 
 def elman_forward(a, w_hh, h0, mask=None, *, bias=None, reverse: bool = False, activation: str = "tanh"):

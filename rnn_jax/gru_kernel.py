@@ -25,8 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from rnn_jax import kernel_build
-from rnn_jax.kernel_build import (KernelLibrary, batch_rows, mask_operand, rows_batched, to_batch_major,
-                                  to_time_major)
+from rnn_jax.kernel_build import KernelLibrary, batch_rows, mask_operand, rows_batched, swap_time_and_rows
 
 FORWARD_TARGET = "rnn_jax_gru_forward"
 BACKWARD_TARGET = "rnn_jax_gru_backward"
@@ -52,7 +51,7 @@ def _forward_call(a, w_hh, bias, b_hn, h0, mask, **attributes):
       FORWARD_TARGET,
       (jax.ShapeDtypeStruct((N, T, H), jnp.float32), jax.ShapeDtypeStruct(gates_shape, jnp.float32)))
   hs, gates = call(a, w_hh, bias, b_hn, h0, mask, **attributes)
-  return to_time_major(hs), gates
+  return swap_time_and_rows(hs), gates
 
 
 def _backward_call(gates, hs, h0, w_hh, d_hs, dh_last, mask, **attributes):
@@ -63,7 +62,7 @@ def _backward_call(gates, hs, h0, w_hh, d_hs, dh_last, mask, **attributes):
       BACKWARD_TARGET,
       (jax.ShapeDtypeStruct((T, N, 3 * H), jnp.float32), jax.ShapeDtypeStruct(du_shape, jnp.float32),
        jax.ShapeDtypeStruct((N, H), jnp.float32)))
-  return call(gates, to_batch_major(hs), h0, w_hh, to_batch_major(d_hs), dh_last, mask, **attributes)
+  return call(gates, swap_time_and_rows(hs), h0, w_hh, swap_time_and_rows(d_hs), dh_last, mask, **attributes)
 
 
 def gru_forward(a, w_hh, b_hn, h0, mask=None, *, bias=None, reverse: bool = False, reset_after: bool = True,

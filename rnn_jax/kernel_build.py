@@ -178,13 +178,8 @@ class KernelLibrary:
 # arrives time-major and goes in as it is.
 
 
-def to_batch_major(x: jax.Array) -> jax.Array:
-  """[T, N, H] -> [N, T, H], the kernels' hs and dL/dhs operands."""
-  return jnp.swapaxes(x, 0, 1)
-
-
-def to_time_major(x: jax.Array) -> jax.Array:
-  """[N, T, H] -> [T, N, H]: a kernel's hs result in the Python API's order."""
+def swap_time_and_rows(x: jax.Array) -> jax.Array:
+  """[T, N, H] <-> [N, T, H]: hs and dL/dhs between the Python API's order and the kernels'."""
   return jnp.swapaxes(x, 0, 1)
 
 

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from rnn_jax import kernel_build
 from rnn_jax.kernel_build import (KernelLibrary, batch_rows, enabled, mask_operand, rows_batched, set_enabled,
-                                  to_batch_major, to_time_major)
+                                  swap_time_and_rows)
 
 FORWARD_TARGET = "rnn_jax_lstm_forward"
 BACKWARD_TARGET = "rnn_jax_lstm_backward"
@@ -60,7 +60,7 @@ def _forward_call(a, w_hh, bias, h0, c0, mask, **attributes):
       (jax.ShapeDtypeStruct((N, T, G // 4), jnp.float32), jax.ShapeDtypeStruct(cells_shape, jnp.float32),
        jax.ShapeDtypeStruct(gates_shape, jnp.float32)))
   hs, cs, gates = call(a, w_hh, bias, h0, c0, mask, **attributes)
-  return to_time_major(hs), cs, gates
+  return swap_time_and_rows(hs), cs, gates
 
 
 def _backward_call(gates, cs, c0, w_hh, d_hs, dh_last, dc_last, mask, **attributes):
@@ -70,7 +70,7 @@ def _backward_call(gates, cs, c0, w_hh, d_hs, dh_last, dc_last, mask, **attribut
       BACKWARD_TARGET,
       (jax.ShapeDtypeStruct((T, N, 4 * H), jnp.float32), jax.ShapeDtypeStruct((N, H), jnp.float32),
        jax.ShapeDtypeStruct((N, H), jnp.float32)))
-  return call(gates, cs, c0, w_hh, to_batch_major(d_hs), dh_last, dc_last, mask, **attributes)
+  return call(gates, cs, c0, w_hh, swap_time_and_rows(d_hs), dh_last, dc_last, mask, **attributes)
 
 
 def lstm_forward(a, w_hh, h0, c0, mask=None, *, bias=None, reverse: bool = False, save_gates: bool = True):
