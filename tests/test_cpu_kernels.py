@@ -5,9 +5,9 @@ Every check runs the same model with the kernel and with ``jax.grad`` through
 ``lax.scan`` (``grad="autodiff"``), which tests/test_bptt.py, test_torch_parity.py
 and test_flax_parity.py tie to numpy, PyTorch and Flax, and the forward calls are
 checked against the equations in numpy. H is a multiple of the vector width (16
-floats with AVX-512) so that the kernels run; batches of 13 and 5 rows leave
-remainders after the kernels' blocks of 6 rows (every remainder in the numpy checks),
-and the lengths include 0 and T.
+floats with AVX-512) so that the kernels run. The kernels cut N rows into blocks of at most 6
+rows, as even as they can be (13 = 5 + 4 + 4, 7 = 4 + 3, 32 = 6 + 6 + 5 + 5 + 5 + 5); the
+numpy checks run every block height from 1 to 6, and the lengths include 0 and T.
 """
 
 import dataclasses
@@ -102,9 +102,9 @@ def _numpy_lstm(a, w_hh, h, c, mask, reverse):
 
 
 @pytest.mark.parametrize("reverse", [False, True])
-@pytest.mark.parametrize("batch", [5, 13])
+@pytest.mark.parametrize("batch", [1, 2, 7, 32])
 def test_forward_equals_the_equations_in_numpy(reverse, batch):
-  """batch 13 = two full blocks of 6 rows and one row left over; 5 is a block of 5 rows only."""
+  """Blocks of 1, 2, 4 + 3, and 6 + 6 + 5 + 5 + 5 + 5 rows: every block height."""
   H = _hidden_sizes()[1]
   rng = np.random.default_rng(1)
   a = rng.normal(size=(T, batch, 4 * H)).astype(np.float32)
@@ -322,11 +322,12 @@ def _numpy_elman(a, w_hh, h0, mask, reverse, activation, d_hs, dh_last):
 
 def _gru_and_elman_cases():
   """(H, N, reverse, variant) for the numpy checks: every variant in both directions, each batch
-  remainder after blocks of 6 rows (13, 5, 4, 3, 2, and 7) and H of 3 and 11 vectors (blocks of
-  1-4 vectors of units), about one call per case."""
+  block height of at most 6 rows (batches 32, 5, 4, 3, 2, 7 and 1: blocks of 6 and 5, 5, 4, 3, 2,
+  4 and 3, and 1) and H of 3 and 11 vectors (groups of 1-4 vectors of units), about one call per
+  case."""
   width = lstm_kernel.vector_width()
   variants = [("gru", True), ("gru", False)] + [("elman", name) for name in ACTIVATIONS]
-  batches = (13, 5, 4, 3, 2, 7)
+  batches = (32, 5, 4, 3, 2, 7, 1)
   cases = []
   for i, (variant, reverse) in enumerate((v, r) for v in variants for r in (False, True)):
     cases.append((3 * width, batches[i % len(batches)], reverse, variant))
@@ -337,7 +338,7 @@ def _gru_and_elman_cases():
 
 def test_gru_and_elman_kernels_equal_the_equations_in_numpy():
   """Forward and backward calls of both GRU variants and every Elman activation against numpy:
-  masks with lengths 0..T, both directions, every row-block remainder; without saved gates
+  masks with lengths 0..T, both directions, every block height; without saved gates
   (inference) the GRU's hs is the same."""
   assert set(NUMPY_ACTIVATIONS) == set(ACTIVATIONS)
   rng = np.random.default_rng(5)
@@ -419,7 +420,7 @@ def _assert_gradients_match(cell, hidden_multiple, batches):
 @pytest.mark.parametrize("name", ["gru", "gru_reset_before", "elman_tanh"])
 def test_gru_and_elman_gradients_equal_autodiff_through_scan(name):
   """Loss and every gradient (params, initial carry) to 1e-5, lengths 0..T, both directions, 13 rows
-  (one left after two blocks of 6); the other activations' backward is checked against numpy above."""
+  (blocks of 5, 4 and 4); the other activations' backward is checked against numpy above."""
   _assert_gradients_match(RECURRENT_CELLS[name], 3, (13,))
 
 
@@ -427,7 +428,7 @@ def test_gru_and_elman_gradients_equal_autodiff_through_scan(name):
 @pytest.mark.parametrize("name", sorted(RECURRENT_CELLS))
 @pytest.mark.parametrize("hidden_multiple", [2, 11, 16])
 def test_gru_and_elman_gradients_for_every_row_and_vector_remainder(name, hidden_multiple):
-  _assert_gradients_match(RECURRENT_CELLS[name], hidden_multiple, (13, 5, 4, 3, 2))
+  _assert_gradients_match(RECURRENT_CELLS[name], hidden_multiple, (12, 5, 4, 3, 2, 1))
 
 
 def test_gru_and_elman_kernels_run_by_default_and_vmap_to_one_call():

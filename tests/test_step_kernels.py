@@ -3,8 +3,9 @@
 equations in float64 numpy, the same derivatives as XLA's step, any batch axes, and the weight
 packing done once outside a decoding loop.
 
-Batches of 13 and 5 rows leave remainders after the kernel's blocks of 6 rows; F = 7 input
-features is not a multiple of anything the kernel blocks by.
+The kernels cut N rows into even blocks of at most 6: batches of 13, 6, 5 and 1 rows run blocks
+of 5 + 4 + 4, 6, 5 and 1 rows; F = 7 input features is not a multiple of anything the kernels
+block by.
 """
 
 import os
@@ -64,7 +65,7 @@ def _xla_step(cell, params, carry, x):
   return cell.recurrence(params, carry, cell.input_projection(params, x))
 
 
-@pytest.mark.parametrize("rows,hidden_multiple", [(13, 2), (5, 3), (1, 1)])
+@pytest.mark.parametrize("rows,hidden_multiple", [(13, 2), (6, 1), (5, 3), (1, 1)])
 def test_step_equals_the_equations_in_numpy(rows, hidden_multiple):
   cell, params, carry, x = _setup((rows,), hidden_multiple)
   assert bptt.step_kernel_choice(cell, params, x, carry).kernel == "lstm_cpu"
@@ -247,7 +248,7 @@ def _gru_or_elman(cell, rows, seed=0):
 
 
 @pytest.mark.parametrize("reset_after", [True, False])
-@pytest.mark.parametrize("rows,hidden_multiple", [(13, 2), (5, 3)])
+@pytest.mark.parametrize("rows,hidden_multiple", [(13, 2), (6, 1), (5, 3)])
 def test_gru_step_equals_the_equations_in_numpy(reset_after, rows, hidden_multiple):
   cell = GRU(hidden_multiple * lstm_kernel.vector_width(), reset_after=reset_after)
   params, h, x = _gru_or_elman(cell, rows)

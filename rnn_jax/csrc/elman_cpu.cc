@@ -17,8 +17,9 @@
 // Shapes: a, dz: [T, N, H]; h0, dh0: [N, H]; mask: [T, N]; W_hh: [H, H]; b: [H]. hs and d_hs:
 // [N, T, H] (batch-major), as in lstm_cpu.cc.
 //
-// With one gate, a block holds kRows batch rows x 4 consecutive vectors of units in registers,
-// over 4 single-vector panels of W_hh (and of W_hh^T in the backward).
+// With one gate, a block holds up to kRows batch rows x kUnitVectors consecutive vectors of units
+// in registers (6 x 4 with AVX-512, 6 x 2 with AVX2), over that many single-vector panels of W_hh
+// (and of W_hh^T in the backward).
 
 #include "rnn_cpu.h"
 

@@ -75,7 +75,7 @@ struct Forward {
       acc[r][1] = Load(a_t + H) + Load(bias + H + u);
       acc[r][2] = b_s;
     }
-    AccumulateGates<R, 3>(acc, h_prev, H, w_packed + (u / kWidth) * H * 3 * kWidth);
+    AccumulateGatesInPasses<R, 3>(acc, h_prev, H, w_packed + (u / kWidth) * H * 3 * kWidth);
     const Vec b_n = Load(bias + 2 * H + u);
     for (int r = 0; r < R; ++r) {
       const int64_t b = b0 + r;
@@ -105,7 +105,7 @@ struct Forward {
       acc[r][0] = Load(a_t) + Load(bias + u);
       acc[r][1] = Load(a_t + H) + Load(bias + H + u);
     }
-    AccumulateGates<R, 2>(acc, h_prev, H, w_packed + (u / kWidth) * H * 2 * kWidth);
+    AccumulateGatesInPasses<R, 2>(acc, h_prev, H, w_packed + (u / kWidth) * H * 2 * kWidth);
     for (int r = 0; r < R; ++r) {
       const int64_t b = b0 + r;
       const Vec reset = Sigmoid(acc[r][0]);

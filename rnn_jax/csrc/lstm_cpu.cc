@@ -23,8 +23,9 @@
 // W_hh: [4H, H]; b: [4H]. hs and d_hs: [N, T, H] (batch-major), which is how rnn_jax.rnn's
 // batch-major read-out consumes and produces them: no transposes there (kernel_build).
 //
-// A forward block holds the accumulators of kRows batch rows x 4 gates x one vector of units
-// in registers (24 of the 32 AVX-512 registers) over one packed panel of W_hh. They start at zero
+// A forward block holds the accumulators of up to kRows batch rows x 4 gates x one vector of units
+// over one packed panel of W_hh: all four gates at once with AVX-512 (24 of its 32 registers), in
+// two passes, (i, f) then (g, o), with AVX2's 16 (AccumulateGatesInPasses). They start at zero
 // and take a_t + b after the product, so that the product does not wait on loads of a [T, N, 4H],
 // which is too large to stay cached (the forward with the gates saved, B=32, T=128, on a 2-core
 // AMD EPYC: 4-9% faster at H=256 and 512; inference unchanged).
@@ -70,7 +71,7 @@ struct Forward {
     const float* h_prev[R];
     Vec acc[R][4] = {};
     for (int r = 0; r < R; ++r) h_prev[r] = PreviousHiddenRow(step, b0 + r);
-    AccumulateGates<R, 4>(acc, h_prev, H, w_packed + (u / kWidth) * H * 4 * kWidth);
+    AccumulateGatesInPasses<R, 4>(acc, h_prev, H, w_packed + (u / kWidth) * H * 4 * kWidth);
     for (int r = 0; r < R; ++r) {
       const int64_t b = b0 + r;
       const float* a_t = a + (t * N + b) * G + u;

@@ -6,9 +6,9 @@
 // Every kernel follows the same plan. The input projection a = W_xh x (all steps) and the weight
 // gradients stay in XLA as single matmuls; a kernel call runs the whole recurrence of one
 // direction of BPTT. Each step is cut into chunks of hidden units; a chunk's part of the
-// recurrent product is register-blocked (kRows batch rows x up to 4 vectors of units) and its
-// gate arithmetic is applied while the sums are still in registers. Chunks are handed out by
-// ticket (Steps); a ticket of step s waits until every chunk of step s - 1 is done.
+// recurrent product is register-blocked (up to kRows batch rows x kUnitVectors vectors of units or
+// gates) and its gate arithmetic is applied right after it, on the sums of the block. Chunks are
+// handed out by ticket (Steps); a ticket of step s waits until every chunk of step s - 1 is done.
 //
 // Each .cc file includes this header once and is its own library, so everything here has
 // internal linkage.
@@ -48,11 +48,16 @@ constexpr int64_t kWidth = 4;
 typedef float Vec __attribute__((vector_size(kWidth * sizeof(float))));
 typedef int32_t IntVec __attribute__((vector_size(kWidth * sizeof(float))));
 
-// Batch rows per register block: 6 rows x 4 accumulators + 4 weight vectors fit the 32
-// AVX-512 registers (LSTM, B=32, T=128 on 2 cores, H=256: forward 9.5 -> 7.2 ms, backward
-// 7.7 -> 6.3 ms against 4 rows); AVX2 has 16 registers, so 2 rows there.
-constexpr int kRows = kWidth == 16 ? 6 : 2;
-constexpr int kUnitVectors = 4;  // unit vectors per block of a product that is not gate-interleaved
+// A register block of a product holds R batch rows x V vectors of sums, with the V weight
+// vectors of one k beside them. AVX-512 has 32 registers: 6 rows x 4 vectors + 4 (LSTM, B=32,
+// T=128 on 2 cores, H=256: forward 9.5 -> 7.2 ms, backward 7.7 -> 6.3 ms against 4 rows). AVX2
+// has 16: 6 rows x 2 vectors + 2, the classic 6 x 16 float GEMM block, which loads each weight
+// vector once per 6 FMAs (2 rows x 4 vectors loaded it once per 2, and that streamed W_hh
+// through L2 at its bandwidth).
+// Blocks over more gates than that (the LSTM's 4, the GRU's 3) run in passes of kUnitVectors
+// gates (AccumulateGatesInPasses).
+constexpr int kRows = 6;
+constexpr int kUnitVectors = kWidth == 16 ? 4 : 2;  // vectors per block (of units, or of gates)
 
 inline Vec Load(const float* p) {
   Vec v;
@@ -90,18 +95,26 @@ inline Vec Tanh(Vec x) { return 1.0f - 2.0f / (Exp(x + x) + 1.0f); }
 
 inline Vec Relu(Vec x) { return x > 0.0f ? x : Splat(0.0f); }
 
-// Calls fn(b0, rows) over row blocks [b0, b0 + rows) covering [0, N), rows a compile-time constant.
+// Calls fn(b0, rows) over row blocks [b0, b0 + rows) covering [0, N), rows a compile-time constant
+// of at most kRows. The blocks are as even as they can be (N = 32: 6, 6, 5, 5, 5, 5, not
+// 6 x 5 + 2), since a thin block loads each weight vector for fewer FMAs.
 template <typename Fn>
 inline void ForRowBlocks(int64_t N, Fn fn) {
+  static_assert(kRows == 6, "the switch below covers heights 1 to 6");
+  if (N <= 0) return;
+  const int64_t blocks = (N + kRows - 1) / kRows, rows = N / blocks, taller = N % blocks;
   int64_t b0 = 0;
-  for (; b0 + kRows <= N; b0 += kRows) fn(b0, std::integral_constant<int, kRows>());
-  switch (N - b0) {
-    case 5: fn(b0, std::integral_constant<int, 5>()); break;
-    case 4: fn(b0, std::integral_constant<int, 4>()); break;
-    case 3: fn(b0, std::integral_constant<int, 3>()); break;
-    case 2: fn(b0, std::integral_constant<int, 2>()); break;
-    case 1: fn(b0, std::integral_constant<int, 1>()); break;
-    default: break;
+  for (int64_t block = 0; block < blocks; ++block) {
+    const int64_t height = rows + (block < taller ? 1 : 0);
+    switch (height) {
+      case 6: fn(b0, std::integral_constant<int, 6>()); break;
+      case 5: fn(b0, std::integral_constant<int, 5>()); break;
+      case 4: fn(b0, std::integral_constant<int, 4>()); break;
+      case 3: fn(b0, std::integral_constant<int, 3>()); break;
+      case 2: fn(b0, std::integral_constant<int, 2>()); break;
+      default: fn(b0, std::integral_constant<int, 1>()); break;
+    }
+    b0 += height;
   }
 }
 
@@ -112,9 +125,9 @@ inline void ForVectorGroups(int64_t unit_begin, int64_t unit_end, Fn fn) {
   int64_t u = unit_begin;
   for (; u + kUnitVectors * kWidth <= unit_end; u += kUnitVectors * kWidth)
     fn(u, std::integral_constant<int, kUnitVectors>());
-  switch ((unit_end - u) / kWidth) {
-    case 3: fn(u, std::integral_constant<int, 3>()); break;
-    case 2: fn(u, std::integral_constant<int, 2>()); break;
+  switch ((unit_end - u) / kWidth) {  // fewer than kUnitVectors left
+    case 3: if constexpr (kUnitVectors > 3) fn(u, std::integral_constant<int, 3>()); break;
+    case 2: if constexpr (kUnitVectors > 2) fn(u, std::integral_constant<int, 2>()); break;
     case 1: fn(u, std::integral_constant<int, 1>()); break;
     default: break;
   }
@@ -145,11 +158,14 @@ inline void PackColumnPanels(const float* w, int64_t rows, int64_t H, float* pac
       std::memcpy(packed + (v * rows + n) * kWidth, w + n * H + v * kWidth, kWidth * sizeof(float));
 }
 
-// acc[r][q] += sum_k x[r][k] panel[k][q] for a gate panel (Q interleaved gate vectors per k).
+// acc[r][q] += sum_k x[r][k] panel[k][q] for a gate panel (Q interleaved gate vectors per k), or
+// for Q consecutive gates of a panel of more gates when k_stride (floats from one k to the next)
+// says so.
 template <int R, int Q>
-inline void AccumulateGates(Vec (&acc)[R][Q], const float* const (&x)[R], int64_t K, const float* panel) {
+inline void AccumulateGates(Vec (&acc)[R][Q], const float* const (&x)[R], int64_t K, const float* panel,
+                            int64_t k_stride = Q * kWidth) {
   for (int64_t k = 0; k < K; ++k) {
-    const float* w_k = panel + k * Q * kWidth;
+    const float* w_k = panel + k * k_stride;
     Vec w[Q];
     for (int q = 0; q < Q; ++q) w[q] = Load(w_k + q * kWidth);
     for (int r = 0; r < R; ++r) {
@@ -157,6 +173,21 @@ inline void AccumulateGates(Vec (&acc)[R][Q], const float* const (&x)[R], int64_
       for (int q = 0; q < Q; ++q) acc[r][q] += x_k * w[q];
     }
   }
+}
+
+// AccumulateGates over all Q gates of a gate panel, in passes of at most kUnitVectors gates, so that
+// each pass keeps its R x (gates) sums and its weight vectors in registers (the LSTM's 4 gates on
+// AVX2: (i, f), then (g, o)). A pass reads only its gates' vectors of each k.
+template <int R, int Q, int First = 0>
+inline void AccumulateGatesInPasses(Vec (&acc)[R][Q], const float* const (&x)[R], int64_t K, const float* panel) {
+  constexpr int kPass = Q - First < kUnitVectors ? Q - First : kUnitVectors;
+  Vec part[R][kPass];
+  for (int r = 0; r < R; ++r)
+    for (int q = 0; q < kPass; ++q) part[r][q] = acc[r][First + q];
+  AccumulateGates<R, kPass>(part, x, K, panel + First * kWidth, Q * kWidth);
+  for (int r = 0; r < R; ++r)
+    for (int q = 0; q < kPass; ++q) acc[r][First + q] = part[r][q];
+  if constexpr (First + kPass < Q) AccumulateGatesInPasses<R, Q, First + kPass>(acc, x, K, panel);
 }
 
 // acc[r][v] += sum_n x[r][n] panel[v][n] over V consecutive panels of `stride` rows each (the
@@ -185,7 +216,7 @@ inline void ProjectBlock(const float* x, int64_t F, const float* x_panels, int64
   const float* rows[R];
   Vec acc[R][Q] = {};
   for (int r = 0; r < R; ++r) rows[r] = x + (b0 + r) * F;
-  AccumulateGates<R, Q>(acc, rows, F, x_panels + (u / kWidth) * F * Q * kWidth);
+  AccumulateGatesInPasses<R, Q>(acc, rows, F, x_panels + (u / kWidth) * F * Q * kWidth);
   for (int r = 0; r < R; ++r)
     for (int q = 0; q < Q; ++q) Store(a + (b0 + r) * Q * H + q * H + u, acc[r][q]);
 }
