@@ -131,6 +131,5 @@ def elman_step(x, w_xh, w_hh, bias, h, *, activation: str = "tanh"):
     h_t [..., H]. It has no derivative of its own (``bptt.fused_step`` gives it XLA's).
   """
   LIBRARY.require()
-  width = LIBRARY.vector_width()
-  weights = (kernel_build.gate_panels(w_xh, 1, width), kernel_build.gate_panels(w_hh, 1, width), bias)
+  weights = (LIBRARY.gate_panels(w_xh, 1), LIBRARY.gate_panels(w_hh, 1), bias)
   return kernel_build.step_on_rows(_step_rows(_code(activation)), x, weights, (h,))[0]

@@ -128,12 +128,11 @@ def recurrent_panels(w_hh: jax.Array, reset_after: bool) -> jax.Array:
   """W_hh [3H, H] packed as the forward call packs it, flat [3H H]: the gate panels of (r, z, n)
   (reset_after), or those of (r, z) followed by those of n (reset_before, whose W_hn product
   waits for r h_{t-1})."""
-  width = LIBRARY.vector_width()
   if reset_after:
-    return kernel_build.gate_panels(w_hh, 3, width).reshape(-1)
+    return LIBRARY.gate_panels(w_hh, 3).reshape(-1)
   H = w_hh.shape[1]
-  return jnp.concatenate([kernel_build.gate_panels(w_hh[:2 * H], 2, width).reshape(-1),
-                          kernel_build.gate_panels(w_hh[2 * H:], 1, width).reshape(-1)])
+  return jnp.concatenate([LIBRARY.gate_panels(w_hh[:2 * H], 2).reshape(-1),
+                          LIBRARY.gate_panels(w_hh[2 * H:], 1).reshape(-1)])
 
 
 def _step_call(x, w_xh_panels, w_hh_panels, bias, b_hn, h, *, reset_after):
@@ -159,6 +158,5 @@ def gru_step(x, w_xh, w_hh, bias, b_hn, h, *, reset_after: bool = True):
     h_t [..., H]. It has no derivative of its own (``bptt.fused_step`` gives it XLA's).
   """
   LIBRARY.require()
-  weights = (kernel_build.gate_panels(w_xh, 3, LIBRARY.vector_width()), recurrent_panels(w_hh, reset_after),
-             bias, b_hn)
+  weights = (LIBRARY.gate_panels(w_xh, 3), recurrent_panels(w_hh, reset_after), bias, b_hn)
   return kernel_build.step_on_rows(_step_rows(bool(reset_after)), x, weights, (h,))[0]

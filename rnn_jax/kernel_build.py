@@ -149,6 +149,17 @@ class KernelLibrary:
     function.restype = ctypes.c_int64
     return int(function())
 
+  def gates_per_pass(self) -> int:
+    """Gates a product block of the built library covers in one pass over a gate panel (4 with
+    AVX-512, 2 with AVX2); ``gate_panels`` groups the gates by it."""
+    function = self.require().rnn_jax_gates_per_pass
+    function.restype = ctypes.c_int64
+    return int(function())
+
+  def gate_panels(self, w: jax.Array, gates: int) -> jax.Array:
+    """``gate_panels`` for this library's vector width and gate passes: what its step kernel reads."""
+    return gate_panels(w, gates, self.vector_width(), self.gates_per_pass())
+
   def why_not(self, hidden_size: int, *arrays) -> Optional[str]:
     """None if the library can run a recurrence of H = ``hidden_size`` on ``arrays``, else why not:
     switched off or not built, H not a multiple of the vector width, or an array not float32."""
@@ -239,21 +250,27 @@ def rows_batched(call, in_row_axes, out_row_axes):
 
 # ---- a decoding step's operands ---------------------------------------------------------
 
-def gate_panels(w: jax.Array, gates: int, width: int) -> jax.Array:
-  """The kernels' packed layout of a gate-blocked weight: w [G H, K] -> [H / W, K, G, W], W = ``width``
-  (the vector width).
+def gate_panels(w: jax.Array, gates: int, width: int, gates_per_pass: int) -> jax.Array:
+  """The kernels' packed layout of a gate-blocked weight: w [G H, K] -> [H / W, G K W], W = ``width``
+  (the vector width). For unit vector v the gates come in groups of ``gates_per_pass`` (the last
+  one may be smaller), group after group, and inside a group g of n gates starting at gate g0:
 
-    panels[v, k, q, lane] = w[q H + v W + lane, k]
+    panels[v, (g0 K + k n + q - g0) W + lane] = w[q H + v W + lane, k]   for q in [g0, g0 + n)
 
-  so that one unit vector's block of the product reads one contiguous stream over k. Inside a
-  decoding loop the weights are loop-invariant, but XLA's loop-invariant code motion does not
-  hoist a transpose on its own (it counts as too cheap), and the step would repack W_hh every
+  so that each pass of one unit vector's block of the product reads one contiguous stream over k.
+  Inside a decoding loop the weights are loop-invariant, but XLA's loop-invariant code motion does
+  not hoist a transpose on its own (it counts as too cheap), and the step would repack W_hh every
   token (LSTM music generation, B=32, H=256: 50 ms a call against 27 ms hoisted). The float32
   ``reduce_precision`` after it is the identity, bit for bit, and makes the pair worth hoisting.
   """
   rows, K = w.shape
   H = rows // gates
-  panels = w.reshape(gates, H // width, width, K).transpose(1, 3, 0, 2)
+  groups = []
+  for first in range(0, gates, gates_per_pass):
+    n = min(gates_per_pass, gates - first)
+    block = w[first * H:(first + n) * H].reshape(n, H // width, width, K).transpose(1, 3, 0, 2)
+    groups.append(block.reshape(H // width, K * n * width))
+  panels = groups[0] if len(groups) == 1 else jnp.concatenate(groups, axis=1)
   return jax.lax.reduce_precision(panels, exponent_bits=8, mantissa_bits=23)
 
 

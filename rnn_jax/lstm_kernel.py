@@ -150,6 +150,5 @@ def lstm_step(x, w_xh, w_hh, bias, h, c):
     (h_t, c_t), each [..., H]. It has no derivative of its own (``bptt.fused_step`` gives it XLA's).
   """
   LIBRARY.require()
-  width = vector_width()
-  weights = (kernel_build.gate_panels(w_xh, 4, width), kernel_build.gate_panels(w_hh, 4, width), bias)
+  weights = (LIBRARY.gate_panels(w_xh, 4), LIBRARY.gate_panels(w_hh, 4), bias)
   return kernel_build.step_on_rows(_step_rows, x, weights, (h, c))

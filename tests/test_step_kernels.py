@@ -162,16 +162,27 @@ def test_weights_are_packed_once_outside_a_decoding_loop():
     np.testing.assert_allclose(hs[t], h_t, atol=1e-5)
 
 
-def test_gate_panels_layout_and_exact_values():
+@pytest.mark.parametrize("gates,gates_per_pass", [(4, 4), (4, 2), (3, 2), (1, 2)])
+def test_gate_panels_layout_and_exact_values(gates, gates_per_pass):
+  """Each unit vector's panel holds its gates group after group (the kernel's passes), and inside a
+  group k-major with the group's gates interleaved; the packing is bit-exact."""
   width = lstm_kernel.vector_width()
   H, K = 2 * width, 5
-  w = np.arange(4 * H * K, dtype=np.float32).reshape(4 * H, K)
-  w[0, 0], w[1, 0], w[2, 0], w[3, 0] = np.inf, np.nan, 1e-45, -0.0  # the packing is bit-exact
-  panels = np.asarray(kernel_build.gate_panels(jnp.asarray(w), 4, width))
-  assert panels.shape == (H // width, K, 4, width)
-  v, k, q, lane = 1, 3, 2, 5
-  assert panels[v, k, q, lane] == w[q * H + v * width + lane, k]
-  assert np.array_equal(panels.view(np.uint32)[0, 0, 0, :4], w[:4, 0].view(np.uint32))
+  w = np.arange(gates * H * K, dtype=np.float32).reshape(gates * H, K)
+  w[0, 0], w[1, 0], w[2, 0], w[3, 0] = np.inf, np.nan, 1e-45, -0.0
+  panels = np.asarray(kernel_build.gate_panels(jnp.asarray(w), gates, width, gates_per_pass))
+  assert panels.shape == (H // width, gates * K * width)
+  for v in range(H // width):
+    for q in range(gates):
+      first = q - q % gates_per_pass
+      n = min(gates_per_pass, gates - first)
+      for k in range(K):
+        start = (first * K + k * n + q - first) * width
+        np.testing.assert_array_equal(panels[v, start:start + width], w[q * H + v * width:q * H + (v + 1) * width, k])
+  assert np.array_equal(panels.view(np.uint32)[0, :4], w[:4, 0].view(np.uint32))  # inf, nan, denormal, -0
+  assert lstm_kernel.LIBRARY.gates_per_pass() == (4 if width == 16 else 2)
+  np.testing.assert_array_equal(lstm_kernel.LIBRARY.gate_panels(jnp.asarray(w), gates),
+                                kernel_build.gate_panels(jnp.asarray(w), gates, width, lstm_kernel.LIBRARY.gates_per_pass()))
 
 
 def test_where_the_fused_step_does_not_run_it_says_why_and_xla_steps():

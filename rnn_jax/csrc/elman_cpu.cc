@@ -206,7 +206,7 @@ ffi::Error ElmanStepImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buf
   const int64_t N = dims[0], H = dims[1];
   RETURN_IF_ERROR(CheckHidden(kKernel, H));
   RETURN_IF_ERROR(CheckStepInput(kKernel, x.dimensions(), w_xh_panels.dimensions(), N, H, 1));
-  RETURN_IF_ERROR(CheckShape(kKernel, "W_hh panels", w_hh_panels.dimensions(), {H / kWidth, H, 1, kWidth}));
+  RETURN_IF_ERROR(CheckShape(kKernel, "W_hh panels", w_hh_panels.dimensions(), {H / kWidth, H * kWidth}));
   RETURN_IF_ERROR(CheckShape(kKernel, "b", bias.dimensions(), {H}));
   RETURN_IF_ERROR(CheckShape(kKernel, "h", h->dimensions(), {N, H}));
   RETURN_IF_ERROR(CheckActivation(activation));

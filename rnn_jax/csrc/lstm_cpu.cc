@@ -232,7 +232,7 @@ ffi::Error LstmStepImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   const int64_t N = dims[0], H = dims[1];
   RETURN_IF_ERROR(CheckHidden(kKernel, H));
   RETURN_IF_ERROR(CheckStepInput(kKernel, x.dimensions(), w_xh_panels.dimensions(), N, H, 4));
-  RETURN_IF_ERROR(CheckShape(kKernel, "W_hh panels", w_hh_panels.dimensions(), {H / kWidth, H, 4, kWidth}));
+  RETURN_IF_ERROR(CheckShape(kKernel, "W_hh panels", w_hh_panels.dimensions(), {H / kWidth, 4 * H * kWidth}));
   RETURN_IF_ERROR(CheckShape(kKernel, "b", bias.dimensions(), {4 * H}));
   RETURN_IF_ERROR(CheckShape(kKernel, "c0", c0.dimensions(), {N, H}));
   RETURN_IF_ERROR(CheckShape(kKernel, "h", h->dimensions(), {N, H}));
