@@ -125,6 +125,31 @@ def test_forward_equals_the_equations_in_numpy(reverse, batch):
   assert none is None
 
 
+def test_activations_saturate_at_large_inputs_and_pass_nan_on():
+  """A pre-activation of +-1e4 saturates the gates exactly (sigmoid 0 or 1, tanh -1 or 1, no inf or
+  nan from the exponential), and a nan in a_t reaches h_t: a diverging run shows nan, not a clamp."""
+  width = lstm_kernel.vector_width()
+  H, N = width, 2
+  zeros = jnp.zeros((N, H), jnp.float32)
+  for sign in (1.0, -1.0):
+    a = jnp.full((1, N, 4 * H), sign * 1e4, jnp.float32)
+    hs, cs, gates = lstm_kernel.lstm_forward(a, jnp.zeros((4 * H, H)), zeros, zeros)
+    expected = np.tile(np.repeat([0.5 + sign / 2, 0.5 + sign / 2, sign, 0.5 + sign / 2], H), (N, 1))
+    np.testing.assert_array_equal(gates[0], expected)
+    np.testing.assert_allclose(hs[0], np.tanh(1.0) if sign > 0 else 0.0, rtol=1e-6)
+    h_gru, _ = gru_kernel.gru_forward(a[..., :3 * H], jnp.zeros((3 * H, H)), jnp.zeros((H,)), zeros)
+    np.testing.assert_array_equal(h_gru[0], np.zeros((N, H)) if sign > 0 else -np.ones((N, H)))
+    h_elman = elman_kernel.elman_forward(a[..., :H], jnp.zeros((H, H)), zeros)
+    np.testing.assert_array_equal(h_elman[0], sign * np.ones((N, H)))
+  a = jnp.zeros((2, N, 4 * H), jnp.float32).at[0, 0, 0].set(jnp.nan)
+  hs, _, _ = lstm_kernel.lstm_forward(a, jnp.ones((4 * H, H)), zeros, zeros)
+  assert np.isnan(hs[0, 0, 0]) and np.all(np.isnan(hs[1, 0])) and not np.any(np.isnan(hs[:, 1]))
+  h_gru, _ = gru_kernel.gru_forward(a[..., :3 * H], jnp.ones((3 * H, H)), jnp.zeros((H,)), zeros)
+  assert np.isnan(h_gru[0, 0, 0]) and not np.any(np.isnan(h_gru[:, 1]))
+  h_elman = elman_kernel.elman_forward(a[..., :H], jnp.ones((H, H)), zeros)
+  assert np.isnan(h_elman[0, 0, 0]) and np.all(np.isnan(h_elman[1, 0])) and not np.any(np.isnan(h_elman[:, 1]))
+
+
 def test_several_batch_axes_and_vmap():
   """a: [T, 2, 3, 4H] runs as N = 6 rows; vmap over the kernel equals a loop over the mapped axis."""
   H = _hidden_sizes()[0]
