@@ -172,14 +172,11 @@ inline void PackColumnPanels(const float* w, int64_t rows, int64_t H, float* pac
       std::memcpy(packed + (v * rows + n) * kWidth, w + n * H + v * kWidth, kWidth * sizeof(float));
 }
 
-// acc[r][q] += sum_k x[r][k] panel[k][q] for a gate panel (Q interleaved gate vectors per k), or
-// for Q consecutive gates of a panel of more gates when k_stride (floats from one k to the next)
-// says so.
+// acc[r][q] += sum_k x[r][k] panel[k][q] for a gate panel (Q interleaved gate vectors per k).
 template <int R, int Q>
-inline void AccumulateGates(Vec (&acc)[R][Q], const float* const (&x)[R], int64_t K, const float* panel,
-                            int64_t k_stride = Q * kWidth) {
+inline void AccumulateGates(Vec (&acc)[R][Q], const float* const (&x)[R], int64_t K, const float* panel) {
   for (int64_t k = 0; k < K; ++k) {
-    const float* w_k = panel + k * k_stride;
+    const float* w_k = panel + k * Q * kWidth;
     Vec w[Q];
     for (int q = 0; q < Q; ++q) w[q] = Load(w_k + q * kWidth);
     for (int r = 0; r < R; ++r) {
@@ -191,7 +188,7 @@ inline void AccumulateGates(Vec (&acc)[R][Q], const float* const (&x)[R], int64_
 
 // AccumulateGates over all Q gates of a gate panel, in passes of at most kUnitVectors gates, so that
 // each pass keeps its R x (gates) sums and its weight vectors in registers (the LSTM's 4 gates on
-// AVX2: (i, f), then (g, o)). A pass reads only its gates' vectors of each k.
+// AVX2: (i, f), then (g, o)). Each pass reads its own group of the panel (PackGatePanels).
 template <int R, int Q, int First = 0>
 inline void AccumulateGatesInPasses(Vec (&acc)[R][Q], const float* const (&x)[R], int64_t K, const float* panel) {
   constexpr int kPass = Q - First < kUnitVectors ? Q - First : kUnitVectors;
