@@ -133,7 +133,8 @@ struct Forward {
       float* saved = GateRow(t, b);
       for (int v = 0; v < V; ++v) {
         const int64_t unit = u + v * kWidth;
-        const Vec n = Tanh(acc[r][v] + Load(a_n + unit) + Load(bias + 2 * H + unit) + Load(b_hn + unit)), update = Load(saved + H + unit), h_old = Load(h_prev + unit);
+        const Vec n = Tanh(acc[r][v] + Load(a_n + unit) + Load(bias + 2 * H + unit) + Load(b_hn + unit));
+        const Vec update = Load(saved + H + unit), h_old = Load(h_prev + unit);
         Store(HiddenRow(t, b) + unit, valid ? (1.0f - update) * n + update * h_old : h_old);
         Store(saved + 2 * H + unit, n);
       }
