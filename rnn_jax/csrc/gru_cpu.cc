@@ -83,7 +83,7 @@ struct Forward {
       const float* a_t = a + (t * N + b) * 3 * H + u;
       const Vec reset = Sigmoid(acc[r][0] + Load(a_t) + Load(bias + u)),
                 update = Sigmoid(acc[r][1] + Load(a_t + H) + Load(bias + H + u)), s = acc[r][2];
-      const Vec n = Tanh(Load(a + (t * N + b) * 3 * H + 2 * H + u) + b_n + reset * s);
+      const Vec n = Tanh(Load(a_t + 2 * H) + b_n + reset * s);
       const Vec h_old = Load(h_prev[r] + u);
       Store(HiddenRow(t, b) + u, Valid(t, b) ? (1.0f - update) * n + update * h_old : h_old);
       if (gates != nullptr) {
