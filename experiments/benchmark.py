@@ -10,7 +10,7 @@ Five sweeps (``--sweep``, or a preset of the same name for their usual sizes):
   are saved for a backward pass). Each implementation runs in its OWN worker process (built
   and compiled once); the repetitions are interleaved across implementations (one worker runs
   at a time, the order rotating every repetition), and the median step is reported with its
-  ratio to torch (torch_cuda on a GPU) and to flax.
+  ratio to torch (torch_cuda on a GPU) and to flax, beside the fastest and slowest timed step.
 * ``decode``: per-token decoding through rnn_jax's public decoders, each one jitted
   ``lax.scan`` over the tokens: LM sampling (``rnn_jax.lm.sample``, a prime of 16 tokens then T
   draws), seq2seq greedy and beam decoding (``rnn_jax.seq2seq.decode_sources``; a Sutskever
@@ -1177,6 +1177,7 @@ def _timing_fields(timing: dict, tokens: int) -> dict:
   step_ms = _median(timing["ms"])
   return {"tokens_per_s": round(tokens / (step_ms / 1000.0), 1), "step_ms": round(step_ms, 3),
           "cpu_ms": round(_median(timing["cpu_ms"]), 3), "min_step_ms": round(min(timing["ms"]), 3),
+          "max_step_ms": round(max(timing["ms"]), 3),
           "faults_per_step": _median(timing["faults"]) if timing["faults"] else None,
           "timed_steps": len(timing["ms"])}
 
@@ -1498,17 +1499,26 @@ def _fmt(value, spec: str = ",.0f", suffix: str = "") -> str:
   return "-" if value is None else f"{value:{spec}}{suffix}"
 
 
+def _range(row: dict, spec: str) -> str:
+  """The fastest and slowest timed step of a row, "min-max" ("-" where unknown): how far the
+  median can be trusted on a shared machine."""
+  if row.get("min_step_ms") is None or row.get("max_step_ms") is None:
+    return "-"
+  return f"{row['min_step_ms']:{spec}}-{row['max_step_ms']:{spec}}"
+
+
 def _torch_ratio(row: dict):
   return row.get("vs_torch_cuda", row.get("vs_torch"))
 
 
 def speed_table(rows: list[dict]) -> str:
-  lines = ["| cell | mode | dtype | B | T | H | impl | step ms (median) | tokens/s | GFLOP/s | % of peak | vs torch "
-           "| vs flax | compile s | peak MB | faults/step |", "|" + " --- |" * 16]
+  lines = ["| cell | mode | dtype | B | T | H | impl | step ms (median) | min-max ms | tokens/s | GFLOP/s "
+           "| % of peak | vs torch | vs flax | compile s | peak MB | faults/step |", "|" + " --- |" * 17]
   for row in rows:
     lines.append(
         f"| {row['cell']} | {row['mode']} | {row['compute_dtype']} | {row['batch_size']} | {row['seq_len']} "
-        f"| {row['hidden_size']} | {row['impl']} | {row['step_ms']:.1f} | {row['tokens_per_s']:,.0f} "
+        f"| {row['hidden_size']} | {row['impl']} | {row['step_ms']:.1f} | {_range(row, '.1f')} "
+        f"| {row['tokens_per_s']:,.0f} "
         f"| {row['gflops']:,.1f} | {_fmt(row.get('pct_of_peak'), '.1f', '%')} "
         f"| {_fmt(_torch_ratio(row), '.2f', 'x')} | {_fmt(row.get('vs_flax'), '.2f', 'x')} "
         f"| {_fmt(row['compile_s'], '.2f')} | {_fmt(row['peak_mem_mb'])} | {_fmt(row.get('faults_per_step'))} |")
@@ -1516,13 +1526,13 @@ def speed_table(rows: list[dict]) -> str:
 
 
 def decode_table(rows: list[dict]) -> str:
-  lines = ["| task | cell | B | T | H | impl | call ms (median) | ms/token | tokens/s | GFLOP/s | % of peak "
-           "| vs torch | first call s | recompiles |", "|" + " --- |" * 14]
+  lines = ["| task | cell | B | T | H | impl | call ms (median) | min-max ms | ms/token | tokens/s | GFLOP/s "
+           "| % of peak | vs torch | first call s | recompiles |", "|" + " --- |" * 15]
   for row in rows:
     task = row["task"] + (f" (K={row['beam_width']})" if "beam_width" in row else "")
     lines.append(
         f"| {task} | {row['cell']} | {row['batch_size']} | {row['seq_len']} | {row['hidden_size']} | {row['impl']} "
-        f"| {row['step_ms']:,.1f} | {row['ms_per_token']:.3f} | {row['tokens_per_s']:,.0f} | {row['gflops']:,.2f} "
+        f"| {row['step_ms']:,.1f} | {_range(row, ',.1f')} | {row['ms_per_token']:.3f} | {row['tokens_per_s']:,.0f} | {row['gflops']:,.2f} "
         f"| {_fmt(row.get('pct_of_peak'), '.2f', '%')} | {_fmt(_torch_ratio(row), '.2f', 'x')} "
         f"| {row['first_call_s']:.2f} | {_fmt(row['recompiles'], 'd')} |")
   return "\n".join(lines) + "\n"

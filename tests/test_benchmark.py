@@ -49,12 +49,14 @@ def test_speed_sweep_smoke(run_experiment, tmp_path):
     assert row["gflops"] == pytest.approx(row["flops"] / row["step_ms"] / 1e6, rel=1e-2)
     assert row["pct_of_peak"] == pytest.approx(100 * row["gflops"] / peak, rel=1e-2, abs=0.01)
     assert row["faults_per_step"] >= 0 and row["compute_dtype"] == "float32"
+    assert row["min_step_ms"] <= row["step_ms"] <= row["max_step_ms"]  # the table's min-max column
   assert results["machine"]["cpu_count"] >= 1 and results["warnings"] == []
   assert results["config"]["implementations"] == ["rnn_jax", "flax", "torch"]
   assert results["experiment"] == "benchmark"
   table = (tmp_path / "table.md").read_text()
   assert table.startswith("Machine: ") and "| gru | train | float32 | 4 | 16 | 16 | rnn_jax |" in table
   assert f"float32 {peak:,.0f} GFLOP/s" in table and "| GFLOP/s | % of peak |" in table
+  assert "| step ms (median) | min-max ms |" in table
   assert "| gru | train | float32 | 4 | 16 | 16 | rnn_jax |" in done.out
   assert (tmp_path / "speed.png").stat().st_size > 10_000
   records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -121,7 +123,7 @@ def test_bfloat16_on_cpu_warns_and_leaves_out_the_torch_ratio(run_experiment, tm
   assert row["impl"] == "torch" and row["tokens_per_s"] > 0
   assert "vs_torch" not in row  # in float32 the torch row reads 1.00x against itself
   [line] = [line for line in table.splitlines() if line.startswith("| elman |")]
-  assert [cell.strip() for cell in line.split("|")[12:14]] == ["-", "-"]  # vs torch, vs flax
+  assert [cell.strip() for cell in line.split("|")[13:15]] == ["-", "-"]  # vs torch, vs flax
   assert (tmp_path / "speed.png").stat().st_size > 10_000
 
 
@@ -193,6 +195,7 @@ def test_decode_sweep_smoke(run_experiment, tmp_path):
     assert row["ms_per_token"] == pytest.approx(row["step_ms"] / 16, rel=1e-2)
     assert row["flops"] == benchmark.decode_flops(row["task"], "gru", 4, 16, 16, 64, 65, beam_width=3)
     assert row["gflops"] > 0 and row["timed_steps"] == 2
+    assert row["min_step_ms"] <= row["step_ms"] <= row["max_step_ms"]
     if row["impl"] == "rnn_jax":
       assert row["recompiles"] == 0  # one compiled loop per decoder, reused by every call
       if have_torch:
@@ -262,8 +265,11 @@ def test_gpu_check_plan_without_a_gpu(run_experiment, tmp_path):
   benchmark._add_ratios(rows, benchmark.SPEED_KEY, ("flax", "torch_cuda"))
   table = benchmark.speed_table(rows).splitlines()
   assert len(table) == 2 + len(names)
-  assert table[2] == ("| lstm | train | float32 | 32 | 128 | 512 | rnn_jax | 2.0 | 2,048 | 10.0 | 5.0% | 1.00x "
+  assert table[2] == ("| lstm | train | float32 | 32 | 128 | 512 | rnn_jax | 2.0 | - | 2,048 | 10.0 | 5.0% | 1.00x "
                       "| 1.00x | 1.50 | - | 0 |")
+  rows[0].update(min_step_ms=1.94, max_step_ms=2.71)  # a row's fastest and slowest timed step
+  assert benchmark.speed_table(rows).splitlines()[2].startswith(
+      "| lstm | train | float32 | 32 | 128 | 512 | rnn_jax | 2.0 | 1.9-2.7 | 2,048 |")
 
 
 def test_decode_and_devices_plans():
