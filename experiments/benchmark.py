@@ -1532,7 +1532,8 @@ def decode_table(rows: list[dict]) -> str:
     task = row["task"] + (f" (K={row['beam_width']})" if "beam_width" in row else "")
     lines.append(
         f"| {task} | {row['cell']} | {row['batch_size']} | {row['seq_len']} | {row['hidden_size']} | {row['impl']} "
-        f"| {row['step_ms']:,.1f} | {_range(row, ',.1f')} | {row['ms_per_token']:.3f} | {row['tokens_per_s']:,.0f} | {row['gflops']:,.2f} "
+        f"| {row['step_ms']:,.1f} | {_range(row, ',.1f')} | {row['ms_per_token']:.3f} | {row['tokens_per_s']:,.0f} "
+        f"| {row['gflops']:,.2f} "
         f"| {_fmt(row.get('pct_of_peak'), '.2f', '%')} | {_fmt(_torch_ratio(row), '.2f', 'x')} "
         f"| {row['first_call_s']:.2f} | {_fmt(row['recompiles'], 'd')} |")
   return "\n".join(lines) + "\n"
