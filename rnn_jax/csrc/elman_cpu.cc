@@ -243,7 +243,7 @@ ffi::Error ElmanBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> hs, ffi
   PackColumnPanels(w_hh.typed_data(), H, H, w_packed);
   const Backward backward{hs.typed_data(), w_packed, d_hs.typed_data(), use_mask ? mask.typed_data() : nullptr,
                           dz->typed_data(), dh0->typed_data(), dh_total, T, N, H, reverse != 0, activation};
-  // Ticket step k handles forward step T - 1 - k: first dh for it from the dz of forward
+  // Kernel step k handles forward step T - 1 - k: first dh for it from the dz of forward
   // step T - k (the chunk's units only), then its dz. Step T only takes dh0 = W_hh^T dz_0.
   RunSteps(pool, H, T + 1, [&backward, T](int64_t k, int64_t unit_begin, int64_t unit_end) {
     if (k > 0) backward.BackThroughWeightChunk(backward.Time(T - k), unit_begin, unit_end);

@@ -359,7 +359,7 @@ ffi::Error GruForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Bu
           forward.ChunkAfter(step, unit_begin, unit_end);
         });
   } else {
-    // Two tickets per step: r, z and r h_{t-1} for every unit, then n and h_t.
+    // Two phases per step: r, z and r h_{t-1} for every unit, then n and h_t.
     RunStepsPackingFirst(
         pool, H, 2 * T,
         [w, w_packed, H](int64_t unit_begin, int64_t unit_end) {
@@ -438,14 +438,14 @@ ffi::Error GruBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> gates, ff
                           reset_after ? du_n->typed_data() : nullptr, dh0->typed_data(), dh_total,
                           T, N, H, reverse != 0, reset_after != 0};
   if (reset_after) {
-    // Ticket step k handles forward step T - 1 - k: first dh for it from the du of forward
+    // Kernel step k handles forward step T - 1 - k: first dh for it from the du of forward
     // step T - k (the chunk's units only), then its gate arithmetic. Step T only takes dh0.
     RunSteps(pool, H, T + 1, [&backward, T](int64_t k, int64_t unit_begin, int64_t unit_end) {
       if (k > 0) backward.BackThroughWeightChunk(backward.Time(T - k), unit_begin, unit_end);
       if (k < T) backward.GateChunk(T - 1 - k, unit_begin, unit_end);
     });
   } else {
-    // Two tickets per step. Phase 2j: the W_h[rz]^T product of forward step T - j (its dh_{t-1}
+    // Two phases per step. Phase 2j: the W_h[rz]^T product of forward step T - j (its dh_{t-1}
     // for the chunk's units), then da_z, da_n of step T - 1 - j; phase 2j + 1: e, da_r and
     // z dh + r e of step T - 1 - j.
     RunSteps(pool, H, 2 * T + 1, [&backward, T](int64_t phase, int64_t unit_begin, int64_t unit_end) {

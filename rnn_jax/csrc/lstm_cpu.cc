@@ -279,7 +279,7 @@ ffi::Error LstmBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> gates, f
   const Backward backward{gates.typed_data(), cs.typed_data(), c0.typed_data(), w_packed,
                           d_hs.typed_data(), use_mask ? mask.typed_data() : nullptr, da->typed_data(),
                           dh0->typed_data(), dc0->typed_data(), dh_total, T, N, H, reverse != 0};
-  // Ticket step k handles forward step T - 1 - k: first dh for it from the da of
+  // Kernel step k handles forward step T - 1 - k: first dh for it from the da of
   // forward step T - k (the chunk's units only), then its gate arithmetic. Step T
   // only takes dh0 = W_hh^T da_0.
   RunSteps(pool, H, T + 1, [&backward, T](int64_t k, int64_t unit_begin, int64_t unit_end) {

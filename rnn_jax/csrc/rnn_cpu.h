@@ -1,14 +1,15 @@
 // What the fused CPU recurrences (lstm_cpu.cc, gru_cpu.cc, elman_cpu.cc) share: vector math, the
 // register-blocked products with W_hh and W_hh^T, the packed weight layouts, a decoding step's
-// input projection, the ticketed steps that spread one recurrence over the calling thread and
+// input projection, the steps that spread one recurrence over the calling thread and
 // XLA's intra-op pool, and shape checks.
 //
 // Every kernel follows the same plan. The input projection a = W_xh x (all steps) and the weight
 // gradients stay in XLA as single matmuls; a kernel call runs the whole recurrence of one
 // direction of BPTT. Each step is cut into chunks of hidden units; a chunk's part of the
 // recurrent product is register-blocked (up to kRows batch rows x kUnitVectors vectors of units or
-// gates) and its gate arithmetic is applied right after it, on the sums of the block. Chunks are
-// handed out by ticket (Steps); a ticket of step s waits until every chunk of step s - 1 is done.
+// gates) and its gate arithmetic is applied right after it, on the sums of the block. Each thread
+// owns a run of chunks and claims them first at every step, taking another's only when that one is
+// late (Steps); a chunk of step s waits until every chunk of step s - 1 is done.
 //
 // Each .cc file includes this header once and is its own library, so everything here has
 // internal linkage.
@@ -252,7 +253,7 @@ inline void ProjectBlock(const float* x, int64_t F, const float* x_panels, int64
 }
 
 // The same for every row and the units [unit_begin, unit_end) of a chunk. The chunk's own
-// recurrence then reads those units back (in the same ticket, or after the step's barrier), so a
+// recurrence then reads those units back (in the same chunk, or after the step's barrier), so a
 // decoding step needs no barrier of its own for its projection.
 template <int Q>
 inline void ProjectChunk(const float* x, int64_t N, int64_t F, const float* x_panels, int64_t H,
@@ -261,7 +262,7 @@ inline void ProjectChunk(const float* x, int64_t N, int64_t F, const float* x_pa
     ForRowBlocks(N, [&](int64_t b0, auto rows) { ProjectBlock<decltype(rows)::value, Q>(x, F, x_panels, H, b0, u, a); });
 }
 
-// ---- ticketed steps ------------------------------------------------------------
+// ---- the steps of a call, spread over threads ------------------------------------------------------------
 
 // A counter that participants wait on: spin briefly (a step's chunks take tens of
 // microseconds), then sleep in the kernel (futex) until the counter moves. Sleeping, not
@@ -302,36 +303,53 @@ inline int CurrentCpu() {
 }
 
 // Runs work(step, chunk) for every step in order and every chunk of a step in any
-// order, on the calling thread and on up to `helpers` pool threads. The calling thread can
-// finish every ticket alone, so late or missing helpers only cost speed, never progress.
+// order, on the calling thread and on up to `helpers` pool threads. Participant p owns the chunks
+// from p chunks / participants on and claims them first at every step, then whatever chunk of the
+// step is still unclaimed, so the same thread runs the same units from step to step and its part
+// of the packed W_hh stays in its own L2 (at H=512 half of the LSTM's W_hh is 2 MB, a Xeon core's
+// whole L2). Against chunks dealt out in arrival order (a shared ticket counter), B=32, T=128 on a
+// 2-core AVX-512 Xeon, one process alternating: LSTM forward 1.00-1.09x and backward 1.01-1.08x,
+// GRU forward at H=512 1.05x, the rest within 1% but the LSTM's inference at H=256 (0.97-0.98x).
+// The calling thread can claim every chunk alone, so late or missing helpers only cost speed,
+// never progress.
 class Steps {
  public:
   template <typename Work>
   static void Run(ffi::ThreadPool& pool, int64_t helpers, int64_t steps, int64_t chunks, Work work) {
-    auto state = std::make_shared<Steps>(steps * chunks, chunks);
+    auto state = std::make_shared<Steps>(steps * chunks, chunks, helpers + 1);
     state->ClaimCpu(CurrentCpu());
     for (int64_t i = 0; i < helpers; ++i) {
-      pool.Schedule([state, work]() {
+      pool.Schedule([state, work, i]() {
         SpreadOut spread(*state);
-        state->Participate(work);
+        state->Participate(work, i + 1);
       });
     }
-    state->Participate(work);
+    state->Participate(work, 0);
     state->done_.WaitAtLeast(state->total_);
   }
 
-  Steps(int64_t total, int64_t chunks) : total_(total), chunks_(chunks) {}
+  Steps(int64_t total, int64_t chunks, int64_t participants)
+      : total_(total), chunks_(chunks), participants_(participants), claimed_(new std::atomic<int64_t>[chunks]) {
+    for (int64_t c = 0; c < chunks; ++c) claimed_[c].store(0, std::memory_order_relaxed);
+  }
 
  private:
+  // A chunk is claimed for step s by moving its counter from s to s + 1 (claimed_[c] is the next
+  // step chunk c is free for); a helper that arrives late skips the steps already done.
   template <typename Work>
-  void Participate(const Work& work) {
-    for (;;) {
-      const int64_t ticket = next_.fetch_add(1, std::memory_order_relaxed);
-      if (ticket >= total_) return;
-      const int64_t step = ticket / chunks_;
+  void Participate(const Work& work, int64_t index) {
+    const int64_t steps = total_ / chunks_, first = index * chunks_ / participants_;
+    for (int64_t step = 0; step < steps; ++step) {
+      if (done_.Load() >= total_) return;
       done_.WaitAtLeast(step * chunks_);
-      work(step, ticket % chunks_);
-      done_.Add();
+      for (int64_t j = 0; j < chunks_; ++j) {
+        const int64_t c = (first + j) % chunks_;
+        int64_t expected = step;
+        if (claimed_[c].load(std::memory_order_relaxed) != step) continue;
+        if (!claimed_[c].compare_exchange_strong(expected, step + 1, std::memory_order_acq_rel)) continue;
+        work(step, c);
+        done_.Add();
+      }
     }
   }
 
@@ -376,7 +394,8 @@ class Steps {
 
   const int64_t total_;
   const int64_t chunks_;
-  std::atomic<int64_t> next_{0};
+  const int64_t participants_;
+  std::unique_ptr<std::atomic<int64_t>[]> claimed_;
   Progress done_;
   std::atomic<uint64_t> cpus_{0};
 };
@@ -428,7 +447,7 @@ inline void RunStepsPackingFirst(ffi::ThreadPool& pool, int64_t H, int64_t steps
 
 // Scratch buffers (packed weights, held gradients) belong to the calling thread and only grow,
 // so steady-state calls make no 1-4 MB allocation twice per train step. Helpers only touch them
-// while the caller waits for every ticket, so the next call cannot overwrite them early.
+// while the caller waits for every chunk, so the next call cannot overwrite them early.
 class Scratch {
  public:
   float* Get(int64_t n) {
@@ -446,7 +465,7 @@ class Scratch {
   int64_t size_ = 0;
 };
 
-// A decoding step: `phases` ticketed phases of one step (the GRU's reset-before variant has two),
+// A decoding step: `phases` phases of one step (the GRU's reset-before variant has two),
 // where each chunk first projects its units of x_t [N, F] into a [N, Q H] (ProjectChunk) and
 // then runs work(phase, unit_begin, unit_end) on it.
 template <int Q, typename Work>
