@@ -309,7 +309,7 @@ inline int CurrentCpu() {
 // of the packed W_hh stays in its own L2 (at H=512 half of the LSTM's W_hh is 2 MB, a Xeon core's
 // whole L2). Against chunks dealt out in arrival order (a shared ticket counter), B=32, T=128 on a
 // 2-core AVX-512 Xeon, one process alternating: LSTM forward 1.00-1.09x and backward 1.01-1.08x,
-// GRU forward at H=512 1.05x, the rest within 1% but the LSTM's inference at H=256 (0.97-0.98x).
+// GRU forward at H=512 1.05x, the rest within 1% but the LSTM's inference at H=256 (0.94-0.98x).
 // The calling thread can claim every chunk alone, so late or missing helpers only cost speed,
 // never progress.
 class Steps {
