@@ -54,8 +54,14 @@ struct Forward {
 
   int64_t Time(int64_t step) const { return reverse ? T - 1 - step : step; }
   float* HiddenRow(int64_t t, int64_t b) const { return hs + (b * T + t) * H; }
+  RecentHidden recent;  // h_t of the last two steps (rnn_cpu.h); rows null in a decoding step
   const float* PreviousHiddenRow(int64_t step, int64_t b) const {
-    return step == 0 ? h0 + b * H : HiddenRow(Time(step - 1), b);
+    if (step == 0) return h0 + b * H;
+    return recent.rows != nullptr ? recent.Row(step - 1, b) : HiddenRow(Time(step - 1), b);
+  }
+  void StoreHidden(int64_t step, int64_t t, int64_t b, int64_t unit, Vec h) const {
+    Store(HiddenRow(t, b) + unit, h);
+    if (recent.rows != nullptr) Store(recent.Row(step, b) + unit, h);
   }
   bool Valid(int64_t t, int64_t b) const { return mask == nullptr || mask[t * N + b]; }
   // reset_before: where step t keeps (r, z, n) of row b.
@@ -85,7 +91,7 @@ struct Forward {
                 update = Sigmoid(acc[r][1] + Load(a_t + H) + Load(bias + H + u)), s = acc[r][2];
       const Vec n = Tanh(Load(a_t + 2 * H) + b_n + reset * s);
       const Vec h_old = Load(h_prev[r] + u);
-      Store(HiddenRow(t, b) + u, Valid(t, b) ? (1.0f - update) * n + update * h_old : h_old);
+      StoreHidden(step, t, b, u, Valid(t, b) ? (1.0f - update) * n + update * h_old : h_old);
       if (gates != nullptr) {
         float* saved = gates + (t * N + b) * 4 * H + u;
         Store(saved, reset);
@@ -135,7 +141,7 @@ struct Forward {
         const int64_t unit = u + v * kWidth;
         const Vec n = Tanh(acc[r][v] + Load(a_n + unit) + Load(bias + 2 * H + unit) + Load(b_hn + unit));
         const Vec update = Load(saved + H + unit), h_old = Load(h_prev + unit);
-        Store(HiddenRow(t, b) + unit, valid ? (1.0f - update) * n + update * h_old : h_old);
+        StoreHidden(step, t, b, unit, valid ? (1.0f - update) * n + update * h_old : h_old);
         Store(saved + 2 * H + unit, n);
       }
     }
@@ -340,14 +346,15 @@ ffi::Error GruForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Bu
   if (save_gates) RETURN_IF_ERROR(CheckShape(kKernel, "gates", gates->dimensions(), {T, N, saved}));
   if (T == 0 || N == 0) return ffi::Error::Success();
 
-  thread_local Scratch packed, current, rh;
+  thread_local Scratch packed, current, rh, recent;
   float* w_packed = packed.Get(3 * H * H);
   const float* w = w_hh.typed_data();
-  const Forward forward{a.typed_data(), bias.typed_data(), b_hn.typed_data(), w_packed,
+  Forward forward{a.typed_data(), bias.typed_data(), b_hn.typed_data(), w_packed,
                         use_mask ? mask.typed_data() : nullptr, h0.typed_data(), hs->typed_data(),
                         save_gates ? gates->typed_data() : nullptr,
                         reset_after || save_gates ? nullptr : current.Get(3 * N * H),
                         reset_after ? nullptr : rh.Get(N * H), T, N, H, reverse != 0};
+  forward.recent = {recent.Get(2 * N * H), N, H};
   // Panels: reset_after, those of (r, z, n); reset_before, those of (r, z) and then those of n.
   if (reset_after) {
     RunStepsPackingFirst(

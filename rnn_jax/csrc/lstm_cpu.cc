@@ -56,8 +56,14 @@ struct Forward {
 
   int64_t Time(int64_t step) const { return reverse ? T - 1 - step : step; }
   float* HiddenRow(int64_t t, int64_t b) const { return hs + (b * T + t) * H; }
+  RecentHidden recent;  // h_t of the last two steps (rnn_cpu.h); rows null in a decoding step
   const float* PreviousHiddenRow(int64_t step, int64_t b) const {
-    return step == 0 ? h0 + b * H : HiddenRow(Time(step - 1), b);
+    if (step == 0) return h0 + b * H;
+    return recent.rows != nullptr ? recent.Row(step - 1, b) : HiddenRow(Time(step - 1), b);
+  }
+  void StoreHidden(int64_t step, int64_t t, int64_t b, int64_t unit, Vec h) const {
+    Store(HiddenRow(t, b) + unit, h);
+    if (recent.rows != nullptr) Store(recent.Row(step, b) + unit, h);
   }
   float* CellRow(int64_t step, int64_t b) const {
     return cs != nullptr ? cs + (Time(step) * N + b) * H : cells + ((step % 2) * N + b) * H;
@@ -88,7 +94,7 @@ struct Forward {
         h = o * Tanh(c);
       }
       Store(CellRow(step, b) + u, c);
-      Store(HiddenRow(t, b) + u, h);
+      StoreHidden(step, t, b, u, h);
       if (gates != nullptr) {
         float* saved = gates + (t * N + b) * G + u;
         Store(saved, i);
@@ -206,13 +212,14 @@ ffi::Error LstmForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::B
   }
   if (T == 0 || N == 0) return ffi::Error::Success();
 
-  thread_local Scratch packed, cells;
+  thread_local Scratch packed, cells, recent;
   float* w_packed = packed.Get(4 * H * H);
   const float* w = w_hh.typed_data();
-  const Forward forward{a.typed_data(), bias.typed_data(), w_packed, use_mask ? mask.typed_data() : nullptr,
+  Forward forward{a.typed_data(), bias.typed_data(), w_packed, use_mask ? mask.typed_data() : nullptr,
                         h0.typed_data(), c0.typed_data(), hs->typed_data(),
                         save_gates ? cs->typed_data() : nullptr, save_gates ? nullptr : cells.Get(2 * N * H),
                         save_gates ? gates->typed_data() : nullptr, T, N, H, reverse != 0};
+  forward.recent = {recent.Get(2 * N * H), N, H};
   RunStepsPackingFirst(
       pool, H, T,
       [w, w_packed, H](int64_t unit_begin, int64_t unit_end) {
