@@ -154,6 +154,9 @@ class Config:
   repeats: int = field(8, "Interleaved repetitions per implementation (or per parallel point).", minimum=1)
   steps: int = field(3, "Timed steps (decode: calls) per repetition; the median over all of them is "
                      "reported.", minimum=1)
+  warmup_steps: int = field(0, "Untimed steps (decode: calls) at the start of each repetition, after "
+                            "the other workers' turns, so that the timed steps start with the worker's "
+                            "threads awake and its data in cache, as in a training loop.", minimum=0)
   compute_dtype: tuple[str, ...] = field(("float32",), "Matmul operand dtypes of the speed and memory sweeps; "
                                          "bfloat16 is mixed precision, for GPUs and TPUs.",
                                          choices=("float32", "bfloat16"))
@@ -803,16 +806,21 @@ def run_worker(spec: dict) -> None:
     if command == "build":
       build(json.loads(argument))
     elif command == "run":
+      steps, _, warmup = argument.partition(" ")
+      untimed = 0
+      for _ in range(int(warmup or 0)):
+        built.run_one()
+        untimed += 1
       step_ms, cpu_ms, faults = [], [], []
       compiles_before = counter.count if counter else 0
-      for _ in range(int(argument)):
+      for _ in range(int(steps)):
         wall, cpu = time.perf_counter(), time.process_time()
         minflt = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         built.run_one()
         step_ms.append(1000 * (time.perf_counter() - wall))
         cpu_ms.append(1000 * (time.process_time() - cpu))
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - minflt)
-      _emit({"step_ms": step_ms, "cpu_ms": cpu_ms, "faults": faults,
+      _emit({"step_ms": step_ms, "cpu_ms": cpu_ms, "faults": faults, "untimed_steps": untimed,
              "compiles": (counter.count if counter else 0) - compiles_before})
     elif command == "memory":
       device_mb = built.device_memory_mb() if built and built.device_memory_mb else None
@@ -905,8 +913,8 @@ class Worker:
     self.ready = self.read() if wait else None
     return self.ready
 
-  def run(self, steps: int) -> dict:
-    self._send(f"run {steps}")
+  def run(self, steps: int, warmup_steps: int = 0) -> dict:
+    self._send(f"run {steps} {warmup_steps}")
     return self.read()
 
   def memory(self) -> dict:
@@ -1157,16 +1165,17 @@ def _interleave(workers: dict, config: Config, points: _Points, describe, record
   in an order rotating every repetition; returns {name: {"ms", "cpu_ms", "faults", "compiles"}}."""
   names = list(workers)
   tokens_of = tokens if callable(tokens) else (lambda name: tokens)
-  timings = {name: {"ms": [], "cpu_ms": [], "faults": [], "compiles": 0} for name in names}
+  timings = {name: {"ms": [], "cpu_ms": [], "faults": [], "compiles": 0, "untimed_steps": 0} for name in names}
   for repeat in range(config.repeats):
     order = names[repeat % len(names):] + names[:repeat % len(names)]
     for name in order:
-      reply = workers[name].run(config.steps)
+      reply = workers[name].run(config.steps, config.warmup_steps)
       timing = timings[name]
       timing["ms"] += reply["step_ms"]
       timing["cpu_ms"] += reply["cpu_ms"]
       timing["faults"] += reply.get("faults", [])
       timing["compiles"] += reply.get("compiles", 0)
+      timing["untimed_steps"] += reply.get("untimed_steps", 0)
       step_ms = _median(reply["step_ms"])
       points.log(f"{describe(name)} {step_ms:.1f} ms", **record(name), repeat=repeat, step_ms=step_ms,
                  cpu_ms=_median(reply["cpu_ms"]), tokens_per_s=tokens_of(name) / step_ms * 1000)
@@ -1179,7 +1188,7 @@ def _timing_fields(timing: dict, tokens: int) -> dict:
           "cpu_ms": round(_median(timing["cpu_ms"]), 3), "min_step_ms": round(min(timing["ms"]), 3),
           "max_step_ms": round(max(timing["ms"]), 3),
           "faults_per_step": _median(timing["faults"]) if timing["faults"] else None,
-          "timed_steps": len(timing["ms"])}
+          "timed_steps": len(timing["ms"]), "untimed_steps": timing.get("untimed_steps", 0)}
 
 
 def _point_name(point: dict) -> str:
@@ -1417,7 +1426,7 @@ def memory_sweep(config: Config, run, points: _Points, data_path: str, machine: 
               try:
                 if not worker.ready.get("ready"):
                   raise RuntimeError(f"benchmark worker rnn_jax ({_point_name(point)}): {worker.ready.get('error')}")
-                reply = worker.run(config.steps)
+                reply = worker.run(config.steps, config.warmup_steps)
                 final = worker.memory()
                 worker.close()
               finally:

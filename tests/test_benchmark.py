@@ -24,7 +24,7 @@ def _results(workdir):
 
 def test_speed_sweep_smoke(run_experiment, tmp_path):
   done = run_experiment("benchmark", "--smoke", f"--workdir={tmp_path}", "--cells=gru",
-                        "--implementations=rnn_jax,flax,torch")
+                        "--implementations=rnn_jax,flax,torch", "--warmup_steps=1")
   assert done.code == 0, done.err
   results = _results(tmp_path)
   rows = results["results"]
@@ -37,6 +37,7 @@ def test_speed_sweep_smoke(run_experiment, tmp_path):
     assert abs(row["tokens_per_s"] * row["step_ms"] / 1000 - 4 * 16) < 0.5
     assert row["peak_mem_mb"] > 10  # RSS high-water of the worker process
     assert row["timed_steps"] == 2  # repeats 2 x steps 1
+    assert row["untimed_steps"] == 2  # --warmup_steps=1: one untimed step before each repetition's timed one
     assert row["vs_flax"] == pytest.approx(row["tokens_per_s"] / rows[1]["tokens_per_s"], rel=1e-2, abs=1e-3)
     if have_torch:
       assert row["vs_torch"] > 0
@@ -195,6 +196,7 @@ def test_decode_sweep_smoke(run_experiment, tmp_path):
     assert row["ms_per_token"] == pytest.approx(row["step_ms"] / 16, rel=1e-2)
     assert row["flops"] == benchmark.decode_flops(row["task"], "gru", 4, 16, 16, 64, 65, beam_width=3)
     assert row["gflops"] > 0 and row["timed_steps"] == 2
+    assert row["untimed_steps"] == 0  # no warm-up call by default
     assert row["min_step_ms"] <= row["step_ms"] <= row["max_step_ms"]
     if row["impl"] == "rnn_jax":
       assert row["recompiles"] == 0  # one compiled loop per decoder, reused by every call
