@@ -242,10 +242,11 @@ inline void PrefetchInputs(const float* first, int64_t stride, int64_t gates, in
 // step as h_{t-1} in place of hs. The rows of hs [N, T, H] for one t are T H floats apart (128 KB
 // at T=128, H=256), so the 32 rows a step reads map to the same cache sets of L1 and L2; these rows
 // are H floats apart. B=32, T=128, two threads on a 2-core AVX-512 Xeon, one process alternating:
-// LSTM inference 1.14-1.16x at H=256 (0.97-1.00x at 512), with the gates saved 0.98-1.02x; GRU
-// inference 1.15x / 1.02-1.04x, with the gates saved 1.03-1.05x / 0.98-1.00x; one thread within
-// 1%. The Elman forward (19 us a step at H=256) keeps reading hs: 0.96-1.01x at H=256, 1.03-1.05x
-// at 512. A decoding step (T = 1) reads only h0 and leaves `rows` null.
+// LSTM inference 1.14-1.16x at H=256 (0.97-1.00x at 512), with the gates saved 0.98-1.02x; the
+// reset-after GRU's inference 1.15x / 1.02-1.04x, with the gates saved 1.03-1.05x / 0.98-1.00x; one
+// thread within 1%. The reset-before GRU (1.00x at H=256, 0.98x at 512) and the Elman forward
+// (19 us a step at H=256; 0.96-1.01x there, 1.03-1.05x at 512) keep reading hs. A decoding step
+// (T = 1) reads only h0 and leaves `rows` null.
 struct RecentHidden {
   float* rows = nullptr;
   int64_t N = 0, H = 0;
