@@ -216,9 +216,9 @@ ffi::Error LstmForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::B
   float* w_packed = packed.Get(4 * H * H);
   const float* w = w_hh.typed_data();
   Forward forward{a.typed_data(), bias.typed_data(), w_packed, use_mask ? mask.typed_data() : nullptr,
-                        h0.typed_data(), c0.typed_data(), hs->typed_data(),
-                        save_gates ? cs->typed_data() : nullptr, save_gates ? nullptr : cells.Get(2 * N * H),
-                        save_gates ? gates->typed_data() : nullptr, T, N, H, reverse != 0};
+                h0.typed_data(), c0.typed_data(), hs->typed_data(),
+                save_gates ? cs->typed_data() : nullptr, save_gates ? nullptr : cells.Get(2 * N * H),
+                save_gates ? gates->typed_data() : nullptr, T, N, H, reverse != 0};
   forward.recent = {recent.Get(2 * N * H), N, H};
   RunStepsPackingFirst(
       pool, H, T,

@@ -236,7 +236,7 @@ inline void PrefetchInputs(const float* first, int64_t stride, int64_t gates, in
       for (int v = 0; v < V; ++v) _mm_prefetch((const char*)(first + r * stride + q * H + v * kWidth), _MM_HINT_T1);
 }
 
-// ---- the hidden states a forward step reads ----------------------------------------
+// ---- the hidden states a forward step reads --------------------------------------
 
 // h_t of the last two steps, [2, N, H] (even and odd steps), written beside hs and read by the next
 // step as h_{t-1} in place of hs. The rows of hs [N, T, H] for one t are T H floats apart (128 KB
@@ -280,7 +280,7 @@ inline void ProjectChunk(const float* x, int64_t N, int64_t F, const float* x_pa
     ForRowBlocks(N, [&](int64_t b0, auto rows) { ProjectBlock<decltype(rows)::value, Q>(x, F, x_panels, H, b0, u, a); });
 }
 
-// ---- the steps of a call, spread over threads ------------------------------------------------------------
+// ---- the steps of a call, spread over threads ------------------------------------
 
 // A counter that participants wait on: spin briefly (a step's chunks take tens of
 // microseconds), then sleep in the kernel (futex) until the counter moves. Sleeping, not
