@@ -807,10 +807,9 @@ def run_worker(spec: dict) -> None:
       build(json.loads(argument))
     elif command == "run":
       steps, _, warmup = argument.partition(" ")
-      untimed = 0
-      for _ in range(int(warmup or 0)):
+      untimed = int(warmup or 0)
+      for _ in range(untimed):
         built.run_one()
-        untimed += 1
       step_ms, cpu_ms, faults = [], [], []
       compiles_before = counter.count if counter else 0
       for _ in range(int(steps)):
@@ -1188,7 +1187,7 @@ def _timing_fields(timing: dict, tokens: int) -> dict:
           "cpu_ms": round(_median(timing["cpu_ms"]), 3), "min_step_ms": round(min(timing["ms"]), 3),
           "max_step_ms": round(max(timing["ms"]), 3),
           "faults_per_step": _median(timing["faults"]) if timing["faults"] else None,
-          "timed_steps": len(timing["ms"]), "untimed_steps": timing.get("untimed_steps", 0)}
+          "timed_steps": len(timing["ms"]), "untimed_steps": timing["untimed_steps"]}
 
 
 def _point_name(point: dict) -> str:
@@ -1584,6 +1583,13 @@ def parallel_table(rows: list[dict]) -> str:
   return "\n".join(lines) + "\n"
 
 
+def _timing_title(config: Config, unit: str = "steps", each: str = " per implementation") -> str:
+  """How the plotted medians were taken: "median of R x S steps per implementation", and the untimed
+  steps at the start of each turn."""
+  untimed = f" ({config.warmup_steps} untimed first in each turn)" if config.warmup_steps else ""
+  return f"median of {config.repeats} x {config.steps} {unit}{each}{untimed}"
+
+
 def _machine_title(machine: dict) -> str:
   cpu = machine["cpu"].split(" with ")[0]
   where = cpu if machine["backend"] == "cpu" else f"{machine['device']} ({machine['backend']})"
@@ -1677,7 +1683,7 @@ def plot_speed(rows: list[dict], config: Config, machine: dict, path: str, warni
   mode, dtype = rows[0]["mode"], rows[0]["compute_dtype"]
   title = (f"benchmark, {mode} step: embed {config.embed_size} -> RNN -> dense {config.vocab_size}"
            f"{', Adam + clip 1' if mode == 'train' else ''}, {dtype}\n"
-           f"median of {config.repeats} x {config.steps} steps per implementation\n{_machine_title(machine)}")
+           f"{_timing_title(config)}\n{_machine_title(machine)}")
   if warning:
     title += "\nbfloat16 on a CPU is emulated: the comparison is not meaningful"
   return _plot_bars(rows, ("cell", "hidden_size", "batch_size", "seq_len"),
@@ -1701,7 +1707,7 @@ def plot_decode(rows: list[dict], config: Config, machine: dict, path: str) -> s
   """Decoded tokens/s per implementation for each (task, cell, H, B, T), and the ratio to torch."""
   title = (f"benchmark, per-token decoding: embed {config.embed_size}, vocabulary {config.vocab_size}, "
            f"beam K={config.beam_width}\nrnn_jax: one jitted lax.scan per call; torch: nn.*Cell steps in a "
-           f"Python loop under no_grad\nmedian of {config.repeats} x {config.steps} calls per implementation\n"
+           f"Python loop under no_grad\n{_timing_title(config, 'calls')}\n"
            f"{_machine_title(machine)}")
   return _plot_bars(rows, ("task", "cell", "hidden_size", "batch_size", "seq_len"),
                     lambda p: f"{p['task']}\n{p['cell']} H={p['hidden_size']}\nB={p['batch_size']} T={p['seq_len']}",
@@ -1747,7 +1753,7 @@ def plot_devices(rows: list[dict], config: Config, machine: dict, path: str) -> 
   kind = ("forced host devices (JAX_NUM_CPU_DEVICES) sharing the same cores:\ncorrectness and overhead "
           "only, not a speed-up" if forced else f"{rows[0]['device_kind']} devices")
   figure.suptitle(f"benchmark, data-parallel char-LM train step (rnn_jax.mesh), fixed batch per device, "
-                  f"median of {config.repeats} x {config.steps} steps\n{kind}\n{_machine_title(machine)}",
+                  f"{_timing_title(config, each='')}\n{kind}\n{_machine_title(machine)}",
                   fontsize=10)
   return plots.save_figure(figure, path)
 

@@ -61,7 +61,7 @@ struct Forward {
   }
   void StoreHidden(int64_t step, int64_t t, int64_t b, int64_t unit, Vec h) const {
     Store(HiddenRow(t, b) + unit, h);
-    if (recent.rows != nullptr) Store(recent.Row(step, b) + unit, h);
+    recent.Keep(step, b, unit, h);
   }
   bool Valid(int64_t t, int64_t b) const { return mask == nullptr || mask[t * N + b]; }
   // reset_before: where step t keeps (r, z, n) of row b.

@@ -63,7 +63,7 @@ struct Forward {
   }
   void StoreHidden(int64_t step, int64_t t, int64_t b, int64_t unit, Vec h) const {
     Store(HiddenRow(t, b) + unit, h);
-    if (recent.rows != nullptr) Store(recent.Row(step, b) + unit, h);
+    recent.Keep(step, b, unit, h);
   }
   float* CellRow(int64_t step, int64_t b) const {
     return cs != nullptr ? cs + (Time(step) * N + b) * H : cells + ((step % 2) * N + b) * H;

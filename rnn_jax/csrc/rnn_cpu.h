@@ -253,6 +253,10 @@ struct RecentHidden {
   int64_t N = 0, H = 0;
 
   float* Row(int64_t step, int64_t b) const { return rows + ((step % 2) * N + b) * H; }
+  // Keeps units [unit, unit + kWidth) of h_t, row b, for the next step (nothing without a buffer).
+  void Keep(int64_t step, int64_t b, int64_t unit, Vec h) const {
+    if (rows != nullptr) Store(Row(step, b) + unit, h);
+  }
 };
 
 // ---- the input projection of a decoding step ---------------------------------------
